@@ -1,0 +1,263 @@
+"""Typed experiment configuration: YAML with ``base:`` inheritance and ``a.b=c`` overrides.
+
+Every section is a pydantic model with ``extra='forbid'``, so a misspelt key is an error that
+lists the valid keys (torchdistill-style declarative experiments, Ultralytics-style overrides).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that is not valid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class SyntheticConfig(_Section):
+    num: int = 400
+    seed: int = 0
+    size: tuple[int, int] = (1242, 375)  # width, height of generated images
+    val_fraction: float = 0.25
+
+
+class AugmentConfig(_Section):
+    hflip: float = 0.5
+    hsv: float = 0.2  # colour jitter strength (brightness/contrast/saturation)
+    scale: tuple[float, float] = (0.8, 1.2)
+    crop: float = 0.5  # probability of a random crop that keeps boxes valid
+
+
+class DataConfig(_Section):
+    root: str = "data/synthetic"
+    synthetic: SyntheticConfig | None = None  # generate into `root` when it is absent
+    train_split: str = "train"  # name in <root>/ImageSets or a path to an id list
+    val_split: str = "val"
+    classes: list[str] = Field(default_factory=lambda: ["Car", "Pedestrian", "Cyclist"])
+    merge: dict[str, str] = Field(default_factory=dict)  # e.g. {"Van": "Car"}
+    input_size: tuple[int, int] = (384, 1248)  # height, width
+    batch_size: int = 8
+    workers: int = 0
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    max_images: int | None = None  # cap the split (quick experiments)
+
+
+class ModelConfig(_Section):
+    family: str = "darknet"  # registered detector family: darknet | mobilenet_yolo | ultralytics | ...
+    cfg: str | None = None  # Darknet .cfg / Ultralytics .yaml
+    weights: str | None = None  # Darknet .weights / Ultralytics .pt / kd_bnn checkpoint
+    trust: bool = False  # allow unpickling a third-party checkpoint (Ultralytics .pt)
+    options: dict[str, Any] = Field(default_factory=dict)  # family-specific keyword arguments
+
+
+class StageConfig(_Section):
+    layers: list[str]  # module-path globs or 're:' regexes
+    epoch: int = 0
+
+
+class BinaryConfig(_Section):
+    mode: Literal["bwn", "xnor"] = "bwn"
+    weight_quantizer: str = "ste_sign"
+    input_quantizer: str = "ste_sign"
+    clip: float = 1.0
+    weight_scaling: Literal["none", "mean_abs", "learned"] = "mean_abs"
+    input_scaling: Literal["none", "xnor_k"] = "none"
+    pad_value: float = -1.0  # padding value of binary activations (+1 or -1)
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+    keep_first: bool = True
+    keep_last: bool = True
+    keep_depthwise: bool = True
+    stages: list[StageConfig] = Field(default_factory=list)
+
+
+class StudentConfig(_Section):
+    model: ModelConfig | None = None  # None: a copy of the teacher's architecture
+    init_from_teacher: bool = True
+    binary: BinaryConfig = Field(default_factory=BinaryConfig)
+
+
+class DistillTermConfig(_Section):
+    loss: str = "mimic_l2"
+    weight: float = 1.0
+    teacher: str | None = None  # tap name or module path; None for output-level losses
+    student: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DistillConfig(_Section):
+    enabled: bool = True
+    terms: list[DistillTermConfig] = Field(default_factory=list)
+
+
+class TrainConfig(_Section):
+    epochs: int = 30
+    optimizer: Literal["sgd", "adamw", "adam"] = "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    scheduler: Literal["cosine", "step", "constant"] = "cosine"
+    step_milestones: list[int] = Field(default_factory=list)
+    step_gamma: float = 0.1
+    grad_clip: float | None = 10.0
+    ema: bool = False
+    ema_decay: float = 0.9998
+    amp: bool = True  # on CUDA only
+    eval_interval: int = 1
+    best_metric: str = "Car/moderate/R40"
+    save_interval: int = 1
+    sync_bn: bool = False
+
+
+class EvalConfig(_Section):
+    conf_thres: float = 0.005
+    iou_thres: float = 0.45
+    max_det: int = 300
+
+
+class ExperimentConfig(_Section):
+    name: str = "exp"
+    seed: int = 0
+    device: str = "auto"
+    output_dir: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: ModelConfig = Field(default_factory=ModelConfig)
+    teacher_train: TrainConfig | None = None  # train the teacher first when set
+    student: StudentConfig | None = None  # None: train the teacher only
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_yaml_with_base(path: str | os.PathLike, _seen: tuple = ()) -> dict:
+    """Read a YAML config, resolving ``base:`` (a path relative to the file, or a list of them)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'base' inheritance loops: {' -> '.join(map(str, _seen + (path,)))}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
+    bases = data.pop("base", None)
+    if bases is None:
+        return data
+    merged: dict = {}
+    for b in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, load_yaml_with_base(path.parent / b, _seen + (path,)))
+    return _merge(merged, data)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=c`` overrides; values are parsed as YAML (``lr=1e-3``, ``classes=[Car]``)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=10")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"override {item!r}: '{p}' is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return data
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    cls: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field_info = getattr(cls, "model_fields", {}).get(part)
+        if field_info is None:
+            return []
+        ann = field_info.annotation
+        nxt = None
+        for cand in getattr(ann, "__args__", (ann,)):
+            inner = getattr(cand, "__args__", None)
+            for c in (inner or (cand,)):
+                if isinstance(c, type) and issubclass(c, BaseModel):
+                    nxt = c
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                nxt = cand
+        if nxt is None:
+            return []
+        cls = nxt
+    return sorted(getattr(cls, "model_fields", {}))
+
+
+def validate(data: dict, source: str = "<config>") -> ExperimentConfig:
+    """Validate a config dict, turning pydantic errors into messages that list the valid keys."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            key = ".".join(str(p) for p in loc)
+            if err["type"] == "extra_forbidden":
+                valid = _valid_keys(ExperimentConfig, loc)
+                close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                lines.append(f"unknown key '{key}'{hint}; valid keys here: {', '.join(valid)}")
+            else:
+                lines.append(f"key '{key}': {err['msg']} (found {err.get('input')!r})")
+        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load, inherit, override and validate an experiment config."""
+    data = load_yaml_with_base(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    return validate(data, str(path) if path else "<defaults>")
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict:
+    """Plain JSON/YAML-able dict of a config (as written to runs/<name>/config.yaml)."""
+    return cfg.model_dump(mode="json")
+
+
+def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        p = f"{prefix}{k}"
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_configs(va, vb, p + ".")
+        elif va != vb:
+            out.append(p)
+    return out

@@ -1,0 +1,21 @@
+"""Shared test fixtures: paths to the real KITTI reference data in ../shared/kitti."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_KITTI = REPO.parent / "shared" / "kitti"
+
+
+@pytest.fixture(scope="session")
+def shared_kitti() -> Path:
+    """Root of the shared real KITTI data; skips the test when it is absent."""
+    if not SHARED_KITTI.is_dir():
+        pytest.skip(f"real KITTI reference data not found at {SHARED_KITTI} (see ../shared/kitti/README.md)")
+    return SHARED_KITTI
