@@ -1,0 +1,160 @@
+"""Batching: the `Batch` every room consumes, a seeded `DataLoader`, and config -> datasets.
+
+Targets follow DESIGN.md: one (N, 6) tensor per batch, rows (image_index, class, x1, y1, x2, y2)
+in input pixels, plus per-image ignore (DontCare) regions.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from kd_bnn.config import DataConfig
+from kd_bnn.data.dataset import KittiDataset, how_to_get_kitti
+from kd_bnn.data.transforms import eval_transforms, train_transforms
+
+
+@dataclass
+class Batch:
+    """A batch of letterboxed images and their targets.
+
+    Attributes:
+        images: (B, 3, H, W) float32 in [0, 1].
+        targets: (N, 6) float32 rows (image_index, class, x1, y1, x2, y2) in input pixels.
+        ignore: B tensors (M_i, 4) float32 of DontCare regions x1y1x2y2 in input pixels.
+        meta: B dicts (image_id, orig_size, scale, pad, flipped) for `letterbox_to_original`.
+    """
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    ignore: list[torch.Tensor]
+    meta: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """A copy with every tensor on `device` (meta stays on the host)."""
+        return Batch(self.images.to(device, non_blocking=non_blocking),
+                     self.targets.to(device, non_blocking=non_blocking),
+                     [t.to(device, non_blocking=non_blocking) for t in self.ignore], self.meta)
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copy (called by `DataLoader(pin_memory=True)`)."""
+        return Batch(self.images.pin_memory(), self.targets.pin_memory(),
+                     [t.pin_memory() for t in self.ignore], self.meta)
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> Batch:
+    """Stack dataset samples into a `Batch` (all images must share one size: letterbox them)."""
+    if not samples:
+        raise ValueError("collate: expected at least one sample, found none")
+    sizes = {tuple(s["image"].shape) for s in samples}
+    if len(sizes) != 1:
+        raise ValueError(f"collate: images of different sizes {sorted(sizes)}; "
+                         f"use a letterbox transform (eval_transforms/train_transforms)")
+    rows = []
+    for i, s in enumerate(samples):
+        boxes, labels = s["boxes"], s["labels"]
+        if boxes.shape[0] != labels.shape[0]:
+            raise ValueError(f"collate: sample {i} has {boxes.shape[0]} boxes but {labels.shape[0]} labels")
+        idx = torch.full((boxes.shape[0], 1), float(i))
+        rows.append(torch.cat([idx, labels.to(torch.float32).view(-1, 1), boxes.to(torch.float32)], 1))
+    return Batch(images=torch.stack([s["image"] for s in samples]),
+                 targets=torch.cat(rows, 0) if rows else torch.zeros((0, 6)),
+                 ignore=[s["ignore"].to(torch.float32).reshape(-1, 4) for s in samples],
+                 meta=[s["meta"] for s in samples])
+
+
+def _base_dataset(ds: Dataset) -> Dataset:
+    while hasattr(ds, "dataset") and not hasattr(ds, "transforms"):  # Subset, ConcatDataset parts
+        ds = ds.dataset
+    return ds
+
+
+def _seed_transforms(ds: Dataset, seed: int) -> None:
+    t = getattr(_base_dataset(ds), "transforms", None)
+    if t is not None and hasattr(t, "set_seed"):
+        t.set_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Worker init: distinct, reproducible seeds per worker and epoch (from the loader's generator)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    if info is not None:
+        _seed_transforms(info.dataset, seed)
+
+
+def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int = 0, seed: int = 0,
+                 distributed: bool = False, drop_last: bool | None = None,
+                 pin_memory: bool = False) -> DataLoader:
+    """A reproducible `DataLoader` of `Batch`es.
+
+    Args:
+        dataset: e.g. a `KittiDataset`.
+        batch_size: images per batch (per process when distributed).
+        shuffle: shuffle each epoch (training); also the default of `drop_last`.
+        workers: loader processes; 0 loads in the main process.
+        seed: seeds the shuffling generator, the workers and the dataset's transforms (in the
+            main process when `workers` is 0; from the generator, per epoch, in each worker).
+        distributed: use a `DistributedSampler` (call `loader.sampler.set_epoch(epoch)` each epoch).
+        drop_last: drop the last incomplete batch; default `shuffle` (training), and never when
+            that would leave no batch at all.
+        pin_memory: page-locked batches for faster host-to-GPU copies.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, found {batch_size}")
+    if workers < 0:
+        raise ValueError(f"workers: expected >= 0, found {workers}")
+    rank, world = 0, 1
+    if distributed:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("build_loader(distributed=True) needs torch.distributed initialised first")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if drop_last is None:
+        drop_last = shuffle
+    if drop_last and len(dataset) // world < batch_size:
+        drop_last = False  # a split smaller than one batch would otherwise yield nothing
+    generator = torch.Generator().manual_seed(seed)
+    if workers == 0:
+        _seed_transforms(dataset, seed + 1_000_003 * rank)
+    sampler = None
+    if distributed:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle,
+                                     seed=seed, drop_last=drop_last)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
+        num_workers=workers, collate_fn=collate, pin_memory=pin_memory, drop_last=drop_last,
+        worker_init_fn=_seed_worker if workers > 0 else None, generator=generator,
+        # fresh workers each epoch: their seeds come from `generator`, so a run resumed with the
+        # generator's saved state replays the same augmentation
+        persistent_workers=False,
+    )
+
+
+def build_datasets(data_cfg: DataConfig) -> tuple[KittiDataset, KittiDataset]:
+    """(train, val) datasets of a `DataConfig`: train augmentation on train, letterbox on val.
+
+    Does not generate synthetic data: a missing `data_cfg.root` raises a `FileNotFoundError`
+    that explains how to get KITTI or make the synthetic set.
+    """
+    root = Path(data_cfg.root)
+    if not root.is_dir():
+        raise FileNotFoundError(how_to_get_kitti(root))
+    common = dict(classes=data_cfg.classes, merge=data_cfg.merge, max_images=data_cfg.max_images)
+    train = KittiDataset(root, data_cfg.train_split,
+                         transforms=train_transforms(data_cfg.input_size, data_cfg.augment), **common)
+    val = KittiDataset(root, data_cfg.val_split, transforms=eval_transforms(data_cfg.input_size), **common)
+    return train, val
