@@ -50,6 +50,7 @@ class DataConfig(_Section):
     workers: int = 0
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     max_images: int | None = None  # cap the split (quick experiments)
+    cache_images: bool = False  # keep decoded images in memory (small sets, workers=0)
 
 
 class ModelConfig(_Section):

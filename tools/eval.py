@@ -1,13 +1,21 @@
-"""Evaluate KITTI result files like the official devkit (2D boxes, AP R11/R40), optionally COCO mAP.
+"""Evaluate KITTI result files like the official devkit (2D boxes, AP R11/R40), optionally COCO mAP,
+or evaluate a trained model from its config and checkpoint.
 
-Example:
+Result-file mode:
     python tools/eval.py --gt-dir ../shared/kitti/labels_trainval/label_2 --pred-dir runs/x/results \
         --split ../shared/kitti/ImageSets/val.txt --json runs/x/kitti.json --coco
+
+Model mode (writes KITTI result files, prints KITTI + COCO tables, the compression summary and,
+for a student config, the teacher side by side):
+    python tools/eval.py --config configs/kitti/darknet_yolov2_bwn_kt.yaml \
+        --weights runs/kitti_darknet_yolov2_bwn_kt/best.pt [--out DIR] [--teacher-weights CKPT] \
+        [--json OUT] [key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -19,17 +27,75 @@ from kd_bnn.eval.kitti import evaluate_kitti_dirs, load_kitti_dirs  # noqa: E402
 from kd_bnn.eval.report import format_report, plot_pr_curves, save_json  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gt-dir", required=True, help="ground-truth label_2 folder (15 fields per line)")
-    ap.add_argument("--pred-dir", required=True, help="result folder: one <id>.txt per frame, 16 fields")
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 epilog="\n".join(__doc__.splitlines()[2:]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gt-dir", help="result-file mode: ground-truth label_2 folder (15 fields per line)")
+    ap.add_argument("--pred-dir", help="result-file mode: one <id>.txt per frame, 16 fields")
     ap.add_argument("--split", help="file of frame ids to evaluate (default: every label in --gt-dir)")
     ap.add_argument("--json", help="write {'bbox_2d': {...}} (and 'coco' with --coco) to this file")
     ap.add_argument("--strict", action="store_true", help="a missing result file is an error")
     ap.add_argument("--coco", action="store_true", help="also report pycocotools mAP@[.5:.95] and AP50")
     ap.add_argument("--plots", help="folder for precision-recall PNGs")
     ap.add_argument("--classes", default="Car,Pedestrian,Cyclist", help="comma-separated classes")
+    m = ap.add_argument_group("model mode")
+    m.add_argument("--config", help="experiment YAML the checkpoint was trained with")
+    m.add_argument("--weights", help="checkpoint to evaluate (runs/<name>/best.pt, or a teacher's "
+                                     "Darknet .weights for a teacher-only config)")
+    m.add_argument("--out", help="folder for the KITTI result files (default runs/<name>/eval/)")
+    m.add_argument("--teacher-weights", help="teacher checkpoint shown beside a student "
+                                             "(default: the config's teacher.weights)")
+    m.add_argument("--no-teacher", action="store_true", help="do not evaluate the teacher of a student")
+    m.add_argument("--no-coco", action="store_true", help="skip the COCO table")
+    m.add_argument("--layers", action="store_true", help="print the per-layer compression table")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. data.batch_size=4")
+    return ap
+
+
+def _model_mode(args: argparse.Namespace) -> int:
+    from kd_bnn.config import ConfigError, load_config
+    from kd_bnn.data.dataset import KittiDatasetError
+    from kd_bnn.engine.checkpoint import CheckpointError
+    from kd_bnn.engine.evaluate import evaluate_config, format_evaluation
+    from kd_bnn.io import atomic_write_text
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        report = evaluate_config(cfg, args.weights, args.out, args.teacher_weights,
+                                 with_teacher=not args.no_teacher, coco=not args.no_coco,
+                                 progress=not args.no_progress and sys.stderr.isatty())
+    except (ConfigError, FileNotFoundError, KittiDatasetError, KittiFormatError, CheckpointError,
+            ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_evaluation(report, layers=args.layers))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report.to_json(), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plots:
+        for ev in (report.main, report.teacher):
+            if ev is not None:
+                for p in plot_pr_curves(ev.kitti, Path(args.plots) / ev.role):
+                    print(f"wrote {p}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
     args = ap.parse_args(argv)
+    if args.config or args.weights:
+        if not (args.config and args.weights):
+            ap.error("model mode needs both --config and --weights")
+        if args.gt_dir or args.pred_dir:
+            ap.error("--gt-dir/--pred-dir (result files) and --config/--weights (a model) are exclusive")
+        return _model_mode(args)
+    if not (args.gt_dir and args.pred_dir):
+        ap.error("the following arguments are required: --gt-dir, --pred-dir "
+                 "(or --config and --weights to evaluate a model)")
+    if args.overrides:
+        ap.error(f"unrecognized arguments: {' '.join(args.overrides)} (key=value overrides need --config)")
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
     try:
         with warnings.catch_warnings(record=True) as caught:

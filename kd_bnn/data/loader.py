@@ -153,7 +153,8 @@ def build_datasets(data_cfg: DataConfig) -> tuple[KittiDataset, KittiDataset]:
     root = Path(data_cfg.root)
     if not root.is_dir():
         raise FileNotFoundError(how_to_get_kitti(root))
-    common = dict(classes=data_cfg.classes, merge=data_cfg.merge, max_images=data_cfg.max_images)
+    common = dict(classes=data_cfg.classes, merge=data_cfg.merge, max_images=data_cfg.max_images,
+                  cache_images=data_cfg.cache_images)
     train = KittiDataset(root, data_cfg.train_split,
                          transforms=train_transforms(data_cfg.input_size, data_cfg.augment), **common)
     val = KittiDataset(root, data_cfg.val_split, transforms=eval_transforms(data_cfg.input_size), **common)

@@ -122,8 +122,8 @@ class Letterbox:
 class TrainTransform:
     """Train transform: albumentations flip + colour jitter, then a random scale/crop letterbox.
 
-    Steps: (1) albumentations `HorizontalFlip` and `ColorJitter` on the original image, objects
-    and DontCare boxes as one bbox list with a `kinds` label field; (2) with probability
+    Steps: (1) albumentations `HorizontalFlip` on the original image, objects and DontCare
+    boxes as one bbox list with a `kinds` label field (`ColorJitter` runs on the warped output); (2) with probability
     `augment.crop` a random scale s in `augment.scale` relative to the letterbox scale and a random
     offset (a crop when the scaled image exceeds the input, a random placement when it is
     smaller), otherwise the centred eval letterbox; (3) boxes clipped to the visible image, and
@@ -145,25 +145,28 @@ class TrainTransform:
             raise ValueError(f"augment: expected hsv >= 0 and 0 < scale[0] <= scale[1], "
                              f"found hsv={aug.hsv}, scale={aug.scale}")
         self.min_visible, self.min_size = float(min_visible), float(min_size)
-        ops = []
-        if aug.hflip > 0:
-            ops.append(A.HorizontalFlip(p=aug.hflip))
-        if aug.hsv > 0:
-            j = aug.hsv
-            ops.append(A.ColorJitter(brightness=(max(0.0, 1 - j), 1 + j), contrast=(max(0.0, 1 - j), 1 + j),
-                                     saturation=(max(0.0, 1 - j), 1 + j), hue=(0.0, 0.0), p=0.8))
-        # boxes go through albumentations only when a geometric op (the flip) is present
+        ops = [A.HorizontalFlip(p=aug.hflip)] if aug.hflip > 0 else []
+        # boxes go through albumentations only for the geometric op (the flip)
         self._geometric = aug.hflip > 0
         bbox_params = A.BboxParams(format="pascal_voc", label_fields=["kinds"], clip=True,
                                    filter_invalid_bboxes=True) if self._geometric else None
         self.compose = A.Compose(ops, bbox_params=bbox_params, save_applied_params=True,
                                  seed=seed) if ops else None
+        # colour jitter runs after the letterbox warp, on the (much smaller) network input
+        self.photometric = None
+        if aug.hsv > 0:
+            j = aug.hsv
+            self.photometric = A.Compose([A.ColorJitter(
+                brightness=(max(0.0, 1 - j), 1 + j), contrast=(max(0.0, 1 - j), 1 + j),
+                saturation=(max(0.0, 1 - j), 1 + j), hue=(0.0, 0.0), p=0.8)], seed=seed)
         self.rng = np.random.default_rng(seed)
 
     def set_seed(self, seed: int | None) -> None:
         """Reseed both the albumentations pipeline and the scale/crop generator."""
         if self.compose is not None:
             self.compose.set_random_seed(seed)
+        if self.photometric is not None:
+            self.photometric.set_random_seed(None if seed is None else seed + 1)
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray, kinds: np.ndarray) -> dict[str, Any]:
@@ -173,12 +176,9 @@ class TrainTransform:
         kinds = np.asarray(kinds, dtype=np.int64).reshape(-1)
         flipped = False
         if self.compose is not None:
-            if self._geometric:
-                res = self.compose(image=image, bboxes=boxes, kinds=kinds)
-                boxes = np.asarray(res["bboxes"], dtype=np.float64).reshape(-1, 4)
-                kinds = np.asarray(res["kinds"], dtype=np.int64).reshape(-1)
-            else:
-                res = self.compose(image=image)
+            res = self.compose(image=image, bboxes=boxes, kinds=kinds)
+            boxes = np.asarray(res["bboxes"], dtype=np.float64).reshape(-1, 4)
+            kinds = np.asarray(res["kinds"], dtype=np.int64).reshape(-1)
             image = res["image"]
             flipped = any(name == "HorizontalFlip" for name, _ in res["applied_transforms"])
 
@@ -189,6 +189,8 @@ class TrainTransform:
             tx = self.rng.uniform(min(free_x, 0.0), max(free_x, 0.0))
             ty = self.rng.uniform(min(free_y, 0.0), max(free_y, 0.0))
         out = _warp(image, scale, tx, ty, (H, W))
+        if self.photometric is not None:
+            out = self.photometric(image=out)["image"]
         window = (max(tx, 0.0), max(ty, 0.0), min(tx + w * scale, W), min(ty + h * scale, H))
         b, k = _clip_and_filter(_map_boxes(boxes, scale, tx, ty), kinds, window,
                                 self.min_visible, self.min_size)

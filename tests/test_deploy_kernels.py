@@ -1,0 +1,277 @@
+"""XNOR / BWN conv kernels against plain torch references, for every ISA path (kd_bnn.deploy.kernels)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd_bnn.deploy import kernels as K
+from kd_bnn.deploy.pack import pack_activations, pack_signs, unpack_activations
+
+# (batch, c_in, c_out, size, kernel, stride, padding, pad_value)
+SHAPES = [
+    (2, 70, 33, 9, 3, 1, 1, -1.0),
+    (1, 130, 20, 8, 3, 2, 1, 1.0),
+    (3, 64, 17, 5, 1, 1, 0, -1.0),
+    (1, 600, 40, 6, 3, 1, 1, 1.0),
+    (2, 5, 16, 7, 3, 2, 0, -1.0),
+    (1, 128, 9, 11, 1, 2, 0, 1.0),
+]
+
+
+def _ext_or_skip():
+    if not K.extension_available():
+        pytest.skip(
+            "C++ kernels unavailable (KDBNN_NO_EXT set or no compiler); fallback tested separately"
+        )
+
+
+def _isa_or_skip(isa: str) -> None:
+    _ext_or_skip()
+    if isa not in K.available_isas():
+        pytest.skip(f"this CPU lacks ISA path '{isa}' (has {K.available_isas()})")
+
+
+def _case(shape, seed=0):
+    n, ci, co, size, k, s, p, pv = shape
+    g = torch.Generator().manual_seed(seed + ci * 7 + co)
+    x = torch.randn(n, ci, size, size, generator=g)
+    x[0, 0, 0, 0] = 0.0  # sign(0) = +1
+    w = torch.randn(co, ci, k, k, generator=g)
+    return x, w
+
+
+def _ref_int(x, w, stride, padding, pad_value):
+    xs = F.pad(torch.where(x >= 0, 1.0, -1.0), (padding,) * 4, value=pad_value)
+    return (
+        F.conv2d(xs.double(), torch.where(w >= 0, 1.0, -1.0).double(), stride=stride).round().int()
+    )
+
+
+@pytest.mark.parametrize("isa", K.ISAS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_xnor_exact_integers(isa, shape):
+    _isa_or_skip(isa)
+    n, ci, co, size, k, s, p, pv = shape
+    x, w = _case(shape)
+    out = K.xnor_conv2d(x, pack_signs(w), ci, k, s, p, pv, output="int", isa=isa)
+    assert out.dtype == torch.int32
+    assert torch.equal(out, _ref_int(x, w, s, p, pv))
+    panel = K.weight_panel(pack_signs(w))
+    assert panel.shape == (k * k * ((ci + 63) // 64), -(-co // 16) * 16)
+    again = K.xnor_conv2d(x, pack_signs(w), ci, k, s, p, pv, output="int", panel=panel, isa=isa)
+    assert torch.equal(again, out)
+
+
+@pytest.mark.parametrize("isa", K.ISAS)
+def test_xnor_fused_transform_and_packed_output(isa):
+    _isa_or_skip(isa)
+    n, ci, co, size, k, s, p, pv = shape = (2, 70, 70, 7, 3, 1, 1, 1.0)
+    x, w = _case(shape, seed=3)
+    g = torch.Generator().manual_seed(5)
+    scale, bias = torch.rand(co, generator=g) + 0.01, torch.randn(co, generator=g) * 10
+    wp = pack_signs(w)
+    dot = _ref_int(x, w, s, p, pv).float()
+    for act, ref in [
+        ("none", dot * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)),
+        ("relu", torch.relu(dot * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1))),
+        ("leaky", F.leaky_relu(dot * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1), 0.1)),
+    ]:
+        got = K.xnor_conv2d(x, wp, ci, k, s, p, pv, scale=scale, bias=bias, activation=act, isa=isa)
+        assert torch.equal(got, ref), act
+        fb = K.xnor_conv2d(
+            x, wp, ci, k, s, p, pv, scale=scale, bias=bias, activation=act, backend="torch"
+        )
+        assert torch.equal(got, fb), act
+        for op, opv in [(0, -1.0), (1, 1.0), (2, -1.0)]:
+            packed = K.xnor_conv2d(
+                x,
+                wp,
+                ci,
+                k,
+                s,
+                p,
+                pv,
+                scale=scale,
+                bias=bias,
+                activation=act,
+                output="packed",
+                out_padding=op,
+                out_pad_value=opv,
+                isa=isa,
+            )
+            expect = pack_activations(F.pad(ref, (op,) * 4, value=opv) if op else ref)
+            assert torch.equal(packed, expect), (act, op)
+
+
+@pytest.mark.parametrize("isa", K.ISAS)
+def test_xnor_chaining_packed_layers(isa):
+    """Layer 1 re-binarizes to padded packed bits; layer 2 consumes them directly."""
+    _isa_or_skip(isa)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 40, 9, 9, generator=g)
+    w1, w2 = torch.randn(67, 40, 3, 3, generator=g), torch.randn(30, 67, 3, 3, generator=g)
+    b1 = torch.randn(67, generator=g)
+    h = K.xnor_conv2d(
+        x,
+        pack_signs(w1),
+        40,
+        3,
+        1,
+        1,
+        -1.0,
+        bias=b1,
+        activation="leaky",
+        output="packed",
+        out_padding=1,
+        out_pad_value=1.0,
+        isa=isa,
+    )
+    y = K.xnor_conv2d(h, pack_signs(w2), 67, 3, 2, 1, 1.0, output="int", x_is_padded=True, isa=isa)
+    h_ref = F.leaky_relu(_ref_int(x, w1, 1, 1, -1.0).float() + b1.view(1, -1, 1, 1), 0.1)
+    assert torch.equal(y, _ref_int(h_ref, w2, 2, 1, 1.0))
+    # unpadded packed input, padded inside
+    hu = K.xnor_conv2d(
+        x, pack_signs(w1), 40, 3, 1, 1, -1.0, bias=b1, activation="leaky", output="packed", isa=isa
+    )
+    assert torch.equal(unpack_activations(hu, 67), torch.where(h_ref >= 0, 1.0, -1.0))
+    y2 = K.xnor_conv2d(hu, pack_signs(w2), 67, 3, 2, 1, 1.0, output="int", isa=isa)
+    assert torch.equal(y2, y)
+
+
+@pytest.mark.parametrize("isa", K.ISAS)
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
+def test_bwn_matches_conv2d(isa, shape):
+    _isa_or_skip(isa)
+    n, ci, co, size, k, s, p, _ = shape
+    x, w = _case(shape, seed=1)
+    alpha = w.abs().mean(dim=(1, 2, 3))
+    bias = torch.randn(co, generator=torch.Generator().manual_seed(9))
+    ref = F.leaky_relu(
+        F.conv2d(x, torch.where(w >= 0, 1.0, -1.0) * alpha.view(-1, 1, 1, 1), bias, s, p), 0.1
+    )
+    got = K.bwn_conv2d(x, pack_signs(w), alpha, k, s, p, bias=bias, activation="leaky", isa=isa)
+    assert got.shape == ref.shape
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+def test_torch_fallback_matches_reference(shape):
+    n, ci, co, size, k, s, p, pv = shape
+    x, w = _case(shape, seed=2)
+    wp = pack_signs(w)
+    assert torch.equal(
+        K.xnor_conv2d(x, wp, ci, k, s, p, pv, output="int", backend="torch"),
+        _ref_int(x, w, s, p, pv),
+    )
+    alpha = torch.rand(co) + 0.5
+    ref = F.conv2d(x, torch.where(w >= 0, 1.0, -1.0) * alpha.view(-1, 1, 1, 1), None, s, p)
+    got = K.bwn_conv2d(x, wp, alpha, k, s, p, backend="torch")
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    if K.extension_available():
+        assert torch.equal(
+            K.xnor_conv2d(x, wp, ci, k, s, p, pv, output="int"),
+            K.xnor_conv2d(x, wp, ci, k, s, p, pv, output="int", backend="torch"),
+        )
+        assert torch.equal(K.pack_input(x, p, pv), K.pack_input(x, p, pv, backend="torch"))
+
+
+def test_no_ext_env_forces_fallback(monkeypatch):
+    monkeypatch.setenv("KDBNN_NO_EXT", "1")
+    assert K.load_extension() is None
+    assert K.available_isas() == []
+    x, w = _case(SHAPES[0])
+    out = K.xnor_conv2d(x, pack_signs(w), 70, 3, 1, 1, -1.0, output="int")
+    assert torch.equal(out, _ref_int(x, w, 1, 1, -1.0))
+    with pytest.raises(RuntimeError, match="unavailable"):
+        K.xnor_conv2d(x, pack_signs(w), 70, 3, 1, 1, -1.0, backend="ext")
+
+
+def test_missing_compiler_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.delenv("KDBNN_NO_EXT", raising=False)
+    monkeypatch.setenv("CXX", "/nonexistent/kdbnn-c++")
+    monkeypatch.setattr(K, "_ext", None)
+    monkeypatch.setattr(K, "_ext_tried", False)
+    monkeypatch.setattr(K, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="compiler"):
+        assert K.load_extension() is None
+    assert K.load_extension() is None  # cached, no second build attempt
+    x, w = _case(SHAPES[2])
+    assert torch.equal(
+        K.xnor_conv2d(x, pack_signs(w), 64, 1, output="int"), _ref_int(x, w, 1, 0, -1.0)
+    )
+
+
+def test_bad_arguments_are_rejected():
+    x, w = _case(SHAPES[0])
+    wp = pack_signs(w)
+    with pytest.raises(ValueError, match="does not match"):
+        K.xnor_conv2d(x, wp, 130, 3)
+    with pytest.raises(ValueError, match="input must be"):
+        K.xnor_conv2d(x, wp, 71, 3)
+    with pytest.raises(ValueError, match="padding value"):
+        K.xnor_conv2d(x, wp, 70, 3, padding=1, pad_value=0.0)
+    with pytest.raises(ValueError, match="activation"):
+        K.xnor_conv2d(x, wp, 70, 3, activation="gelu")
+    with pytest.raises(ValueError, match="ISA"):
+        K.xnor_conv2d(x, wp, 70, 3, isa="neon") if K.extension_available() else K.resolve_isa(
+            "neon"
+        )
+    with pytest.raises(ValueError, match="alpha"):
+        K.bwn_conv2d(x, wp, torch.ones(3), 3)
+
+
+def test_multithreaded_results_equal_single_thread():
+    _ext_or_skip()
+    old = torch.get_num_threads()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 70, 13, 13, generator=g)
+    w = torch.randn(50, 70, 3, 3, generator=g)
+    wp, alpha, bias = pack_signs(w), torch.rand(50, generator=g), torch.randn(50, generator=g)
+
+    def run():
+        return (
+            K.xnor_conv2d(x, wp, 70, 3, 1, 1, -1.0, bias=bias, activation="leaky"),
+            K.xnor_conv2d(x, wp, 70, 3, 2, 1, 1.0, bias=bias, output="packed", out_padding=1),
+            K.bwn_conv2d(x, wp, alpha, 3, 1, 1, bias=bias),
+            K.pack_input(x, 2, 1.0),
+        )
+
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(3)
+        many = run()
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+def test_isa_env_var_forces_a_path(monkeypatch):
+    _ext_or_skip()
+    monkeypatch.setenv("KDBNN_ISA", "scalar")
+    assert K.default_isa() == "scalar"
+    x, w = _case(SHAPES[4])
+    assert torch.equal(
+        K.xnor_conv2d(x, pack_signs(w), 5, 3, 2, output="int"), _ref_int(x, w, 2, 0, -1.0)
+    )
+    monkeypatch.setenv("KDBNN_ISA", "sse9")
+    with pytest.raises(ValueError, match="unknown ISA"):
+        K.xnor_conv2d(x, pack_signs(w), 5, 3, 2)
+
+
+def test_extension_builds_where_a_toolchain_exists():
+    """A compile error must fail loudly here, not just skip the kernel tests."""
+    import os
+    import shutil
+
+    if os.environ.get("KDBNN_NO_EXT", "0") not in ("", "0"):
+        pytest.skip("KDBNN_NO_EXT is set")
+    if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
+        pytest.skip("no C++ compiler or ninja on this machine")
+    assert K.extension_available(), (
+        "binconv.cpp failed to build; see the warning for the build folder"
+    )
+    assert "scalar" in K.available_isas()
