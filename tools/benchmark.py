@@ -1,6 +1,7 @@
 """Benchmarks (scripts, not timed tests).
 
     python tools/benchmark.py kernels [--threads N] [--json OUT] [--repeat R] [--isa NAME]
+    python tools/benchmark.py model --model model.kdbnn [--teacher-config CONFIG] [--threads 1] [--json OUT]
     python tools/benchmark.py train --config configs/demo.yaml [--batch N] [--steps N] [--random-data]
 
 Subcommands register themselves in ``SUBCOMMANDS`` (name -> (add_arguments, run)); add
@@ -94,6 +95,32 @@ def _train_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help=".kdbnn file written by tools/export.py")
+    p.add_argument("--teacher-config", default=None,
+                   help="experiment YAML whose teacher is timed (default: the file's skeleton in fp32)")
+    p.add_argument("--threads", type=int, default=1, help="torch/kernel intra-op threads (default 1)")
+    p.add_argument("--repeat", type=int, default=10, help="timed forwards per model; min and median kept")
+    p.add_argument("--json", type=Path, default=None, help="write the result as JSON to this file")
+
+
+def _model_run(args: argparse.Namespace) -> int:
+    from kd_bnn.deploy.bench_model import benchmark_model, format_model_benchmark
+    from kd_bnn.deploy.format import FormatError
+    from kd_bnn.io import atomic_write_text
+
+    try:
+        res = benchmark_model(args.model, args.teacher_config, args.threads, repeat=args.repeat)
+    except (FormatError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_model_benchmark(res))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 SUBCOMMANDS: dict[
     str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 ] = {
@@ -103,6 +130,7 @@ SUBCOMMANDS: dict[
         "torch fp32 conv2d vs XNOR / BWN kernels on standard layers",
     ),
     "train": (_train_args, _train_run, "images/s of teacher, student and KD training steps (kd_bnn.engine.bench)"),
+    "model": (_model_args, _model_run, "whole .kdbnn student (packed kernels) vs float teacher: latency, memory, size"),
 }
 
 

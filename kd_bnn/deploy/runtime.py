@@ -1,0 +1,565 @@
+"""Run an exported ``.kdbnn`` student on the CPU: binary layers on the packed kernels.
+
+``Runtime(path)`` loads and validates the file (:func:`kd_bnn.deploy.format.load_container`:
+corrupt, truncated, tampered or newer-version files raise ``FormatError``; an edited metadata
+JSON fails ``meta_checksum``; a layer table that does not match the rebuilt module tree, or a
+tensor it does not name, is refused too), rebuilds the float
+module tree from the stored skeleton (Darknet cfg text, or family + options through
+:func:`kd_bnn.models.build_detector`, no weights loaded), then
+
+* replaces each binary conv by a :class:`PackedBinaryConv` holding only the packed sign words,
+  alpha and the folded affine (scale/shift), which calls
+  :func:`kd_bnn.deploy.kernels.xnor_conv2d` (mode ``xnor``, padding with the layer's
+  ``pad_value``) or :func:`kd_bnn.deploy.kernels.bwn_conv2d` (mode ``bwn``);
+* replaces each conv with a folded BatchNorm by a conv with bias, and that BN by ``Identity``;
+* fuses a following LeakyReLU(0.1) / ReLU into a binary conv's kernel call when the structure
+  makes it certain (a Darknet ``conv -> bn -> act`` block, or consecutive conv, [folded BN], act
+  children of an ``nn.Sequential``);
+* loads every other tensor by its state-dict name.
+
+XNOR layers keep their sign words once, in the kernel's panel layout (``words`` is a view).
+In a Darknet model, a layer whose consumers only need signs (XNOR blocks, max-pools feeding
+them) hands them packed bits straight from the kernel (``output="packed"``), and max-pools run
+on the words (``sign(max x) = OR`` of the bits): the same signs, 32x less memory traffic.
+
+``Runtime(x)`` returns the raw head maps of the student in eval mode; ``predict`` decodes them
+with the skeleton's own ``predict``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_bnn.deploy.format import FormatError, load_container
+from kd_bnn.deploy.kernels import bwn_conv2d, weight_panel, xnor_conv2d
+
+__all__ = ["PackedBinaryConv", "Runtime", "build_skeleton"]
+
+
+class PackedBinaryConv(nn.Module):
+    """A binary conv holding only packed weights: ``act(conv_b(x) * scale + shift)``.
+
+    ``conv_b`` is ``sign(x) (*) sign(W)`` (xnor, exact integers from the XNOR kernel) or
+    ``x (*) sign(W)`` (bwn); ``scale = alpha * bn_scale`` and ``shift = bn_shift`` (or the conv
+    bias) per output channel. XNOR-Net's input scaling K (``xnor_k``) is applied in torch after
+    the kernel.
+    """
+
+    def __init__(self, entry: dict[str, Any], words: torch.Tensor, alpha: torch.Tensor,
+                 bn_scale: torch.Tensor | None, shift: torch.Tensor | None,
+                 backend: str | None = None):
+        super().__init__()
+        self.path = entry["path"]
+        self.mode = entry["mode"]
+        self.in_channels, self.out_channels = int(entry["in_channels"]), int(entry["out_channels"])
+        self.kernel_size = tuple(int(v) for v in entry["kernel_size"])
+        self.stride = tuple(int(v) for v in entry["stride"])
+        self.dilation = tuple(int(v) for v in entry["dilation"])
+        self.pad = tuple(int(v) for v in entry["padding"])  # left, right, top, bottom
+        self.pad_value = float(entry["pad_value"])
+        self.input_scaling = entry.get("input_scaling", "none")
+        self.padding_mode = entry.get("padding_mode", "zeros")
+        self.backend = backend
+        self.activation = "none"
+        if self.mode == "xnor":
+            # the XNOR kernel reads the panel layout; `words` is a view of it (no second copy)
+            panel = weight_panel(words)
+            self.register_buffer("panel", panel)
+            c_out = words.shape[0]
+            self.register_buffer("words", panel[:, :c_out].t().reshape(words.shape))
+        else:
+            self.panel = None
+            self.register_buffer("words", words.contiguous())
+        self.register_buffer("alpha", alpha.float())
+        self.register_buffer("bn_scale", None if bn_scale is None else bn_scale.float())
+        self.register_buffer("shift", None if shift is None else shift.float())
+        scale = self.alpha * (self.bn_scale if self.bn_scale is not None else 1.0)
+        self.register_buffer("scale", scale.contiguous())
+        self._sym = len(set(self.pad)) == 1
+        self._kernel_ok = self.dilation == (1, 1) and self.stride[0] == self.stride[1]
+
+    def _act(self, v: torch.Tensor) -> torch.Tensor:
+        if self.activation == "relu":
+            return F.relu(v)
+        if self.activation == "leaky":
+            return torch.where(v > 0, v, v * 0.1)
+        return v
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Torch path for geometries the kernels do not take (dilation, non-square stride)."""
+        from kd_bnn.deploy.pack import unpack_signs
+
+        kh, kw = self.kernel_size
+        w = unpack_signs(self.words, self.in_channels, kh, kw)
+        if self.mode == "xnor":
+            x = torch.where(x >= 0, 1.0, -1.0)
+            x = F.pad(x, self.pad, value=self.pad_value) if any(self.pad) else x
+        elif any(self.pad):
+            x = F.pad(x, self.pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        y = F.conv2d(x, w, None, self.stride, 0, self.dilation)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        kh, kw = self.kernel_size
+        xk = self.input_scaling == "xnor_k"
+        if not self._kernel_ok:
+            y = self._reference(x) * self.alpha.view(1, -1, 1, 1)
+            return self._finish(y, x)
+        pad = self.pad[0]
+        xin = x
+        if not self._sym or (self.mode == "bwn" and self.padding_mode != "zeros" and any(self.pad)):
+            if self.mode == "xnor":
+                xin = F.pad(x, self.pad, value=self.pad_value)
+            else:
+                xin = F.pad(x, self.pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+            pad = 0
+        if self.mode == "xnor":
+            if xk:
+                y = xnor_conv2d(xin, self.words, self.in_channels, (kh, kw), self.stride[0], pad,
+                                self.pad_value, scale=self.alpha, panel=self.panel, backend=self.backend)
+                return self._finish(y, x)
+            return xnor_conv2d(xin, self.words, self.in_channels, (kh, kw), self.stride[0], pad,
+                               self.pad_value, scale=self.scale, bias=self.shift,
+                               activation=self.activation, panel=self.panel, backend=self.backend)
+        if self.bn_scale is None:
+            return bwn_conv2d(xin, self.words, self.alpha, (kh, kw), self.stride[0], pad,
+                              bias=self.shift, activation=self.activation, backend=self.backend)
+        return bwn_conv2d(xin, self.words, self.scale, (kh, kw), self.stride[0], pad,
+                          bias=self.shift, activation=self.activation, backend=self.backend)
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y`` = conv * alpha; apply K, BN scale, shift and the activation in torch."""
+        if self.input_scaling == "xnor_k" and self.mode == "xnor":
+            from kd_bnn.binary.quantizers import xnor_k
+
+            y = y * xnor_k(x, self.kernel_size, self.stride, self.pad, self.dilation)
+        if self.bn_scale is not None:
+            y = y * self.bn_scale.view(1, -1, 1, 1)
+        if self.shift is not None:
+            y = y + self.shift.view(1, -1, 1, 1)
+        return self._act(y)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, pad={self.pad}, mode={self.mode}, pad_value={self.pad_value:+g}, "
+                f"activation={self.activation}")
+
+
+# ----------------------------------------------------------------------------- skeleton
+
+
+def build_skeleton(meta: dict[str, Any]) -> nn.Module:
+    """The float module tree of an exported model (no weights loaded)."""
+    sk = meta.get("skeleton") or {}
+    family = sk.get("family")
+    names = list(meta.get("class_names") or [])
+    size = tuple(int(v) for v in meta["input_size"])
+    if family == "darknet":
+        from kd_bnn.models.darknet.cfg import parse_cfg_text
+        from kd_bnn.models.darknet.model import DarknetDetector
+
+        if "cfg_text" not in sk:
+            raise FormatError("darknet skeleton without 'cfg_text' in the metadata")
+        return DarknetDetector(parse_cfg_text(sk["cfg_text"], "<.kdbnn cfg>"), class_names=names or None,
+                               input_size=size)
+    if not family:
+        raise FormatError(f"metadata 'skeleton' names no model family (found {sorted(sk)})")
+    import kd_bnn.models  # noqa: F401  (registers the families)
+    from kd_bnn.models.detector import build_detector
+
+    return build_detector(family, class_names=names, input_size=size, **dict(sk.get("options") or {}))
+
+
+def _set(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    holder = root.get_submodule(parent) if parent else root
+    if isinstance(holder, (nn.Sequential, nn.ModuleList)) and name.isdigit():
+        holder[int(name)] = new
+    else:
+        setattr(holder, name, new)
+
+
+def _act_name(m: nn.Module) -> str | None:
+    if isinstance(m, nn.LeakyReLU) and abs(m.negative_slope - 0.1) < 1e-12:
+        return "leaky"
+    if isinstance(m, nn.ReLU):
+        return "relu"
+    return None
+
+
+def _fuse_activations(model: nn.Module) -> int:
+    """Fold the activation after a PackedBinaryConv into its kernel call where the structure is
+    certain; returns how many were fused."""
+    from kd_bnn.models.darknet.model import DarknetConv
+
+    count = 0
+    for m in model.modules():
+        if type(m) is DarknetConv and isinstance(m.conv, PackedBinaryConv) and m.conv.input_scaling != "xnor_k":
+            act = _act_name(m.act)
+            if act and (m.bn is None or isinstance(m.bn, nn.Identity)):
+                m.conv.activation, m.act = act, nn.Identity()
+                count += 1
+        elif isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
+            kids = list(m._modules.items())
+            for i, (_, c) in enumerate(kids):
+                if not isinstance(c, PackedBinaryConv) or c.input_scaling == "xnor_k" or c.activation != "none":
+                    continue
+                j = i + 1
+                if j < len(kids) and isinstance(kids[j][1], nn.Identity):
+                    j += 1
+                if j < len(kids) and _act_name(kids[j][1]):
+                    c.activation = _act_name(kids[j][1])
+                    m._modules[kids[j][0]] = nn.Identity()
+                    count += 1
+    return count
+
+
+# ----------------------------------------------------------------------------- packed XNOR chains
+
+
+def packed_maxpool(words: torch.Tensor, size: int, stride: int, padding: int) -> torch.Tensor:
+    """Darknet max-pool on packed sign words ``(N, H, W, nw)``: ``sign(max(x)) = OR`` of the bits.
+
+    Padded taps are ``-inf`` in Darknet (bit 0: never wins an OR); same output size as
+    :func:`kd_bnn.models.darknet.model.darknet_maxpool`.
+    """
+    if padding:
+        left = padding // 2
+        right = padding - left
+        words = F.pad(words.permute(0, 3, 1, 2), (left, right, left, right), value=0).permute(0, 2, 3, 1)
+    h, w = words.shape[1], words.shape[2]
+    oh, ow = (h - size) // stride + 1, (w - size) // stride + 1
+    out = None
+    for dy in range(size):
+        for dx in range(size):
+            tap = words[:, dy:dy + stride * (oh - 1) + 1:stride, dx:dx + stride * (ow - 1) + 1:stride]
+            out = tap.clone() if out is None else out.bitwise_or_(tap)
+    return out.contiguous()
+
+
+def _xnor_block(layer: nn.Module) -> PackedBinaryConv | None:
+    """The PackedBinaryConv of a Darknet block that maps sign(input) -> output with nothing after
+    the kernel (BN folded, activation fused or linear), when the kernel path runs it."""
+    from kd_bnn.models.darknet.model import DarknetConv
+
+    if type(layer) is not DarknetConv or not isinstance(layer.conv, PackedBinaryConv):
+        return None
+    c = layer.conv
+    if c.mode != "xnor" or c.input_scaling == "xnor_k" or not c._kernel_ok or not c._sym:
+        return None
+    if not (layer.bn is None or isinstance(layer.bn, nn.Identity)) or not isinstance(layer.act, nn.Identity):
+        return None
+    return c
+
+
+def _sign_preserving_float_block(layer: nn.Module) -> bool:
+    """A float Darknet conv block whose activation keeps the sign (leaky or linear): when only
+    signs are consumed, its output can be packed straight after conv (+ BN), skipping the act."""
+    from kd_bnn.models.darknet.model import DarknetConv
+
+    if type(layer) is not DarknetConv or isinstance(layer.conv, PackedBinaryConv):
+        return False
+    act = layer.act
+    return isinstance(act, nn.Identity) or (isinstance(act, nn.LeakyReLU) and act.negative_slope > 0)
+
+
+def darknet_packed_plan(model: nn.Module) -> list[bool]:
+    """Per Darknet layer: whether its output can travel as packed sign words.
+
+    A layer may output packed bits when it is an XNOR block (see :func:`_xnor_block`), a
+    max-pool, or a float conv block with a sign-preserving activation (leaky, linear: its
+    activation is then skipped), and every consumer (the next layer, and every route/shortcut naming it) only needs
+    the sign: an XNOR block, or a max-pool that itself outputs packed bits. Routes, reorgs,
+    shortcuts, float convs and heads get floats as before.
+    """
+    from kd_bnn.models.darknet.model import MaxPool, Route, Shortcut
+
+    layers = list(model.layers)
+    n = len(layers)
+    consumers: list[list[int]] = [[] for _ in range(n)]
+    for k, layer in enumerate(layers):
+        if isinstance(layer, (Route, Shortcut)):
+            for j in layer.sources:
+                consumers[j].append(k)
+            if isinstance(layer, Shortcut) and k > 0:
+                consumers[k - 1].append(k)
+        elif k > 0:
+            consumers[k - 1].append(k)
+    packed = [False] * n
+    for i in range(n - 1, -1, -1):
+        layer = layers[i]
+        producer = (_xnor_block(layer) is not None or isinstance(layer, MaxPool)
+                    or _sign_preserving_float_block(layer))
+        if not producer or not consumers[i]:
+            continue
+        packed[i] = all(_xnor_block(layers[c]) is not None or (isinstance(layers[c], MaxPool) and packed[c])
+                        for c in consumers[i])
+    return packed
+
+
+def darknet_packed_forward(model: nn.Module, plan: list[bool], images: torch.Tensor,
+                           backend: str | None = None) -> list[torch.Tensor]:
+    """``DarknetDetector.forward`` with XNOR chains kept as packed bits between layers."""
+    from kd_bnn.deploy.kernels import pack_input
+    from kd_bnn.models.darknet.model import DetectionLayer, MaxPool, Route, Shortcut
+
+    keep = set(model._keep)
+    cache: dict[int, torch.Tensor] = {}
+    raws: list[torch.Tensor] = []
+    x = images
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer, Route):
+            x = layer([x if j == i - 1 else cache[j] for j in layer.sources])
+        elif isinstance(layer, Shortcut):
+            j = layer.sources[0]
+            x = layer(x, x if j == i - 1 else cache[j])
+        elif isinstance(layer, MaxPool) and plan[i]:
+            if x.dtype != torch.int64:
+                x = pack_input(x, 0, -1.0, backend=backend)
+            x = packed_maxpool(x, layer.size, layer.stride, layer.padding)
+        elif (c := _xnor_block(layer)) is not None and (plan[i] or x.dtype == torch.int64):
+            kh, kw = c.kernel_size
+            x = xnor_conv2d(x, c.words, c.in_channels, (kh, kw), c.stride[0], c.pad[0], c.pad_value,
+                            scale=c.scale, bias=c.shift, activation=c.activation,
+                            output="packed" if plan[i] else "float", panel=c.panel, backend=c.backend)
+        elif plan[i] and _sign_preserving_float_block(layer):
+            y = layer.conv(x)
+            x = pack_input(y if layer.bn is None else layer.bn(y), 0, -1.0, backend=backend)
+        else:
+            x = layer(x)
+            if isinstance(layer, DetectionLayer):
+                raws.append(x)
+        if i in keep:
+            cache[i] = x
+    return raws
+
+
+class Runtime:
+    """A loaded ``.kdbnn`` model: ``Runtime(path)(images) -> raw``, ``.predict(images)``.
+
+    Args:
+        path: the ``.kdbnn`` file.
+        fuse: fuse activations into the binary kernels (see the module docstring).
+        packed_chains: for Darknet models, keep consecutive XNOR layers (and the max-pools
+            between them) in packed bits instead of float maps (:func:`darknet_packed_plan`).
+        backend: ``None``/``"auto"`` (C++ kernels when available), ``"torch"`` (pure-torch path).
+        threads: set ``torch.set_num_threads`` (kernels use torch's intra-op pool) when given.
+    """
+
+    def __init__(self, path: str | os.PathLike, fuse: bool = True, backend: str | None = None,
+                 threads: int | None = None, packed_chains: bool = True):
+        self.path = Path(path)
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        tensors, meta = load_container(self.path)
+        if meta.get("kind") != "kdbnn-model" or "layers" not in meta:
+            raise FormatError(f"{self.path}: not an exported model (metadata 'kind' is "
+                              f"{meta.get('kind')!r}, expected 'kdbnn-model' with a layer table)")
+        from kd_bnn.deploy.export import meta_checksum
+
+        found = meta_checksum(meta)
+        if meta.get("meta_checksum") != found:
+            raise FormatError(f"{self.path}: metadata checksum mismatch (stored "
+                              f"{str(meta.get('meta_checksum'))[:23]}..., computed {found[:23]}...): "
+                              "the layer table or model description was edited or is corrupt")
+        self.meta = meta
+        self.class_names: list[str] = list(meta.get("class_names") or [])
+        self.input_size: tuple[int, int] = tuple(int(v) for v in meta["input_size"])
+        self.anchors = meta.get("anchors")
+        self.model = self._assemble(build_skeleton(meta), tensors, meta["layers"], backend)
+        self.fused = _fuse_activations(self.model) if fuse else 0
+        self.model.eval()
+        self.backend = backend
+        self.packed_plan: list[bool] | None = None
+        from kd_bnn.models.darknet.model import DarknetDetector
+
+        if packed_chains and isinstance(self.model, DarknetDetector):
+            plan = darknet_packed_plan(self.model)
+            self.packed_plan = plan if any(plan) else None
+
+    def _assemble(self, model: nn.Module, tensors: dict[str, torch.Tensor], layers: list[dict[str, Any]],
+                  backend: str | None) -> nn.Module:
+        def get(entry: dict[str, Any], role: str) -> torch.Tensor | None:
+            name = entry["tensors"].get(role)
+            if name is None:
+                return None
+            if name not in tensors:
+                raise FormatError(f"{self.path}: layer '{entry['path']}' needs tensor '{name}', "
+                                  "which the file does not hold")
+            return tensors[name]
+
+        modules = dict(model.named_modules())
+        used: set[str] = set()
+        loaded: set[int] = set()  # ids of the skeleton tensors the file filled
+        for e in layers:
+            path = e["path"]
+            if path not in modules:
+                raise FormatError(f"{self.path}: layer '{path}' of the layer table does not exist "
+                                  f"in the rebuilt {type(model).__name__}")
+            used.update(e["tensors"].values())
+            kind = e["kind"]
+            if kind == "binary_conv":
+                bn_scale, shift = get(e, "bn_scale"), get(e, "bn_shift")
+                if bn_scale is None:
+                    shift = get(e, "bias")
+                _set(model, path, PackedBinaryConv(e, get(e, "words"), get(e, "alpha"), bn_scale, shift,
+                                                   backend))
+                extra = {k: v for k, v in e["tensors"].items()
+                         if k not in ("words", "alpha", "bn_scale", "bn_shift", "bias")}
+                if extra:
+                    raise FormatError(f"{self.path}: binary layer '{path}' has extra tensors "
+                                      f"{sorted(extra)} this runtime cannot use")
+            elif kind == "float_conv":
+                old = modules[path]
+                w, b = get(e, "weight"), get(e, "bias")
+                if tuple(w.shape) != tuple(old.weight.shape):
+                    raise FormatError(f"{self.path}: '{path}.weight' has shape {tuple(w.shape)}, "
+                                      f"the skeleton expects {tuple(old.weight.shape)}")
+                if b is not None and old.bias is None:
+                    new = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                                    old.dilation, old.groups, bias=True, padding_mode=old.padding_mode)
+                    _set(model, path, new)
+                    old = new
+                with torch.no_grad():
+                    old.weight.copy_(w)
+                    loaded.add(id(old.weight))
+                    if b is not None:
+                        old.bias.copy_(b)
+                        loaded.add(id(old.bias))
+            elif kind == "bn" and e.get("folded_into"):
+                _set(model, path, nn.Identity())
+            else:
+                m = modules[path]
+                own = dict(m.named_parameters(recurse=False))
+                own.update(dict(m.named_buffers(recurse=False)))
+                with torch.no_grad():
+                    for k, name in e["tensors"].items():
+                        if k not in own or own[k] is None:
+                            raise FormatError(f"{self.path}: '{path}' has no tensor '{k}' in the rebuilt model")
+                        t = get(e, k)
+                        if tuple(t.shape) != tuple(own[k].shape):
+                            raise FormatError(f"{self.path}: '{name}' has shape {tuple(t.shape)}, the "
+                                              f"skeleton expects {tuple(own[k].shape)}")
+                        own[k].copy_(t.to(own[k].dtype))
+                        loaded.add(id(own[k]))
+        unused = sorted(set(tensors) - used)
+        if unused:
+            raise FormatError(f"{self.path}: tensors not named by the layer table: {unused[:5]}")
+        missing = []
+        for path, m in model.named_modules():
+            if isinstance(m, PackedBinaryConv):
+                continue
+            own = [(k, v) for k, v in m._parameters.items() if v is not None]
+            own += [(k, v) for k, v in m._buffers.items() if v is not None and k != "num_batches_tracked"
+                    and k not in m._non_persistent_buffers_set]
+            missing += [f"{path}.{k}" for k, v in own if id(v) not in loaded]
+        if missing:
+            raise FormatError(f"{self.path}: the layer table leaves {len(missing)} tensor(s) of the rebuilt "
+                              f"{type(model).__name__} unset, e.g. {missing[:5]}")
+        return model
+
+    # ------------------------------------------------------------------ running
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor):
+        """Raw head maps of a batch ``(B, 3, H, W)`` in [0, 1] (as the student's forward)."""
+        if self.packed_plan is not None:
+            return darknet_packed_forward(self.model, self.packed_plan, images.float(), self.backend)
+        return self.model(images.float())
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor | None = None, conf_thres: float = 0.005, iou_thres: float = 0.45,
+                max_det: int = 300, raw=None):
+        """Detections (input pixels) of ``images``, or of ``raw`` maps, via the skeleton's predict."""
+        if raw is None:
+            if images is None:
+                raise ValueError("predict needs images or raw maps")
+            raw = self(images)
+        return self.model.predict(raw, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
+
+    @property
+    def file_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def resident_weight_bytes(self) -> int:
+        """Bytes of the tensors the runtime model holds (packed words, floats, buffers)."""
+        seen, n = set(), 0
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            st = t.untyped_storage()
+            if st.data_ptr() not in seen:  # views (e.g. words of the XNOR panel) count once
+                seen.add(st.data_ptr())
+                n += st.nbytes()
+        return n
+
+    def __repr__(self) -> str:
+        return (f"Runtime({self.path.name}, {type(self.model).__name__}, input {self.input_size}, "
+                f"classes {self.class_names}, fused {self.fused})")
+
+
+# ----------------------------------------------------------------------------- folders of images
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+_COLOURS = ((0, 200, 0), (0, 0, 255), (255, 128, 0), (255, 0, 255), (0, 255, 255), (255, 255, 0))
+
+
+def draw_detections(image_rgb, boxes, scores, labels, class_names) -> Any:
+    """A BGR copy of an RGB image with boxes and ``class score`` captions drawn (cv2)."""
+    import cv2
+
+    out = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+    for (x1, y1, x2, y2), s, c in zip(boxes, scores, labels):
+        col = _COLOURS[int(c) % len(_COLOURS)]
+        p1, p2 = (int(round(x1)), int(round(y1))), (int(round(x2)), int(round(y2)))
+        cv2.rectangle(out, p1, p2, col, 2)
+        name = class_names[int(c)] if int(c) < len(class_names) else str(int(c))
+        cv2.putText(out, f"{name} {float(s):.2f}", (p1[0], max(p1[1] - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.45, col, 1, cv2.LINE_AA)
+    return out
+
+
+def infer_directory(runtime: Runtime, images: str | os.PathLike, out: str | os.PathLike,
+                    conf_thres: float = 0.3, iou_thres: float = 0.45, max_det: int = 300,
+                    draw: bool = True) -> dict[str, Any]:
+    """Detect objects in every image of a folder: KITTI result files in ``out/data/<stem>.txt``
+    (boxes in original pixels, letterbox inverted) and drawn images in ``out/images/``."""
+    import cv2
+    import numpy as np
+
+    from kd_bnn.data.transforms import eval_transforms, letterbox_to_original
+    from kd_bnn.eval.kitti import write_kitti_results
+
+    src = Path(images)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such image folder")
+    files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"{src}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    out = Path(out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    if draw:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+    tf = eval_transforms(runtime.input_size)
+    counts = {}
+    for path in files:
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise OSError(f"{path}: cannot read image (missing, truncated or not an image)")
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        sample = tf(rgb, np.zeros((0, 4)), np.zeros(0, dtype=np.int64))
+        x = torch.from_numpy(np.ascontiguousarray(sample["image"].transpose(2, 0, 1))).float().div_(255.0)
+        det = runtime.predict(x[None], conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)[0]
+        boxes = letterbox_to_original(det.boxes.detach().cpu().double().numpy(), sample["meta"])
+        scores = det.scores.detach().cpu().numpy()
+        labels = det.labels.detach().cpu().numpy()
+        write_kitti_results(out / "data", path.stem, boxes, scores, labels, runtime.class_names)
+        if draw:
+            cv2.imwrite(str(out / "images" / f"{path.stem}.png"),
+                        draw_detections(rgb, boxes, scores, labels, runtime.class_names))
+        counts[path.stem] = int(len(scores))
+    return {"images": len(files), "detections": counts, "out": str(out)}
