@@ -27,21 +27,20 @@ from kd_bnn.config import ExperimentConfig
 from kd_bnn.data.dataset import KittiDataset
 from kd_bnn.data.kitti import DIFFICULTIES
 from kd_bnn.data.loader import build_loader
-from kd_bnn.data.transforms import eval_transforms, letterbox_to_original
+from kd_bnn.data.transforms import eval_transforms
 from kd_bnn.engine.checkpoint import CheckpointError
 from kd_bnn.engine.experiment import build_model, ensure_dataset, load_student
 from kd_bnn.engine.preflight import check_checkpoint_classes, check_dataset
-from kd_bnn.engine.trainer import resolve_device, unpack_batch
+from kd_bnn.engine.trainer import iter_kitti_predictions, resolve_device
 from kd_bnn.eval.coco import evaluate_coco
 from kd_bnn.eval.kitti import (
     KittiEvalResult,
-    detections_to_frame,
     evaluate_kitti_dirs,
     load_kitti_dirs,
     write_kitti_results,
 )
 from kd_bnn.eval.report import coco_table, format_report, report_dict
-from kd_bnn.models.detector import Detections, Detector
+from kd_bnn.models.detector import Detector
 
 
 @dataclass
@@ -165,26 +164,16 @@ def predict_to_result_files(model: nn.Module, loader: Iterable, class_names: Seq
                             progress: bool = False) -> list[str]:
     """Predict every batch, map boxes back to the original image (``Batch.meta``), clip, and
     write one KITTI result file per frame into `out_dir`; returns the frame ids written."""
-    from tqdm.auto import tqdm
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = next(model.parameters()).device
     model.eval()
     ids: list[str] = []
-    for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
-        images, _, _, meta = unpack_batch(batch)
-        if len(meta) != images.shape[0]:
-            raise ValueError("evaluation needs Batch.meta (image_id, orig_size, scale, pad) per image")
-        preds = model.predict(model(images.to(device)), conf_thres=conf_thres, iou_thres=iou_thres,
-                              max_det=max_det)
-        for det, m in zip(preds, meta):
-            boxes = torch.as_tensor(letterbox_to_original(det.boxes.detach().float().cpu(), m), dtype=torch.float32)
-            orig = Detections(boxes, det.scores.detach().float().cpu(), det.labels.detach().cpu())
-            frame = detections_to_frame(orig, list(class_names), tuple(m["orig_size"]))  # clipped
-            labels = [list(class_names).index(t) for t in frame.types]
-            write_kitti_results(out_dir, m["image_id"], frame.boxes, frame.scores, labels, list(class_names))
-            ids.append(str(m["image_id"]))
+    names = list(class_names)
+    for image_id, frame in iter_kitti_predictions(model, loader, names, conf_thres, iou_thres, max_det,
+                                                  progress=progress):
+        labels = [names.index(t) for t in frame.types]
+        write_kitti_results(out_dir, image_id, frame.boxes, frame.scores, labels, names)
+        ids.append(image_id)
     return ids
 
 

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -869,6 +869,33 @@ def flatten_kitti_result(result: Any) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
+def iter_kitti_predictions(model: nn.Module, loader: Iterable, class_names: Sequence[str],
+                           conf_thres: float = 0.005, iou_thres: float = 0.45, max_det: int = 300,
+                           progress: bool = False) -> Iterator[tuple[str, Any]]:
+    """Predict every batch of `loader` and yield ``(image_id, FrameLabels)`` with the boxes mapped
+    back from the letterbox to original image pixels (``Batch.meta``) and clipped to the image:
+    the detections the KITTI evaluator and the result-file writer consume."""
+    from tqdm.auto import tqdm
+
+    from kd_bnn.data.transforms import letterbox_to_original
+    from kd_bnn.eval.kitti import detections_to_frame
+    from kd_bnn.models.detector import Detections
+
+    device = next(model.parameters()).device
+    for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
+        images, _, _, meta = unpack_batch(batch)
+        if len(meta) != images.shape[0]:
+            raise ValueError("KITTI evaluation needs Batch.meta (image_id, orig_size, scale, pad) per image")
+        preds = model.predict(model(images.to(device)), conf_thres=conf_thres, iou_thres=iou_thres,
+                              max_det=max_det)
+        for det, m in zip(preds, meta):
+            boxes = letterbox_to_original(det.boxes.detach().float().cpu(), m)
+            det_orig = Detections(torch.as_tensor(boxes, dtype=torch.float32), det.scores.detach().float().cpu(),
+                                  det.labels.detach().cpu())
+            yield str(m["image_id"]), detections_to_frame(det_orig, list(class_names), tuple(m["orig_size"]))
+
+
 def make_kitti_evaluate_fn(val_loader: Iterable, class_names: Sequence[str], conf_thres: float = 0.005,
                            iou_thres: float = 0.45, max_det: int = 300, gt: dict | None = None
                            ) -> Callable[[nn.Module], tuple[dict[str, float], Any]]:
@@ -884,9 +911,7 @@ def make_kitti_evaluate_fn(val_loader: Iterable, class_names: Sequence[str], con
     Returns:
         ``fn(model) -> (flat metrics, KittiEvalResult)``.
     """
-    from kd_bnn.data.transforms import letterbox_to_original
-    from kd_bnn.eval.kitti import detections_to_frame, evaluate_kitti
-    from kd_bnn.models.detector import Detections
+    from kd_bnn.eval.kitti import evaluate_kitti
 
     if gt is None:
         ds = getattr(val_loader, "dataset", None)
@@ -897,19 +922,7 @@ def make_kitti_evaluate_fn(val_loader: Iterable, class_names: Sequence[str], con
 
     @torch.no_grad()
     def evaluate(model: nn.Module) -> tuple[dict[str, float], Any]:
-        device = next(model.parameters()).device
-        dets = {}
-        for batch in val_loader:
-            images, _, _, meta = unpack_batch(batch)
-            if len(meta) != images.shape[0]:
-                raise ValueError("KITTI evaluation needs Batch.meta (image_id, orig_size, scale, pad) per image")
-            preds = model.predict(model(images.to(device)), conf_thres=conf_thres, iou_thres=iou_thres,
-                                  max_det=max_det)
-            for det, m in zip(preds, meta):
-                boxes = letterbox_to_original(det.boxes.detach().float().cpu(), m)
-                det_orig = Detections(torch.as_tensor(boxes, dtype=torch.float32), det.scores.cpu(),
-                                      det.labels.cpu())
-                dets[m["image_id"]] = detections_to_frame(det_orig, list(class_names), tuple(m["orig_size"]))
+        dets = dict(iter_kitti_predictions(model, val_loader, class_names, conf_thres, iou_thres, max_det))
         result = evaluate_kitti(gt_frames, dets, list(class_names))
         return flatten_kitti_result(result), result
 
