@@ -308,37 +308,24 @@ def darknet_packed_forward(model: nn.Module, plan: list[bool], images: torch.Ten
                            backend: str | None = None) -> list[torch.Tensor]:
     """``DarknetDetector.forward`` with XNOR chains kept as packed bits between layers."""
     from kd_bnn.deploy.kernels import pack_input
-    from kd_bnn.models.darknet.model import DetectionLayer, MaxPool, Route, Shortcut
+    from kd_bnn.models.darknet.model import MaxPool
 
-    keep = set(model._keep)
-    cache: dict[int, torch.Tensor] = {}
-    raws: list[torch.Tensor] = []
-    x = images
-    for i, layer in enumerate(model.layers):
-        if isinstance(layer, Route):
-            x = layer([x if j == i - 1 else cache[j] for j in layer.sources])
-        elif isinstance(layer, Shortcut):
-            j = layer.sources[0]
-            x = layer(x, x if j == i - 1 else cache[j])
-        elif isinstance(layer, MaxPool) and plan[i]:
+    def step(i: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(layer, MaxPool) and plan[i]:
             if x.dtype != torch.int64:
                 x = pack_input(x, 0, -1.0, backend=backend)
-            x = packed_maxpool(x, layer.size, layer.stride, layer.padding)
-        elif (c := _xnor_block(layer)) is not None and (plan[i] or x.dtype == torch.int64):
+            return packed_maxpool(x, layer.size, layer.stride, layer.padding)
+        if (c := _xnor_block(layer)) is not None and (plan[i] or x.dtype == torch.int64):
             kh, kw = c.kernel_size
-            x = xnor_conv2d(x, c.words, c.in_channels, (kh, kw), c.stride[0], c.pad[0], c.pad_value,
-                            scale=c.scale, bias=c.shift, activation=c.activation,
-                            output="packed" if plan[i] else "float", panel=c.panel, backend=c.backend)
-        elif plan[i] and _sign_preserving_float_block(layer):
+            return xnor_conv2d(x, c.words, c.in_channels, (kh, kw), c.stride[0], c.pad[0], c.pad_value,
+                               scale=c.scale, bias=c.shift, activation=c.activation,
+                               output="packed" if plan[i] else "float", panel=c.panel, backend=c.backend)
+        if plan[i] and _sign_preserving_float_block(layer):
             y = layer.conv(x)
-            x = pack_input(y if layer.bn is None else layer.bn(y), 0, -1.0, backend=backend)
-        else:
-            x = layer(x)
-            if isinstance(layer, DetectionLayer):
-                raws.append(x)
-        if i in keep:
-            cache[i] = x
-    return raws
+            return pack_input(y if layer.bn is None else layer.bn(y), 0, -1.0, backend=backend)
+        return layer(x)
+
+    return model.run_graph(images, step)
 
 
 class Runtime:

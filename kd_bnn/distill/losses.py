@@ -49,7 +49,7 @@ class DistillLoss(nn.Module):
     match_channels = True
 
     def forward(self, student: Any, teacher: Any, ctx: DistillContext | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement DistillLoss.forward")
 
 
 def _check_same(s: torch.Tensor, t: torch.Tensor, name: str) -> None:

@@ -8,6 +8,7 @@ its own copy of the recorder, so it never writes into the original's ``features`
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from typing import Any
 
@@ -142,10 +143,8 @@ class FeatureTaps:
         self.remove()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown: modules may be gone
             self.remove()
-        except Exception:
-            pass
 
 
 def _is_tap_hook(fn: Any) -> bool:

@@ -6,6 +6,7 @@ when ``torch.utils.tensorboard`` can be imported, and skipped silently otherwise
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -120,10 +121,8 @@ class RunLogger:
         self.rows = [r for r in self.rows if _as_int(r.get("epoch")) <= last_epoch]
 
     def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown: modules may be gone
             self.close()
-        except Exception:
-            pass
 
     def close(self) -> None:
         for h in self._handlers:

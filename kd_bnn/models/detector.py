@@ -64,15 +64,15 @@ class Detector(nn.Module):
         return len(self.class_names)
 
     def forward(self, images: torch.Tensor):  # pragma: no cover - interface
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement Detector.forward")
 
     def loss(self, raw, targets: torch.Tensor, ignore: list[torch.Tensor] | None = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # pragma: no cover - interface
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement Detector.loss")
 
     def predict(self, raw, conf_thres: float = 0.005, iou_thres: float = 0.45,
                 max_det: int = 300) -> list[Detections]:  # pragma: no cover - interface
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement Detector.predict")
 
 
 def build_detector(family: str, **kwargs) -> Detector:

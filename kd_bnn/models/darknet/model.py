@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -536,6 +536,14 @@ class DarknetDetector(Detector):
     # -- Detector interface ------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Run the graph; returns one raw map (B, A*(5+C), H, W) per head, in cfg order."""
+        return self.run_graph(images)
+
+    def run_graph(self, images: torch.Tensor,
+                  step: Callable[[int, nn.Module, torch.Tensor], torch.Tensor] | None = None
+                  ) -> list[torch.Tensor]:
+        """The cfg's routing (``[route]``, ``[shortcut]``, kept outputs, head maps) with each other
+        layer run as ``step(i, layer, x)`` (default ``layer(x)``): the packed runtime supplies its
+        own step and reuses the routing."""
         keep = self._keep
         cache: dict[int, torch.Tensor] = {}
         raws: list[torch.Tensor] = []
@@ -547,7 +555,7 @@ class DarknetDetector(Detector):
                 j = layer.sources[0]
                 x = layer(x, x if j == i - 1 else cache[j])
             else:
-                x = layer(x)
+                x = layer(x) if step is None else step(i, layer, x)
                 if isinstance(layer, DetectionLayer):
                     raws.append(x)
             if i in keep:

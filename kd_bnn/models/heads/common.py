@@ -135,19 +135,19 @@ class AnchorHead(nn.Module):
     # -- to be defined by subclasses -------------------------------------------------------
     def assign_anchors(self, wh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Best anchor of each truth shape (G, 2) px -> (local anchor index (G,), handled here (G,))."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement assign_anchors")
 
     def xy_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement xy_loss")
 
     def obj_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement obj_loss")
 
     def cls_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement cls_loss")
 
     def class_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement class_probs")
 
     # -- shared ----------------------------------------------------------------------------
     @property
