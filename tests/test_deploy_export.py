@@ -13,14 +13,18 @@ from kd_bnn.binary import binarize
 from kd_bnn.binary.layers import BinaryConv2d
 from kd_bnn.binary.summary import conv_bn_pairs, float32_model_bytes, packed_model_bytes
 from kd_bnn.deploy.export import (
+    BINARY_OPTIONS,
     ExportError,
     bn_affine,
+    build_skeleton,
     export,
     export_checkpoint,
     export_onnx,
     float_equivalent,
+    split_blobs,
+    tensor_plan,
 )
-from kd_bnn.deploy.format import load_container
+from kd_bnn.deploy.format import load_container, read_metadata
 from kd_bnn.deploy.pack import pack_signs
 from kd_bnn.models.darknet.model import darknet, random_weights_
 
@@ -45,6 +49,15 @@ def _student(mode: str = "bwn", **opts) -> nn.Module:
     return student.eval()
 
 
+def _stored(path, model=None) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """{module path: {role: tensor}} of a file, cut by the plan of ``model`` (default: the skeleton
+    rebuilt from the file, as the loader does)."""
+    blobs, meta = load_container(path)
+    tree = build_skeleton(meta) if model is None else model
+    slots, totals = tensor_plan(tree, meta["layers"])
+    return split_blobs(blobs, slots, totals), meta
+
+
 @pytest.mark.parametrize("mode,opts", [("bwn", {}), ("xnor", {"pad_value": 1.0, "weight_scaling": "learned"})])
 def test_tensor_bytes_equal_summary_prediction(tmp_path, mode, opts):
     s = _student(mode, **opts)
@@ -52,40 +65,86 @@ def test_tensor_bytes_equal_summary_prediction(tmp_path, mode, opts):
     assert rep["tensor_bytes"] == packed_model_bytes(s) == rep["predicted_packed_bytes"]
     assert rep["file_bytes"] == (tmp_path / "m.kdbnn").stat().st_size
     assert rep["file_bytes"] == rep["tensor_bytes"] + rep["header_bytes"]
-    assert 0 < rep["header_bytes"] < 16 * 1024  # safetensors header + JSON metadata only
+    assert 0 < rep["meta_bytes"] < rep["header_bytes"] < 1100  # safetensors header + compressed metadata
+    assert rep["size_vs_prediction"] < 1.01
     assert rep["float32_bytes"] == float32_model_bytes(s)
     assert rep["compression"] > 15
+    blobs, _ = load_container(tmp_path / "m.kdbnn")
+    assert sorted(blobs) == ["bits", "f32"]  # a handful of flat blobs, not one tensor per weight
+    assert sum(b.numel() * b.element_size() for b in blobs.values()) == packed_model_bytes(s)
+
+
+def test_demo_student_file_within_one_percent_of_prediction(tmp_path):
+    """Issue 6 "Done when": the demo student's .kdbnn equals the summary's prediction within 1%."""
+    from kd_bnn.config import load_config
+    from kd_bnn.engine.experiment import build_model, build_student
+
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    teacher = build_model(cfg.teacher, cfg.data.classes, tuple(cfg.data.input_size), load_weights=False)
+    student, _ = build_student(teacher, cfg)
+    student.eval()
+    rep = export(student, tmp_path / "demo.kdbnn", tuple(cfg.data.input_size))
+    predicted = packed_model_bytes(student)
+    assert rep["tensor_bytes"] == predicted
+    size = (tmp_path / "demo.kdbnn").stat().st_size
+    assert size == rep["file_bytes"]
+    assert abs(size - predicted) <= 0.01 * predicted, (size, predicted)
+    assert size - predicted < 1100, f"header + metadata take {size - predicted} bytes"
 
 
 def test_stored_tensors_and_layer_table(tmp_path):
     s = _student("xnor", pad_value=1.0)
     export(s, tmp_path / "m.kdbnn")
-    tensors, meta = load_container(tmp_path / "m.kdbnn")
+    stored, meta = _stored(tmp_path / "m.kdbnn")
+    assert stored.keys() == _stored(tmp_path / "m.kdbnn", s)[0].keys()  # same plan on student and skeleton
     pairs = conv_bn_pairs(s)
     mods = dict(s.named_modules())
     by_path = {e["path"]: e for e in meta["layers"]}
     assert meta["class_names"] == CLASSES and meta["input_size"] == list(SIZE)
     assert meta["skeleton"]["family"] == "darknet" and "[net]" in meta["skeleton"]["cfg_text"]
     assert len(meta["anchors"]) == 1 and len(meta["anchors"][0]) == 5
+    assert meta["binary"]["mode"] == "xnor" and meta["binary"]["pad_value"] == 1.0
     nbin = 0
     for path, m in mods.items():
         if isinstance(m, BinaryConv2d):
             nbin += 1
-            e = by_path[path]
-            assert e["kind"] == "binary_conv" and e["mode"] == "xnor" and e["pad_value"] == 1.0
-            assert torch.equal(tensors[e["tensors"]["words"]], pack_signs(m.weight))
-            assert torch.allclose(tensors[e["tensors"]["alpha"]], m.weight_scale())
-            assert e["bn"] == pairs[path]
+            e, t = by_path[path], stored[path]
+            assert e == {"path": path, "kind": "binary_conv", "bn": pairs[path]}  # options: file defaults
+            assert set(t) == {"words", "alpha", "bn_scale", "bn_shift"}
+            assert torch.equal(t["words"], pack_signs(m.weight)) and t["words"].dtype == torch.int64
+            assert torch.allclose(t["alpha"], m.weight_scale())
             sc, sh = bn_affine(mods[pairs[path]])
-            assert torch.allclose(tensors[e["tensors"]["bn_scale"]], sc.float())
-            assert torch.allclose(tensors[e["tensors"]["bn_shift"]], sh.float())
-            assert tensors[e["tensors"]["words"]].dtype == torch.int64
+            assert torch.allclose(t["bn_scale"], sc.float()) and torch.allclose(t["bn_shift"], sh.float())
         elif isinstance(m, nn.Conv2d):
             assert by_path[path]["kind"] == "float_conv"
-    for conv, bn in pairs.items():
-        assert by_path[bn]["kind"] == "bn" and by_path[bn]["folded_into"] == conv and not by_path[bn]["tensors"]
+            w = stored[path]["weight"]
+            assert w.shape == m.weight.shape and w.dtype == torch.float32
+    for bn in pairs.values():
+        assert bn not in by_path and bn not in stored  # folded: no entry, nothing stored
     assert nbin == meta["binary"]["num_binary_convs"] > 0
-    assert all(t.dtype in (torch.int64, torch.float32) for t in tensors.values())
+    for e in meta["layers"]:  # no geometry, no tensor names: the skeleton tells those
+        assert set(e) <= {"path", "kind", "bn", *BINARY_OPTIONS}
+    assert read_metadata(tmp_path / "m.kdbnn") == meta
+
+
+def test_per_layer_binary_options_only_where_they_differ(tmp_path):
+    s = _student("xnor")
+    convs = [n for n, m in s.named_modules() if isinstance(m, BinaryConv2d)]
+    s.get_submodule(convs[1]).pad_value = 1.0
+    export(s, tmp_path / "m.kdbnn")
+    meta = read_metadata(tmp_path / "m.kdbnn")
+    assert meta["binary"]["pad_value"] == -1.0  # the majority
+    by_path = {e["path"]: e for e in meta["layers"]}
+    assert by_path[convs[1]]["pad_value"] == 1.0
+    assert all("pad_value" not in by_path[c] for c in convs if c != convs[1])
+
+
+def test_skeleton_that_does_not_fit_is_refused_at_export(tmp_path):
+    """The exporter rebuilds the skeleton and requires the loader's layout to equal its own."""
+    with pytest.raises(ExportError, match="would not load.*does not exist"):
+        export(_student("bwn"), tmp_path / "x.kdbnn",
+               extra_meta={"skeleton": {"family": "bireal", "options": {"preset": "small"}}})
+    assert not (tmp_path / "x.kdbnn").exists()
 
 
 def test_bn_folding_formula():
@@ -147,10 +206,10 @@ def test_export_checkpoint_random_and_trained(tmp_path):
     save_checkpoint(tmp_path / "best.pt", {"model": student.state_dict()})
     rep2 = export_checkpoint(cfg, tmp_path / "best.pt", tmp_path / "t.kdbnn")
     assert rep2["checkpoint"] == str(tmp_path / "best.pt")
-    tensors, _ = load_container(tmp_path / "t.kdbnn")
+    stored, _ = _stored(tmp_path / "t.kdbnn")
     ref = load_student(cfg, tmp_path / "best.pt")
     w = ref.get_submodule("layers.2.conv").weight
-    assert torch.equal(tensors["layers.2.conv.words"], pack_signs(w))
+    assert torch.equal(stored["layers.2.conv"]["words"], pack_signs(w))
     with pytest.raises(FileNotFoundError):
         export_checkpoint(cfg, tmp_path / "missing.pt", tmp_path / "x.kdbnn")
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from kd_bnn.binary import binarize
 from kd_bnn.binary.layers import BinaryConv2d
+from kd_bnn.deploy import format as fmt
 from kd_bnn.deploy.export import export
 from kd_bnn.deploy.format import FormatError, load_container, save_container
 from kd_bnn.deploy.kernels import xnor_conv2d
@@ -188,15 +189,107 @@ def test_flipped_weight_bit_refused(good_file, tmp_path):
         Runtime(p)
 
 
+def _resave_stale_checksum(src: Path, dst: Path, blobs: dict, meta: dict) -> None:
+    """Write ``blobs`` + ``meta`` keeping the checksum of ``src``: an edit made without the writer."""
+    from safetensors.torch import save
+
+    _, header = _header(src.read_bytes())
+    tensors = dict(blobs, meta=fmt.encode_meta(meta))
+    dst.write_bytes(save(tensors, metadata=header["__metadata__"]))
+
+
 def test_tampered_metadata_refused(good_file, tmp_path):
-    tensors, meta = load_container(good_file)
+    blobs, meta = load_container(good_file)
     for e in meta["layers"]:
         if e["kind"] == "binary_conv":
-            e["pad_value"] = 1.0  # an edited layer table, tensors untouched
+            e["pad_value"] = 1.0  # an edited layer table, weights untouched
     p = tmp_path / "meta.kdbnn"
-    save_container(p, tensors, meta)
-    with pytest.raises(FormatError, match="metadata checksum"):
+    _resave_stale_checksum(good_file, p, blobs, meta)
+    with pytest.raises(FormatError, match="checksum mismatch"):
         Runtime(p)
+    assert fmt.read_metadata(p)["layers"] == meta["layers"]  # readable, but Runtime verifies
+
+
+def test_version_1_file_refused(good_file, tmp_path):
+    from safetensors.torch import save
+
+    blobs, meta = load_container(good_file)
+    md = {"format": "kdbnn", "format_version": "1", "meta": json.dumps(meta),
+          "checksum": fmt.tensors_checksum(blobs)}
+    p = tmp_path / "old.kdbnn"
+    p.write_bytes(save(blobs, metadata=md))
+    with pytest.raises(FormatError, match="older .kdbnn format.*re-export it from the checkpoint with tools/export.py"):
+        Runtime(p)
+
+
+@pytest.mark.parametrize("blob,delta", [("f32", -1), ("f32", +3), ("bits", -2)])
+def test_blob_with_wrong_length_refused(good_file, tmp_path, blob, delta):
+    blobs, meta = load_container(good_file)
+    n = blobs[blob].numel()
+    b = blobs[blob]
+    blobs[blob] = b[:n + delta].clone() if delta < 0 else torch.cat([b, torch.zeros(delta, dtype=b.dtype)])
+    p = tmp_path / "len.kdbnn"
+    save_container(p, blobs, meta)  # a consistent checksum: the layout check must catch it
+    with pytest.raises(FormatError, match=rf"len.kdbnn: blob '{blob}' holds {n + delta} elements, the layout "
+                                          rf"of the rebuilt model needs {n}"):
+        Runtime(p)
+
+
+def test_blob_missing_or_unexpected_refused(good_file, tmp_path):
+    blobs, meta = load_container(good_file)
+    p = tmp_path / "b.kdbnn"
+    save_container(p, {k: v for k, v in blobs.items() if k != "bits"}, meta)
+    with pytest.raises(FormatError, match="blob 'bits' is missing"):
+        Runtime(p)
+    save_container(p, dict(blobs, extra=torch.zeros(3)), meta)
+    with pytest.raises(FormatError, match="unexpected tensor 'extra'"):
+        Runtime(p)
+    save_container(p, dict(blobs, f32=blobs["f32"].double()), meta)
+    with pytest.raises(FormatError, match="blob 'f32' must be 1-D torch.float32"):
+        Runtime(p)
+
+
+def test_layer_table_that_does_not_fit_the_skeleton_refused(good_file, tmp_path):
+    blobs, meta = load_container(good_file)
+    conv = next(e for e in meta["layers"] if e["kind"] == "binary_conv")
+    cases = [
+        (lambda m: m["layers"].append({"path": "layers.99.conv", "kind": "other"}),
+         "layer 'layers.99.conv' of the layer table does not exist in the rebuilt DarknetDetector"),
+        (lambda m: next(e for e in m["layers"] if e["path"] == conv["path"]).update(bn="layers.0.bn"),
+         f"layer '{conv['path']}': the table folds BatchNorm 'layers.0.bn' into it, the rebuilt model pairs "
+         f"it with '{conv['bn']}'"),
+        (lambda m: next(e for e in m["layers"] if e["path"] == conv["path"]).update(kind="magic"),
+         f"layer '{conv['path']}': unknown kind 'magic'"),
+        (lambda m: next(e for e in m["layers"] if e["path"] == conv["path"]).update(path=conv["bn"], bn=None),
+         f"layer '{conv['bn']}' is a binary_conv in the table but a BatchNorm2d"),
+        (lambda m: next(e for e in m["layers"] if e["path"] == conv["path"]).update(mode="ternary"),
+         f"binary layer '{conv['path']}': mode 'ternary' is not 'bwn' or 'xnor'"),
+    ]
+    import copy
+    import re
+
+    for edit, message in cases:
+        m = copy.deepcopy(meta)
+        edit(m)
+        p = tmp_path / "t.kdbnn"
+        save_container(p, blobs, m)
+        with pytest.raises(FormatError, match=re.escape(message)):
+            Runtime(p)
+
+
+def test_per_layer_binary_option_reaches_the_runtime(tmp_path):
+    student = _darknet_student("xnor")
+    convs = [n for n, m in student.named_modules() if isinstance(m, BinaryConv2d)]
+    student.get_submodule(convs[2]).pad_value = 1.0  # one layer differs from the file default
+    export(student, tmp_path / "m.kdbnn")
+    rt = Runtime(tmp_path / "m.kdbnn")
+    mods = dict(rt.model.named_modules())
+    assert [mods[c].pad_value for c in convs] == [1.0 if c == convs[2] else -1.0 for c in convs]
+    x = torch.rand(1, 3, *SIZE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = student(x)
+    for a, b in zip(rt(x), ref):
+        assert _rel_err(a, b) < 1e-4
 
 
 def test_newer_version_refused(good_file, tmp_path):
@@ -258,17 +351,12 @@ def test_benchmark_model_cli(good_file, tmp_path):
 
 
 def test_layer_table_missing_a_tensor_refused(good_file, tmp_path):
-    from kd_bnn.deploy.export import meta_checksum
-
-    tensors, meta = load_container(good_file)
+    blobs, meta = load_container(good_file)
     victim = next(e for e in meta["layers"] if e["kind"] == "float_conv")
-    for name in victim["tensors"].values():
-        del tensors[name]
-    meta["layers"].remove(victim)
-    meta["meta_checksum"] = meta_checksum(meta)  # a consistent but incomplete file
+    meta["layers"].remove(victim)  # consistent checksum, but the skeleton's conv is left unset
     p = tmp_path / "incomplete.kdbnn"
-    save_container(p, tensors, meta)
-    with pytest.raises(FormatError, match="unset"):
+    save_container(p, blobs, meta)
+    with pytest.raises(FormatError, match=r"incomplete.kdbnn: the layer table leaves \d+ tensor\(s\) .* unset"):
         Runtime(p)
 
 

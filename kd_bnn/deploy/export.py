@@ -1,39 +1,62 @@
 """Export a binary student to a bit-packed ``.kdbnn`` file (and a float-equivalent ONNX graph).
 
-What the file holds (container: :mod:`kd_bnn.deploy.format`, a checksummed safetensors file):
+File layout (format version 2; container: :mod:`kd_bnn.deploy.format`, a checksummed
+safetensors file whose header metadata holds only format, version, metadata encoding and
+checksum; the model description is a JSON document stored zlib-compressed, with a fixed preset
+dictionary, as the uint8 tensor ``meta``, so the checksum covers it):
 
-* metadata ``meta`` (JSON): ``kind: "kdbnn-model"``, class names, input size ``[H, W]``, anchors
-  (pixels, per head, informational), ``skeleton`` - what rebuilds the float module tree
-  (``{"family": "darknet", "cfg_text": ...}`` or ``{"family": F, "options": {...}}`` for
-  ``binary_densenet`` / ``bireal`` / ``mobilenet_yolo`` ...), ``binary`` - the binary options of
-  the student (mode, pad_value, weight/input scaling per layer live in the layer table), and
-  ``layers``: one entry per module holding tensors, in ``named_modules`` order::
+* **Tensors**: a few flat 1-D blobs, one per storage type, only those that are non-empty:
 
-      {"path": "layers.2.conv", "kind": "binary_conv" | "float_conv" | "bn" | "other",
-       "type": "BinaryConv2d", "tensors": {role: stored tensor name}, ...geometry...}
+  - ``bits`` int64: every binary conv's ``pack_signs(W)`` words (C_out, KH*KW, ceil(C_in/64)),
+    see :mod:`kd_bnn.deploy.pack`, concatenated;
+  - ``f32`` float32: every float tensor, concatenated;
+  - ``i32`` int32: integer buffers (rare).
 
-* tensors, named ``<module path>.<role>``:
+  Which slice of which blob is which module's which role, and its shape, is *not stored*: it is
+  :func:`tensor_plan` of the module tree and the layer table, walked in ``named_modules`` order.
+  The exporter runs it on the student, the loader on the skeleton it rebuilds from the file, so
+  the two cannot drift (the exporter also rebuilds the skeleton and checks that both plans are
+  equal; the loader checks that each blob's length equals the plan's total). Roles per module:
 
-  - ``binary_conv``: ``words`` int64 ``pack_signs(W)`` (C_out, KH*KW, ceil(C_in/64)) - see
-    :mod:`kd_bnn.deploy.pack`; ``alpha`` float32 (C_out,) (``BinaryConv2d.weight_scale()``);
-    with a folded BatchNorm ``bn_scale`` / ``bn_shift`` float32 (C_out,) such that
+  - ``binary_conv``: ``words`` (bits), ``alpha`` (C_out,) = ``BinaryConv2d.weight_scale()``;
+    with a folded BatchNorm ``bn_scale``, ``bn_shift`` (C_out,) such that
     ``BN(conv + b) = conv*bn_scale + bn_shift`` (the conv bias is folded into the shift),
     otherwise ``bias`` if the conv has one;
-  - ``float_conv``: ``weight`` float32 (BN folded in: ``W*s``) and ``bias`` (``b*s + t`` when
-    folded; the conv's own bias otherwise, if any);
-  - ``bn`` folded into a conv: no tensors (``folded_into`` names the conv); an unfolded BN is
-    stored like ``other``;
-  - ``other``: each own parameter / persistent buffer (except ``num_batches_tracked``) under its
-    state-dict name, float32 (integer buffers as int32: 4 bytes an element either way).
+  - ``float_conv``: ``weight`` (BN folded in: ``W*s``) and ``bias`` (``b*s + t`` when folded;
+    the conv's own bias otherwise, if any);
+  - then, for a conv, any other own parameter / persistent buffer it holds (not ``scale``, which
+    is in ``alpha``), and for ``bn`` (unfolded) / ``other`` modules every own parameter /
+    persistent buffer (except ``num_batches_tracked``), under its state-dict name, in
+    ``_parameters`` then ``_buffers`` order: floats in ``f32``, integers in ``i32`` (4 bytes an
+    element either way); a tensor shared by several modules is stored once, at its first owner.
 
-``meta_checksum`` (sha256 of the metadata JSON without that key) makes an edited layer table
-detectable; the container's own checksum covers the tensors.
+* **Metadata** (the ``meta`` tensor): ``kind: "kdbnn-model"``, class names, input size
+  ``[H, W]``, anchors (pixels, per head, informational, float32 precision), ``skeleton`` - what
+  rebuilds the float module tree (``{"family": "darknet", "cfg_text": ...}`` or
+  ``{"family": F, "options": {...}}`` for ``binary_densenet`` / ``bireal`` /
+  ``mobilenet_yolo`` ...), ``binary`` - the file-level binary options (``mode``, ``pad_value``,
+  ``weight_scaling``, ``input_scaling``: the most common value among the binary convs) and
+  ``num_binary_convs``, ``source`` (config and checkpoint), and ``layers``: one entry per module
+  that stores tensors, in ``named_modules`` order, holding only what the skeleton cannot tell::
+
+      {"path": "layers.2.conv", "kind": "binary_conv" | "float_conv" | "bn" | "other",
+       "bn": "layers.2.bn" (conv kinds, when a BatchNorm is folded in),
+       "mode" / "pad_value" / "weight_scaling" / "input_scaling": only where they differ from
+       the file-level ``binary`` defaults}
+
+  Geometry (channels, kernel, stride, padding, bias) comes from the rebuilt module; a table
+  that does not fit the skeleton (unknown path, a conv kind on a non-conv, a BN that is not the
+  conv's :func:`~kd_bnn.binary.summary.conv_bn_pairs` partner, a tensor left unset) is a
+  ``FormatError`` naming the module.
 
 Which BN is folded, and so the exact byte count, is :func:`kd_bnn.binary.summary.conv_bn_pairs`;
-the tensor bytes equal :func:`kd_bnn.binary.summary.packed_model_bytes` exactly, and the file
-adds only the safetensors header with this metadata: about 12 KB for the demo student (8% of
-its 148 KB of tensors: layer table 5.8 KB, per-tensor safetensors entries 3.4 KB, cfg text
-1.6 KB) and 28 KB for DarkNet-19 YOLOv2 KITTI (0.4% of 6.6 MB).
+the blob bytes equal :func:`kd_bnn.binary.summary.packed_model_bytes` exactly, and the file adds
+only the safetensors header (about 0.4 KB: four metadata strings and 3-4 tensor entries) and
+the compressed metadata. Measured (file - predicted bytes): demo BWN student 772 B (0.52% of
+148,192; the metadata tensor 380 B, its cfg text included), BinaryDenseNet demo 725 B (0.73%),
+Bi-Real demo 700 B (0.45%), DarkNet-19 YOLOv2 KITTI BWN 867 B (0.013% of 6.6 MB). Format 1
+(per-tensor entries and a plain-JSON layer table with geometry in the header) added 12 KB
+(8.4%) to the demo student.
 BN folding: ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s`` (Ioffe & Szegedy 2015).
 """
 
@@ -42,31 +65,47 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from kd_bnn.binary.layers import BinaryConv2d
+from kd_bnn.binary.layers import BinaryConv2d, conv_explicit_padding
 from kd_bnn.binary.summary import conv_bn_pairs, float32_model_bytes, packed_model_bytes
-from kd_bnn.deploy.format import FORMAT_VERSION, save_container
+from kd_bnn.deploy.format import FormatError, encode_meta, save_container
 from kd_bnn.deploy.pack import pack_signs
 
 __all__ = [
+    "BINARY_OPTIONS",
+    "BLOB_DTYPES",
     "ExportError",
-    "skeleton_of",
+    "LAYER_KINDS",
+    "Slot",
+    "binary_conv_spec",
+    "binary_options",
     "bn_affine",
     "build_payload",
+    "build_skeleton",
     "export",
     "export_checkpoint",
     "export_onnx",
     "float_equivalent",
-    "meta_checksum",
+    "layer_table",
+    "skeleton_of",
+    "split_blobs",
+    "tensor_plan",
 ]
 
 META_KIND = "kdbnn-model"
+LAYER_KINDS = ("binary_conv", "float_conv", "bn", "other")
+BINARY_OPTIONS = ("mode", "pad_value", "weight_scaling", "input_scaling")
+BLOB_DTYPES = {"bits": torch.int64, "f32": torch.float32, "i32": torch.int32}
+_CONV_KINDS = ("binary_conv", "float_conv")
 _SKIP = ("num_batches_tracked",)
+_WORD_BITS = 64
 
 
 class ExportError(ValueError):
@@ -92,12 +131,34 @@ def skeleton_of(model: nn.Module, extra_meta: dict[str, Any] | None = None) -> d
     from kd_bnn.models.darknet.model import DarknetDetector
 
     if isinstance(model, DarknetDetector):
-        return {"family": "darknet", "cfg_text": model.cfg_text(), "options": {}}
+        return {"family": "darknet", "cfg_text": model.cfg_text()}
     raise ExportError(
         f"cannot tell how to rebuild a {type(model).__name__}: pass "
         "extra_meta={'skeleton': {'family': <registered family>, 'options': {...}}} "
         "(kd_bnn.deploy.export_checkpoint fills it from the experiment config)"
     )
+
+
+def build_skeleton(meta: dict[str, Any]) -> nn.Module:
+    """The float module tree of an exported model (no weights loaded)."""
+    sk = meta.get("skeleton") or {}
+    family = sk.get("family")
+    names = list(meta.get("class_names") or [])
+    size = tuple(int(v) for v in meta["input_size"])
+    if family == "darknet":
+        from kd_bnn.models.darknet.cfg import parse_cfg_text
+        from kd_bnn.models.darknet.model import DarknetDetector
+
+        if "cfg_text" not in sk:
+            raise FormatError("darknet skeleton without 'cfg_text' in the metadata")
+        return DarknetDetector(parse_cfg_text(sk["cfg_text"], "<.kdbnn cfg>"), class_names=names or None,
+                               input_size=size)
+    if not family:
+        raise FormatError(f"metadata 'skeleton' names no model family (found {sorted(sk)})")
+    import kd_bnn.models  # noqa: F401  (registers the families)
+    from kd_bnn.models.detector import build_detector
+
+    return build_detector(family, class_names=names, input_size=size, **dict(sk.get("options") or {}))
 
 
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +181,24 @@ def _own_tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def _owned(model: nn.Module) -> list[tuple[str, nn.Module, list[tuple[str, torch.Tensor]]]]:
+    """``(path, module, own tensors)`` in ``named_modules`` order, each tensor at its first owner."""
+    seen: set[int] = set()
+    out = []
+    for path, m in model.named_modules():
+        own = []
+        for k, t in _own_tensors(m):
+            if id(t) not in seen:
+                seen.add(id(t))
+                own.append((k, t))
+        out.append((path, m, own))
+    return out
+
+
+def _is_stored_conv(m: nn.Module, own: list[tuple[str, torch.Tensor]]) -> bool:
+    return isinstance(m, nn.Conv2d) and any(k == "weight" for k, _ in own)
+
+
 def _as_stored(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().cpu()
     if t.is_floating_point():
@@ -127,117 +206,324 @@ def _as_stored(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int32).contiguous()
 
 
+def _f32_repr(v: float) -> float:
+    """The shortest decimal that reads back as the same float32 (18.304, not 18.304000854...)."""
+    import numpy as np
+
+    return float(str(np.float32(v)))
+
+
 def _anchors(model: nn.Module) -> list[list[list[float]]]:
     out = []
     for m in model.modules():
         a = getattr(m, "anchors_px", None)
         if isinstance(a, torch.Tensor):
-            out.append(a.detach().cpu().double().reshape(-1, 2).tolist())
+            out.append([[_f32_repr(v) for v in row] for row in a.detach().cpu().double().reshape(-1, 2).tolist()])
     return out
 
 
-def _prefix(path: str) -> str:
-    return f"{path}." if path else ""
+# ----------------------------------------------------------------------------- layer table + plan
 
 
-def _conv_geometry(conv: nn.Conv2d) -> dict[str, Any]:
-    from kd_bnn.binary.layers import conv_explicit_padding
+def _binary_opts(m: BinaryConv2d) -> dict[str, Any]:
+    return {"mode": m.mode, "pad_value": float(m.pad_value), "weight_scaling": m.weight_scaling,
+            "input_scaling": m.input_scaling}
 
-    return {
-        "in_channels": conv.in_channels, "out_channels": conv.out_channels,
-        "kernel_size": list(conv.kernel_size), "stride": list(conv.stride),
-        "padding": list(conv_explicit_padding(conv)), "dilation": list(conv.dilation),
-        "groups": conv.groups, "padding_mode": conv.padding_mode,
-    }
+
+def layer_table(model: nn.Module) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The layer table and the file-level binary defaults of a model (see the module docstring).
+
+    Returns ``(layers, binary)``: ``layers`` in ``named_modules`` order, one entry per module that
+    stores tensors; ``binary`` = the most common value of each of :data:`BINARY_OPTIONS` among the
+    binary convs (first seen wins a tie) and ``num_binary_convs``; an entry repeats an option
+    only where it differs.
+    """
+    pairs = conv_bn_pairs(model)
+    owned = _owned(model)
+    convs = {path for path, m, own in owned if _is_stored_conv(m, own)}
+    folded = {pairs[c] for c in convs if c in pairs}
+    layers: list[dict[str, Any]] = []
+    opts: dict[str, dict[str, Any]] = {}
+    for path, m, own in owned:
+        if path in convs:
+            e: dict[str, Any] = {"path": path,
+                                 "kind": "binary_conv" if isinstance(m, BinaryConv2d) else "float_conv"}
+            if path in pairs:
+                e["bn"] = pairs[path]
+            if isinstance(m, BinaryConv2d):
+                opts[path] = _binary_opts(m)
+            layers.append(e)
+        elif own and path not in folded:
+            kind = "bn" if isinstance(m, nn.modules.batchnorm._BatchNorm) else "other"
+            layers.append({"path": path, "kind": kind})
+    binary: dict[str, Any] = {"num_binary_convs": len(opts)}
+    for key in BINARY_OPTIONS:
+        counts = Counter(o[key] for o in opts.values())
+        if counts:
+            binary[key] = counts.most_common(1)[0][0]
+    for e in layers:
+        for key, value in opts.get(e["path"], {}).items():
+            if value != binary[key]:
+                e[key] = value
+    return layers, binary
+
+
+def binary_options(entry: dict[str, Any], binary: dict[str, Any]) -> dict[str, Any]:
+    """A binary conv entry's options: the file-level defaults overridden by the entry."""
+    out = {key: entry.get(key, binary.get(key)) for key in BINARY_OPTIONS}
+    path = entry.get("path")
+    if out["mode"] not in ("bwn", "xnor"):
+        raise FormatError(f"binary layer '{path}': mode {out['mode']!r} is not 'bwn' or 'xnor'")
+    if not isinstance(out["pad_value"], (int, float)) or isinstance(out["pad_value"], bool):
+        raise FormatError(f"binary layer '{path}': pad_value {out['pad_value']!r} is not a number")
+    if not isinstance(out["input_scaling"], str):
+        raise FormatError(f"binary layer '{path}': input_scaling {out['input_scaling']!r} is not a name")
+    out["pad_value"] = float(out["pad_value"])
+    return out
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One stored tensor: ``blob[offset : offset + numel]`` viewed as ``shape`` is ``path``'s ``role``."""
+
+    path: str
+    role: str
+    blob: str
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def tensor_plan(model: nn.Module, layers: list[dict[str, Any]]) -> tuple[list[Slot], dict[str, int]]:
+    """Where every stored tensor of ``model`` lives in the blobs, from its module tree and the
+    layer table (the one layout function used by the exporter and the loader).
+
+    Walks ``model.named_modules()``; for each module with an entry, emits the roles of its kind
+    (module docstring) with shapes from the module itself. Returns ``(slots, totals)``, totals
+    being the element count of each blob. Raises ``FormatError`` naming the module when the
+    table does not fit the tree: a path that does not exist or holds no tensors, an unknown
+    kind, a conv kind on a non-conv, a grouped binary conv, a folded BN that is not the conv's
+    ``conv_bn_pairs`` partner, or tensors of the tree that no entry covers.
+    """
+    if not isinstance(layers, list):
+        raise FormatError(f"the layer table must be a list, found {type(layers).__name__}")
+    modules = dict(model.named_modules())
+    table: dict[str, dict[str, Any]] = {}
+    for i, e in enumerate(layers):
+        if not isinstance(e, dict) or not isinstance(e.get("path"), str):
+            raise FormatError(f"layer table entry {i} is not an object with a 'path' string: {e!r:.80}")
+        path = e["path"]
+        if e.get("kind") not in LAYER_KINDS:
+            raise FormatError(f"layer '{path}': unknown kind {e.get('kind')!r} (expected one of {LAYER_KINDS})")
+        if path in table:
+            raise FormatError(f"layer '{path}' appears twice in the layer table")
+        if path not in modules:
+            raise FormatError(f"layer '{path}' of the layer table does not exist in the rebuilt "
+                              f"{type(model).__name__}")
+        table[path] = e
+    pairs = conv_bn_pairs(model)
+    folded: dict[str, str] = {}
+    for path, e in table.items():
+        bn = e.get("bn")
+        if e["kind"] in _CONV_KINDS:
+            if bn != pairs.get(path):
+                raise FormatError(f"layer '{path}': the table folds BatchNorm {bn!r} into it, the rebuilt "
+                                  f"model pairs it with {pairs.get(path)!r}")
+            if bn is not None:
+                if bn in table:
+                    raise FormatError(f"layer '{bn}' is folded into '{path}' and has an entry of its own")
+                folded[bn] = path
+        elif bn is not None:
+            raise FormatError(f"layer '{path}' of kind {e['kind']!r} cannot hold a folded BatchNorm")
+
+    slots: list[Slot] = []
+    totals = dict.fromkeys(BLOB_DTYPES, 0)
+    unset: list[str] = []
+
+    def add(path: str, role: str, blob: str, shape: tuple[int, ...]) -> None:
+        slots.append(Slot(path, role, blob, totals[blob], tuple(int(d) for d in shape)))
+        totals[blob] += math.prod(shape)
+
+    for path, m, own in _owned(model):
+        e = table.get(path)
+        if e is None:
+            if path not in folded:
+                unset += [f"{path}.{k}" if path else k for k, _ in own]
+            continue
+        if not own:
+            raise FormatError(f"layer '{path}' holds no tensors in the rebuilt {type(model).__name__}")
+        kind = e["kind"]
+        skip: set[str] = set()
+        if kind in _CONV_KINDS:
+            if not _is_stored_conv(m, own):
+                raise FormatError(f"layer '{path}' is a {kind} in the table but a {type(m).__name__} "
+                                  "without a weight of its own in the rebuilt model")
+            c_out = int(m.out_channels)
+            has_bias = m.bias is not None
+            if kind == "binary_conv":
+                if m.groups != 1:
+                    raise FormatError(f"binary layer '{path}' has groups={m.groups}: cannot be packed")
+                kh, kw = m.kernel_size
+                add(path, "words", "bits", (c_out, kh * kw, math.ceil(m.in_channels / _WORD_BITS)))
+                add(path, "alpha", "f32", (c_out,))
+                if path in pairs:
+                    add(path, "bn_scale", "f32", (c_out,))
+                    add(path, "bn_shift", "f32", (c_out,))
+                elif has_bias:
+                    add(path, "bias", "f32", (c_out,))
+                skip = {"weight", "bias", "scale"}
+            else:
+                add(path, "weight", "f32", tuple(m.weight.shape))
+                if path in pairs or has_bias:
+                    add(path, "bias", "f32", (c_out,))
+                skip = {"weight", "bias"}
+        for k, t in own:
+            if k not in skip:
+                add(path, k, "f32" if t.is_floating_point() else "i32", tuple(t.shape))
+    if unset:
+        raise FormatError(f"the layer table leaves {len(unset)} tensor(s) of the rebuilt "
+                          f"{type(model).__name__} unset, e.g. {unset[:5]}")
+    return slots, {k: v for k, v in totals.items() if v}
+
+
+def split_blobs(blobs: dict[str, torch.Tensor], slots: list[Slot],
+                totals: dict[str, int]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module path: {role: tensor}}`` cut from the blobs by the plan (each a copy, so the
+    blobs can be freed). Raises ``FormatError`` when a blob is missing, unexpected, of the wrong
+    dtype, or not exactly as long as the plan needs."""
+    for name in sorted(set(blobs) - set(totals)):
+        raise FormatError(f"unexpected tensor '{name}' ({blobs[name].numel()} elements): the layout of "
+                          f"the rebuilt model needs only {sorted(totals)}")
+    for name, need in totals.items():
+        if name not in blobs:
+            raise FormatError(f"blob '{name}' is missing: the layout of the rebuilt model needs {need} "
+                              f"{BLOB_DTYPES[name]} elements")
+        b = blobs[name]
+        if b.dtype != BLOB_DTYPES[name] or b.dim() != 1:
+            raise FormatError(f"blob '{name}' must be 1-D {BLOB_DTYPES[name]}, found {b.dtype} "
+                              f"of shape {tuple(b.shape)}")
+        if b.numel() != need:
+            raise FormatError(f"blob '{name}' holds {b.numel()} elements, the layout of the rebuilt "
+                              f"model needs {need}")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for s in slots:
+        t = blobs[s.blob][s.offset:s.offset + s.numel].reshape(s.shape).clone()
+        out.setdefault(s.path, {})[s.role] = t
+    return out
+
+
+def binary_conv_spec(path: str, conv: nn.Conv2d, opts: dict[str, Any]) -> dict[str, Any]:
+    """What :class:`kd_bnn.deploy.runtime.PackedBinaryConv` needs: geometry from the (rebuilt)
+    conv, binary options from :func:`binary_options`."""
+    return {"path": path, "in_channels": conv.in_channels, "out_channels": conv.out_channels,
+            "kernel_size": list(conv.kernel_size), "stride": list(conv.stride),
+            "padding": list(conv_explicit_padding(conv)), "dilation": list(conv.dilation),
+            "padding_mode": conv.padding_mode, **opts}
 
 
 # ----------------------------------------------------------------------------- export
 
 
+def _conv_values(m: nn.Conv2d, binary: bool, bn: nn.Module | None) -> dict[str, torch.Tensor]:
+    """The stored roles of a conv (module docstring): packed words + alpha + folded affine, or
+    the BN-folded float weight + bias."""
+    out: dict[str, torch.Tensor] = {}
+    bias = m.bias.detach().double() if m.bias is not None else None
+    if binary:
+        out["words"] = pack_signs(m.weight.detach().cpu())
+        out["alpha"] = m.weight_scale().detach().cpu().float()
+        if bn is not None:
+            s, t = bn_affine(bn)
+            if bias is not None:
+                t = t + bias * s
+            out["bn_scale"], out["bn_shift"] = s.float(), t.float()
+        elif bias is not None:
+            out["bias"] = bias.float()
+        return out
+    w = m.weight.detach().double()
+    if bn is not None:
+        s, t = bn_affine(bn)
+        w = w * s.view(-1, *([1] * (w.dim() - 1)))
+        bias = t + (bias * s if bias is not None else 0.0)
+    out["weight"] = w.float()
+    if bias is not None:
+        out["bias"] = bias.float()
+    return out
+
+
 @torch.no_grad()
-def build_payload(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """The tensors and the layer table of a model (see the module docstring)."""
-    pairs = conv_bn_pairs(model)
-    folded = {bn: conv for conv, bn in pairs.items()}
-    modules = dict(model.named_modules())
-    tensors: dict[str, torch.Tensor] = {}
-    layers: list[dict[str, Any]] = []
-    seen: set[int] = set()
-    disabled = []
-    for path, m in model.named_modules():
-        own = []
-        for k, t in _own_tensors(m):
-            if id(t) not in seen:
-                seen.add(id(t))
-                own.append((k, t))
-        p = _prefix(path)
-        if isinstance(m, nn.Conv2d) and any(k == "weight" for k, _ in own):
-            bn = modules[pairs[path]] if path in pairs else None
-            entry: dict[str, Any] = {"path": path, "type": type(m).__name__, "bn": pairs.get(path),
-                                     "has_bias": m.bias is not None, **_conv_geometry(m)}
-            names: dict[str, str] = {}
-            bias = m.bias.detach().double() if m.bias is not None else None
-            if isinstance(m, BinaryConv2d):
-                if m.groups != 1:
-                    raise ExportError(f"{path}: binary conv with groups={m.groups} cannot be packed")
-                if not m.enabled:
-                    disabled.append(path)
-                entry.update(kind="binary_conv", mode=m.mode, pad_value=m.pad_value,
-                             weight_scaling=m.weight_scaling, input_scaling=m.input_scaling)
-                names["words"] = p + "words"
-                tensors[names["words"]] = pack_signs(m.weight.detach().cpu())
-                names["alpha"] = p + "alpha"
-                tensors[names["alpha"]] = m.weight_scale().detach().cpu().float()
-                if bn is not None:
-                    s, t = bn_affine(bn)
-                    if bias is not None:
-                        t = t + bias * s
-                    names["bn_scale"], names["bn_shift"] = p + "bn_scale", p + "bn_shift"
-                    tensors[names["bn_scale"]] = s.float()
-                    tensors[names["bn_shift"]] = t.float()
-                elif bias is not None:
-                    names["bias"] = p + "bias"
-                    tensors[names["bias"]] = bias.float()
-                layer_keys = {"weight", "bias", "scale"}
-            else:
-                entry["kind"] = "float_conv"
-                w = m.weight.detach().double()
-                if bn is not None:
-                    s, t = bn_affine(bn)
-                    w = w * s.view(-1, *([1] * (w.dim() - 1)))
-                    bias = t + (bias * s if bias is not None else 0.0)
-                names["weight"] = p + "weight"
-                tensors[names["weight"]] = w.float().cpu().contiguous()
-                if bias is not None:
-                    names["bias"] = p + "bias"
-                    tensors[names["bias"]] = bias.float().cpu()
-                layer_keys = {"weight", "bias"}
-            for k, t in own:  # anything else the conv owns (summary counts it as float32)
-                if k not in layer_keys:
-                    names[k] = p + k
-                    tensors[names[k]] = _as_stored(t)
-            entry["tensors"] = names
-            layers.append(entry)
-        elif path in folded:
-            layers.append({"path": path, "kind": "bn", "type": type(m).__name__,
-                           "folded_into": folded[path], "tensors": {}})
-        elif own:
-            kind = "bn" if isinstance(m, nn.modules.batchnorm._BatchNorm) else "other"
-            names = {}
-            for k, t in own:
-                names[k] = p + k
-                tensors[names[k]] = _as_stored(t)
-            layers.append({"path": path, "kind": kind, "type": type(m).__name__,
-                           "folded_into": None, "tensors": names})
+def build_payload(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any]]:
+    """The blobs, the layer table and the binary defaults of a model (see the module docstring)."""
+    layers, binary = layer_table(model)
+    disabled = [e["path"] for e in layers if e["kind"] == "binary_conv"
+                and not model.get_submodule(e["path"]).enabled]
     if disabled:
         warnings.warn(f"{len(disabled)} binary conv(s) are disabled (their binarization stage has "
                       f"not started), e.g. {disabled[:3]}; they are exported binary anyway",
                       RuntimeWarning, stacklevel=3)
-    return tensors, layers
+    try:
+        slots, totals = tensor_plan(model, layers)
+    except FormatError as exc:
+        raise ExportError(str(exc)) from exc
+    entries = {e["path"]: e for e in layers}
+    planned: dict[str, set[str]] = {}
+    for s in slots:
+        planned.setdefault(s.path, set()).add(s.role)
+    cache: dict[str, dict[str, torch.Tensor]] = {}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in totals}
+    for s in slots:
+        m = model.get_submodule(s.path)
+        if s.path not in cache:  # slots of one module are consecutive: keep one module's values
+            e = entries[s.path]
+            vals: dict[str, torch.Tensor] = {}
+            if e["kind"] in _CONV_KINDS:
+                bn = model.get_submodule(e["bn"]) if e.get("bn") else None
+                vals = _conv_values(m, e["kind"] == "binary_conv", bn)
+                if not set(vals) <= planned[s.path]:
+                    raise ExportError(f"'{s.path}': computed roles {sorted(vals)}, the layout plans "
+                                      f"{sorted(planned[s.path])}")
+            cache = {s.path: vals}
+        vals = cache[s.path]
+        if s.role in vals:
+            v = vals[s.role]
+        else:
+            v = m._parameters.get(s.role)
+            v = _as_stored(v if v is not None else m._buffers[s.role])
+        if tuple(v.shape) != s.shape:
+            raise ExportError(f"'{s.path}' role '{s.role}' has shape {tuple(v.shape)}, the layout "
+                              f"expects {s.shape}")
+        parts[s.blob].append(v.detach().cpu().reshape(-1).to(BLOB_DTYPES[s.blob]))
+    blobs = {k: torch.cat(v) for k, v in parts.items()}
+    return blobs, layers, binary
+
+
+def _check_rebuild(meta: dict[str, Any], slots: list[Slot]) -> None:
+    """Rebuild the skeleton from ``meta`` (as the loader will) and require the same layout."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            skeleton = build_skeleton(meta)
+    except Exception as exc:  # noqa: BLE001 - whatever stops the rebuild would stop the loader too
+        raise ExportError(f"the file would not load: rebuilding the skeleton {meta.get('skeleton', {}).get('family')!r} "
+                          f"from the metadata failed ({type(exc).__name__}: {exc})") from exc
+    try:
+        again, _ = tensor_plan(skeleton, meta["layers"])
+    except FormatError as exc:
+        raise ExportError(f"the file would not load: {exc}") from exc
+    for a, b in zip(slots, again):
+        if a != b:
+            raise ExportError(f"the skeleton rebuilt from the metadata differs from the model: the model "
+                              f"stores {a}, the skeleton {b}")
+    if len(again) != len(slots):
+        raise ExportError(f"the skeleton rebuilt from the metadata stores {len(again)} tensors, the model "
+                          f"{len(slots)}")
 
 
 def export(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int] | None = None,
-           extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+           extra_meta: dict[str, Any] | None = None, verify: bool = True) -> dict[str, Any]:
     """Write ``model`` (a binary student, or any Detector) as a ``.kdbnn`` file.
 
     Args:
@@ -246,38 +532,35 @@ def export(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int
         input_size: (H, W); default ``model.input_size``.
         extra_meta: merged into the metadata; ``extra_meta["skeleton"]`` describes how to rebuild
             a non-Darknet model (see :func:`skeleton_of`).
+        verify: rebuild the skeleton from the metadata and check that its tensor layout equals
+            the model's (the file will load) before writing.
 
     Returns:
-        a report: ``file_bytes``, ``tensor_bytes``, ``float32_bytes``, ``predicted_packed_bytes``,
-        ``header_bytes``, ``compression`` (float32 / file), ``size_vs_prediction`` (file / predicted),
-        counts of binary / float convs.
+        a report: ``file_bytes``, ``tensor_bytes`` (the weight blobs, = ``predicted_packed_bytes``),
+        ``header_bytes`` (file - tensor bytes: the safetensors header plus the compressed
+        metadata tensor), ``meta_bytes`` (that tensor alone), ``float32_bytes``,
+        ``predicted_packed_bytes``, ``compression`` (float32 / file), ``size_vs_prediction``
+        (file / predicted), counts of binary / float convs.
     """
     extra = dict(extra_meta or {})
     skeleton = skeleton_of(model, extra)
     extra.pop("skeleton", None)
     size = tuple(int(v) for v in (input_size or model.input_size))
-    tensors, layers = build_payload(model)
-    binary = [e for e in layers if e["kind"] == "binary_conv"]
+    blobs, layers, binary = build_payload(model)
     meta = {
         "kind": META_KIND,
-        "format_version": FORMAT_VERSION,
         "class_names": [str(c) for c in getattr(model, "class_names", [])],
         "input_size": list(size),
         "anchors": _anchors(model),
         "skeleton": skeleton,
-        "binary": {
-            "modes": sorted({e["mode"] for e in binary}),
-            "pad_values": sorted({e["pad_value"] for e in binary}),
-            "weight_scalings": sorted({e["weight_scaling"] for e in binary}),
-            "input_scalings": sorted({e["input_scaling"] for e in binary}),
-            "num_binary_convs": len(binary),
-        },
+        "binary": binary,
         "layers": layers,
         **extra,
     }
-    meta["meta_checksum"] = meta_checksum(meta)
-    file_bytes = save_container(path, tensors, meta)
-    tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    if verify:
+        _check_rebuild(meta, tensor_plan(model, layers)[0])
+    file_bytes = save_container(path, blobs, meta)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in blobs.values())
     predicted = packed_model_bytes(model)
     f32 = float32_model_bytes(model)
     return {
@@ -285,28 +568,16 @@ def export(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int
         "file_bytes": file_bytes,
         "tensor_bytes": tensor_bytes,
         "header_bytes": file_bytes - tensor_bytes,
+        "meta_bytes": int(encode_meta(meta).numel()),
         "float32_bytes": f32,
         "predicted_packed_bytes": predicted,
         "compression": f32 / file_bytes,
         "predicted_compression": f32 / predicted if predicted else math.nan,
         "size_vs_prediction": file_bytes / predicted if predicted else math.nan,
-        "num_binary_convs": len(binary),
+        "num_binary_convs": binary["num_binary_convs"],
         "num_float_convs": sum(1 for e in layers if e["kind"] == "float_conv"),
         "input_size": list(size),
     }
-
-
-def meta_checksum(meta: dict[str, Any]) -> str:
-    """``sha256:<hex>`` of the metadata JSON without its own ``meta_checksum`` key.
-
-    The container's checksum covers the tensors only; this one makes an edited layer table,
-    skeleton or class list detectable too.
-    """
-    import hashlib
-    import json
-
-    body = {k: v for k, v in meta.items() if k != "meta_checksum"}
-    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _skeleton_from_config(cfg: Any) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """Run an exported ``.kdbnn`` student on the CPU: binary layers on the packed kernels.
 
 ``Runtime(path)`` loads and validates the file (:func:`kd_bnn.deploy.format.load_container`:
-corrupt, truncated, tampered or newer-version files raise ``FormatError``; an edited metadata
-JSON fails ``meta_checksum``; a layer table that does not match the rebuilt module tree, or a
-tensor it does not name, is refused too), rebuilds the float
-module tree from the stored skeleton (Darknet cfg text, or family + options through
-:func:`kd_bnn.models.build_detector`, no weights loaded), then
+corrupt, truncated, tampered (the compressed metadata included), older- or newer-version files
+raise ``FormatError``), rebuilds the float module tree from the stored skeleton (Darknet cfg
+text, or family + options through :func:`kd_bnn.models.build_detector`, no weights loaded),
+cuts the weight blobs by :func:`kd_bnn.deploy.export.tensor_plan` of that tree and the layer
+table (a table that does not fit the tree, or a blob whose length differs from the plan's, is
+refused naming the module or blob), then
 
 * replaces each binary conv by a :class:`PackedBinaryConv` holding only the packed sign words,
   alpha and the folded affine (scale/shift), which calls
@@ -36,6 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_bnn.deploy.export import (
+    binary_conv_spec,
+    binary_options,
+    build_skeleton,
+    split_blobs,
+    tensor_plan,
+)
 from kd_bnn.deploy.format import FormatError, load_container
 from kd_bnn.deploy.kernels import bwn_conv2d, weight_panel, xnor_conv2d
 
@@ -153,28 +161,6 @@ class PackedBinaryConv(nn.Module):
 
 
 # ----------------------------------------------------------------------------- skeleton
-
-
-def build_skeleton(meta: dict[str, Any]) -> nn.Module:
-    """The float module tree of an exported model (no weights loaded)."""
-    sk = meta.get("skeleton") or {}
-    family = sk.get("family")
-    names = list(meta.get("class_names") or [])
-    size = tuple(int(v) for v in meta["input_size"])
-    if family == "darknet":
-        from kd_bnn.models.darknet.cfg import parse_cfg_text
-        from kd_bnn.models.darknet.model import DarknetDetector
-
-        if "cfg_text" not in sk:
-            raise FormatError("darknet skeleton without 'cfg_text' in the metadata")
-        return DarknetDetector(parse_cfg_text(sk["cfg_text"], "<.kdbnn cfg>"), class_names=names or None,
-                               input_size=size)
-    if not family:
-        raise FormatError(f"metadata 'skeleton' names no model family (found {sorted(sk)})")
-    import kd_bnn.models  # noqa: F401  (registers the families)
-    from kd_bnn.models.detector import build_detector
-
-    return build_detector(family, class_names=names, input_size=size, **dict(sk.get("options") or {}))
 
 
 def _set(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -349,18 +335,15 @@ class Runtime:
         if meta.get("kind") != "kdbnn-model" or "layers" not in meta:
             raise FormatError(f"{self.path}: not an exported model (metadata 'kind' is "
                               f"{meta.get('kind')!r}, expected 'kdbnn-model' with a layer table)")
-        from kd_bnn.deploy.export import meta_checksum
-
-        found = meta_checksum(meta)
-        if meta.get("meta_checksum") != found:
-            raise FormatError(f"{self.path}: metadata checksum mismatch (stored "
-                              f"{str(meta.get('meta_checksum'))[:23]}..., computed {found[:23]}...): "
-                              "the layer table or model description was edited or is corrupt")
         self.meta = meta
         self.class_names: list[str] = list(meta.get("class_names") or [])
         self.input_size: tuple[int, int] = tuple(int(v) for v in meta["input_size"])
         self.anchors = meta.get("anchors")
-        self.model = self._assemble(build_skeleton(meta), tensors, meta["layers"], backend)
+        try:
+            skeleton = build_skeleton(meta)
+        except FormatError as exc:
+            raise FormatError(f"{self.path}: {exc}") from exc
+        self.model = self._assemble(skeleton, tensors, meta, backend)
         self.fused = _fuse_activations(self.model) if fuse else 0
         self.model.eval()
         self.backend = backend
@@ -371,85 +354,47 @@ class Runtime:
             plan = darknet_packed_plan(self.model)
             self.packed_plan = plan if any(plan) else None
 
-    def _assemble(self, model: nn.Module, tensors: dict[str, torch.Tensor], layers: list[dict[str, Any]],
+    def _assemble(self, model: nn.Module, blobs: dict[str, torch.Tensor], meta: dict[str, Any],
                   backend: str | None) -> nn.Module:
-        def get(entry: dict[str, Any], role: str) -> torch.Tensor | None:
-            name = entry["tensors"].get(role)
-            if name is None:
-                return None
-            if name not in tensors:
-                raise FormatError(f"{self.path}: layer '{entry['path']}' needs tensor '{name}', "
-                                  "which the file does not hold")
-            return tensors[name]
-
+        """Fill the rebuilt tree: packed binary convs, BN-folded float convs, everything else by
+        state-dict name, each tensor cut from the blobs by the shared layout plan."""
+        layers = meta["layers"]
+        binary = meta.get("binary") or {}
+        try:
+            slots, totals = tensor_plan(model, layers)
+            values = split_blobs(blobs, slots, totals)
+            specs = {e["path"]: binary_conv_spec(e["path"], model.get_submodule(e["path"]),
+                                                 binary_options(e, binary))
+                     for e in layers if e["kind"] == "binary_conv"}
+        except FormatError as exc:
+            raise FormatError(f"{self.path}: {exc}") from exc
         modules = dict(model.named_modules())
-        used: set[str] = set()
-        loaded: set[int] = set()  # ids of the skeleton tensors the file filled
         for e in layers:
-            path = e["path"]
-            if path not in modules:
-                raise FormatError(f"{self.path}: layer '{path}' of the layer table does not exist "
-                                  f"in the rebuilt {type(model).__name__}")
-            used.update(e["tensors"].values())
-            kind = e["kind"]
+            path, kind = e["path"], e["kind"]
+            got = values.get(path, {})
             if kind == "binary_conv":
-                bn_scale, shift = get(e, "bn_scale"), get(e, "bn_shift")
-                if bn_scale is None:
-                    shift = get(e, "bias")
-                _set(model, path, PackedBinaryConv(e, get(e, "words"), get(e, "alpha"), bn_scale, shift,
-                                                   backend))
-                extra = {k: v for k, v in e["tensors"].items()
-                         if k not in ("words", "alpha", "bn_scale", "bn_shift", "bias")}
+                extra = sorted(set(got) - {"words", "alpha", "bn_scale", "bn_shift", "bias"})
                 if extra:
-                    raise FormatError(f"{self.path}: binary layer '{path}' has extra tensors "
-                                      f"{sorted(extra)} this runtime cannot use")
-            elif kind == "float_conv":
-                old = modules[path]
-                w, b = get(e, "weight"), get(e, "bias")
-                if tuple(w.shape) != tuple(old.weight.shape):
-                    raise FormatError(f"{self.path}: '{path}.weight' has shape {tuple(w.shape)}, "
-                                      f"the skeleton expects {tuple(old.weight.shape)}")
-                if b is not None and old.bias is None:
-                    new = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
-                                    old.dilation, old.groups, bias=True, padding_mode=old.padding_mode)
-                    _set(model, path, new)
-                    old = new
-                with torch.no_grad():
-                    old.weight.copy_(w)
-                    loaded.add(id(old.weight))
-                    if b is not None:
-                        old.bias.copy_(b)
-                        loaded.add(id(old.bias))
-            elif kind == "bn" and e.get("folded_into"):
-                _set(model, path, nn.Identity())
+                    raise FormatError(f"{self.path}: binary layer '{path}' has extra tensors {extra} "
+                                      "this runtime cannot use")
+                bn_scale = got.get("bn_scale")
+                shift = got.get("bn_shift") if bn_scale is not None else got.get("bias")
+                _set(model, path, PackedBinaryConv(specs[path], got["words"], got["alpha"], bn_scale, shift,
+                                                   backend))
             else:
                 m = modules[path]
+                if kind == "float_conv" and "bias" in got and m.bias is None:
+                    new = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                                    m.dilation, m.groups, bias=True, padding_mode=m.padding_mode)
+                    _set(model, path, new)
+                    m = new
                 own = dict(m.named_parameters(recurse=False))
                 own.update(dict(m.named_buffers(recurse=False)))
                 with torch.no_grad():
-                    for k, name in e["tensors"].items():
-                        if k not in own or own[k] is None:
-                            raise FormatError(f"{self.path}: '{path}' has no tensor '{k}' in the rebuilt model")
-                        t = get(e, k)
-                        if tuple(t.shape) != tuple(own[k].shape):
-                            raise FormatError(f"{self.path}: '{name}' has shape {tuple(t.shape)}, the "
-                                              f"skeleton expects {tuple(own[k].shape)}")
-                        own[k].copy_(t.to(own[k].dtype))
-                        loaded.add(id(own[k]))
-        unused = sorted(set(tensors) - used)
-        if unused:
-            raise FormatError(f"{self.path}: tensors not named by the layer table: {unused[:5]}")
-        missing = []
-        for path, m in model.named_modules():
-            if isinstance(m, PackedBinaryConv):
-                continue
-            own = [(k, v) for k, v in m._parameters.items() if v is not None]
-            own += [(k, v) for k, v in m._buffers.items() if v is not None and k != "num_batches_tracked"
-                    and k not in m._non_persistent_buffers_set]
-            missing += [f"{path}.{k}" for k, v in own if id(v) not in loaded]
-        if missing:
-            raise FormatError(f"{self.path}: the layer table leaves {len(missing)} tensor(s) of the rebuilt "
-                              f"{type(model).__name__} unset, e.g. {missing[:5]}")
+                    for role, t in got.items():
+                        own[role].copy_(t.to(own[role].dtype))
+            if e.get("bn"):
+                _set(model, e["bn"], nn.Identity())
         return model
 
     # ------------------------------------------------------------------ running
