@@ -19,8 +19,10 @@ from kd_bnn.data.synthetic import (
     OCCLUDED_LARGELY,
     OCCLUDED_PARTLY,
     QUANTILE_LEVELS,
+    STAMP_NAME,
     SYNTH_CLASSES,
     _inv_cdf,
+    check_synthetic,
     fit_kitti_statistics,
     generate,
     render_frame,
@@ -127,6 +129,30 @@ def test_overwrite_replaces_a_larger_set(tmp_path):
     generate(tmp_path, num=1, seed=2, size=(320, 96), overwrite=True)
     assert [p.name for p in (tmp_path / "training" / "image_2").iterdir()] == ["000000.png"]
     assert len(read_split(tmp_path / "ImageSets" / "train.txt")) == 1
+
+
+def test_check_synthetic_names_each_differing_parameter(tmp_path):
+    generate(tmp_path, num=2, seed=3, size=(320, 96), val_fraction=0.5)
+    check_synthetic(tmp_path, 2, 3, size=(320, 96), val_fraction=0.5)
+    with pytest.raises(ValueError, match=r"num: found 2, config asks 5.*seed: found 3, config asks 4.*delete"):
+        check_synthetic(tmp_path, 5, 4, size=(320, 96), val_fraction=0.5)
+    with pytest.raises(ValueError, match=r"val_fraction: found 0.5, config asks 0.25"):
+        check_synthetic(tmp_path, 2, 3, size=(320, 96))
+    (tmp_path / STAMP_NAME).unlink()  # a set made before the stamp: checked by its frame count
+    check_synthetic(tmp_path, 2, 99, size=(320, 96))
+    with pytest.raises(ValueError, match="num: found 2, config asks 3"):
+        check_synthetic(tmp_path, 3, 3, size=(320, 96))
+
+
+def test_ensure_dataset_refuses_a_stale_synthetic_set(tmp_path):
+    from kd_bnn.config import DataConfig
+    from kd_bnn.engine.experiment import ensure_dataset
+
+    cfg = DataConfig(root=str(tmp_path), synthetic={"num": 2, "seed": 0, "size": [320, 96]})
+    assert ensure_dataset(cfg) == tmp_path and (tmp_path / STAMP_NAME).is_file()
+    ensure_dataset(cfg)  # same parameters: reused
+    with pytest.raises(ValueError, match="other parameters"):
+        ensure_dataset(cfg.model_copy(update={"synthetic": cfg.synthetic.model_copy(update={"num": 3})}))
 
 
 def _cli_main():

@@ -4,6 +4,15 @@ without and with knowledge transfer, at an equal training budget on the same tea
 
     python tools/compare_students.py --teacher runs/demo/teacher/best.pt --epochs 10 \
         configs/demo.yaml configs/demo_binary_densenet.yaml configs/demo_bireal.yaml
+
+A config may carry its own overrides after '@' (a variant), e.g. an XNOR copy of the teacher
+and BWN versions of the two students, for a like-for-like comparison per binarization mode:
+
+    python tools/compare_students.py --teacher runs/demo/teacher/best.pt --epochs 10 \
+        configs/demo.yaml@student.binary.mode=xnor \
+        configs/demo_binary_densenet.yaml@student.binary.mode=bwn@student.model.options.mode=bwn
+
+Rows already measured in OUT/compare_students.json are kept (an interrupted run resumes).
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from kd_bnn.deploy.compare import compare_students, format_comparison  # noqa: E
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("configs", nargs="+", help="student experiment configs")
+    ap.add_argument("configs", nargs="+", help="student experiment configs, PATH[@key=value...]")
     ap.add_argument("--teacher", required=True, help="trained teacher checkpoint (runs/<name>/teacher/best.pt)")
     ap.add_argument("--epochs", type=int, default=10, help="training epochs of every student (equal budget)")
     ap.add_argument("--out", default="runs/compare_students")

@@ -13,6 +13,7 @@ Distant clusters are drawn but labelled `DontCare`, as in KITTI. Same seed -> id
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -25,6 +26,7 @@ import cv2
 import numpy as np
 
 from kd_bnn.data.kitti import FrameLabels, frame_ids_in, read_label_file, write_label_file
+from kd_bnn.io import atomic_write_text
 
 #: Classes drawn and labelled (KITTI names). `DontCare` regions come in addition.
 SYNTH_CLASSES = ("Car", "Van", "Pedestrian", "Cyclist")
@@ -1180,6 +1182,9 @@ def _parse_size(size) -> tuple[int, int]:
     return w, h
 
 
+STAMP_NAME = "synthetic.json"
+
+
 def generate(out: str | os.PathLike, num: int, seed: int, size: tuple[int, int] | str = REFERENCE_SIZE,
              val_fraction: float = 0.25, overwrite: bool = False, stats: dict | None = None) -> dict:
     """Write a synthetic KITTI set in the official layout and return a summary.
@@ -1189,6 +1194,7 @@ def generate(out: str | os.PathLike, num: int, seed: int, size: tuple[int, int] 
     rendered from the seed sequence (seed, i), so the same seed gives byte-identical files and
     a larger `num` extends a smaller set; the validation ids are a seeded random
     `val_fraction` of the frames (at least one of each split when num >= 2 and 0 < fraction).
+    `out/synthetic.json` records the parameters (see `check_synthetic`).
 
     Raises:
         ValueError: bad num, seed, size or val_fraction.
@@ -1237,12 +1243,43 @@ def generate(out: str | os.PathLike, num: int, seed: int, size: tuple[int, int] 
     (sets / "train.txt").write_text("".join(f"{fid}\n" for i, fid in enumerate(ids) if i not in val))
     (sets / "val.txt").write_text("".join(f"{fid}\n" for i, fid in enumerate(ids) if i in val))
     (sets / "trainval.txt").write_text("".join(f"{fid}\n" for fid in ids))
+    params = {"num": num, "seed": seed, "size": [width, height], "val_fraction": float(val_fraction)}
+    atomic_write_text(out / STAMP_NAME, json.dumps(params, indent=1) + "\n")
     return {
         "out": str(out), "num_images": num, "seed": seed, "size": [width, height],
         "train": num - len(val), "val": len(val),
         "objects": {c: objects.get(c, 0) for c in (*SYNTH_CLASSES, "DontCare")},
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def check_synthetic(out: str | os.PathLike, num: int, seed: int, size: tuple[int, int] | str = REFERENCE_SIZE,
+                    val_fraction: float = 0.25) -> None:
+    """Check that the synthetic set in `out` was generated with these parameters.
+
+    Reads `out/synthetic.json` (written by `generate`); a set without it (made before the stamp
+    existed) is checked by its number of label files.
+
+    Raises:
+        ValueError: the set differs, naming each differing parameter and how to regenerate it.
+    """
+    out = Path(out)
+    width, height = _parse_size(size)
+    want = {"num": int(num), "seed": int(seed), "size": [width, height], "val_fraction": float(val_fraction)}
+    stamp = out / STAMP_NAME
+    if stamp.is_file():
+        try:
+            have = json.loads(stamp.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{stamp}: not a readable synthetic-set record ({exc})") from exc
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+    else:
+        n = len(frame_ids_in(out / "training" / "label_2"))
+        diff = {} if n == want["num"] else {"num": (n, want["num"])}
+    if diff:
+        parts = ", ".join(f"{k}: found {h!r}, config asks {w!r}" for k, (h, w) in diff.items())
+        raise ValueError(f"{out} holds a synthetic KITTI set made with other parameters ({parts}); "
+                         f"delete the folder to regenerate it, or point data.root elsewhere")
 
 
 def describe_labels(label_dir: str | os.PathLike, classes: tuple[str, ...] = (*SYNTH_CLASSES, "DontCare"),

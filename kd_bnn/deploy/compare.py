@@ -43,18 +43,36 @@ def runtime_latency_ms(path: str | Path, threads: int = 1, warmup: int = 2, repe
         torch.set_num_threads(old)
 
 
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """``"PATH[@key=value@key=value...]"`` -> (config path, overrides of that variant only),
+    e.g. ``configs/demo.yaml@student.binary.mode=xnor`` for an XNOR copy of the teacher."""
+    path, *overrides = spec.split("@")
+    for o in overrides:
+        if "=" not in o:
+            raise ValueError(f"student variant {spec!r}: expected PATH@key=value..., found {o!r} without '='")
+    return path, overrides
+
+
 def compare_students(configs: list[str], teacher_weights: str, epochs: int, out_dir: str | Path,
                      overrides: list[str] | None = None, threads: int = 1,
                      progress: bool | None = False) -> list[dict[str, Any]]:
-    """Train every config in ``configs`` without and with KD from ``teacher_weights`` for
-    ``epochs`` epochs each, export, evaluate and time; returns the table rows."""
+    """Train every config in ``configs`` (``PATH[@key=value...]``, see `parse_variant`) without
+    and with KD from ``teacher_weights`` for ``epochs`` epochs each, export, evaluate and time;
+    returns the table rows. Rows already in ``out_dir/compare_students.json`` (same run name)
+    are kept, so an interrupted comparison resumes where it stopped."""
     out_dir = Path(out_dir)
+    table = out_dir / "compare_students.json"
+    done = {r["name"]: r for r in json.loads(table.read_text())} if table.is_file() else {}
     rows = []
-    for path in configs:
+    for spec in configs:
+        path, variant = parse_variant(spec)
         for kd in (False, True):
-            base = load_config(path, overrides or [])
-            name = f"{base.name}_{'kd' if kd else 'nokd'}_e{epochs}"
-            cfg: ExperimentConfig = load_config(path, (overrides or []) + [
+            base = load_config(path, (overrides or []) + variant)
+            name = f"{base.name}_{base.student.binary.mode}_{'kd' if kd else 'nokd'}_e{epochs}_s{base.seed}"
+            if name in done:
+                rows.append(done[name])
+                continue
+            cfg: ExperimentConfig = load_config(path, (overrides or []) + variant + [
                 f"name={name}", f"output_dir={out_dir}", f"teacher.weights={teacher_weights}",
                 "teacher_train=null", f"train.epochs={epochs}", f"train.eval_interval={epochs}",
                 f"distill.enabled={str(kd).lower()}"])
@@ -67,12 +85,13 @@ def compare_students(configs: list[str], teacher_weights: str, epochs: int, out_
             size = model_size(student, tuple(cfg.data.input_size))
             family = cfg.student.model.family if cfg.student.model is not None else f"{cfg.teacher.family} copy"
             rows.append({
-                "student": family, "mode": cfg.student.binary.mode, "kd": kd, **size,
-                "file_mb": kdbnn.stat().st_size / 2**20,
+                "name": name, "student": family, "mode": cfg.student.binary.mode, "kd": kd, "seed": cfg.seed,
+                **size, "file_mb": kdbnn.stat().st_size / 2**20,
                 "ap_r40_moderate": {c: metrics.get(f"{c}/moderate/R40", float("nan")) for c in cfg.data.classes},
                 "latency_ms": runtime_latency_ms(kdbnn, threads=threads),
             })
-            atomic_write_text(out_dir / "compare_students.json", json.dumps(rows, indent=2))
+            atomic_write_text(table, json.dumps(rows + [r for n, r in done.items()
+                                                        if n not in {x["name"] for x in rows}], indent=2))
     atomic_write_text(out_dir / "compare_students.txt", format_comparison(rows, threads))
     return rows
 

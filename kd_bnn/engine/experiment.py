@@ -44,14 +44,19 @@ def seed_everything(seed: int) -> None:
 
 def ensure_dataset(data_cfg: DataConfig) -> Path:
     """The dataset root; generates the synthetic KITTI set there first when the config asks for it
-    (``data.synthetic``) and the folder does not hold one yet."""
+    (``data.synthetic``) and the folder does not hold one yet; a set made with other parameters
+    is an error (`kd_bnn.data.synthetic.check_synthetic`), never silently reused or replaced."""
     root = Path(data_cfg.root)
-    if data_cfg.synthetic is not None and not (root / "training" / "label_2").is_dir():
-        from kd_bnn.data.synthetic import generate
+    s = data_cfg.synthetic
+    if s is None:
+        return root
+    from kd_bnn.data.synthetic import check_synthetic, generate
 
-        s = data_cfg.synthetic
+    if not (root / "training" / "label_2").is_dir():
         print(f"generating synthetic KITTI: {s.num} frames of {s.size[0]}x{s.size[1]} into {root} (seed {s.seed})")
         generate(root, s.num, s.seed, size=tuple(s.size), val_fraction=s.val_fraction)
+    else:
+        check_synthetic(root, s.num, s.seed, size=tuple(s.size), val_fraction=s.val_fraction)
     return root
 
 
