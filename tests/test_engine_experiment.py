@@ -37,5 +37,12 @@ def test_run_ablation_end_to_end(tiny_cfg):
     assert "kd/" in (base / "student_kd" / "metrics.csv").read_text()
     assert "kd/" not in (base / "student_nokd" / "metrics.csv").read_text()
     assert json.loads((base / "ablation.json").read_text())[2]["model"] == "student BWN + KD"
+    # rows reuse the trainer's final evaluation of the best (= last) state: same as evaluating again
+    from kd_bnn.engine.experiment import evaluate_model, load_student
+
+    kd_cfg = tiny_cfg.model_copy(deep=True)
+    student = load_student(kd_cfg, base / "student_kd" / "best.pt").eval()
+    fresh, _ = evaluate_model(student, kd_cfg)
+    assert {c: {d: fresh[f"{c}/{d}/R40"] for d in ("easy", "moderate", "hard")} for c in kd["ap_r40"]} == kd["ap_r40"]
     table = format_ablation(rows)
     assert "student BWN + KD" in table and "Car AP_R40" in table

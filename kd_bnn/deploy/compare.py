@@ -79,7 +79,9 @@ def compare_students(configs: list[str], teacher_weights: str, epochs: int, out_
             res = run_experiment(cfg, progress=progress)
             ckpt = res["student"]["checkpoint"]
             student = load_student(cfg, ckpt).eval()
-            metrics, _ = evaluate_model(student, cfg)
+            metrics = res["student"]["metrics"] if res["student"].get("metrics_of_checkpoint") else None
+            if metrics is None:
+                metrics, _ = evaluate_model(student, cfg)
             kdbnn = out_dir / name / "student.kdbnn"
             export_checkpoint(cfg, ckpt, kdbnn)
             size = model_size(student, tuple(cfg.data.input_size))

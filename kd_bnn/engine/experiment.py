@@ -132,6 +132,12 @@ class RunResult:
     best_checkpoint: Path | None
     metrics: dict[str, float] = field(default_factory=dict)
     status: str = "completed"
+    best_epoch: int | None = None  # the epoch ``best_checkpoint`` holds, when it was evaluated
+    epochs: int = 0
+
+    def best_is_last_evaluation(self) -> bool:
+        """True when ``metrics`` (the last evaluation) are those of ``best_checkpoint``."""
+        return bool(self.metrics) and self.status == "completed" and self.best_epoch == self.epochs
 
 
 def train_model(model: Detector, cfg: ExperimentConfig, train_cfg: TrainConfig, run_dir: Path,
@@ -163,7 +169,7 @@ def train_model(model: Detector, cfg: ExperimentConfig, train_cfg: TrainConfig, 
         distiller.remove_taps()
     trainer.close()
     return RunResult(Path(run_dir), best if best.is_file() else None, dict(out.get("metrics") or {}),
-                     out.get("status", "completed"))
+                     out.get("status", "completed"), out.get("best_epoch"), int(train_cfg.epochs))
 
 
 @torch.no_grad()
@@ -218,10 +224,12 @@ def run_experiment(cfg: ExperimentConfig, resume: str | os.PathLike | None = Non
         (run_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "binarize_report.txt", report.table())
         sres = train_model(student, cfg, cfg.train, run_dir, teacher=teacher, resume=resume, progress=progress)
+        reusable = False
         if sres.best_checkpoint is not None:
             student.load_state_dict(eval_state_dict(load_checkpoint(sres.best_checkpoint)))
-            apply_stages(student, cfg.student.binary, 10**9)
+            reusable = _metrics_of_final_student(sres, student, cfg)
         results["student"] = {"checkpoint": str(sres.best_checkpoint), "metrics": sres.metrics,
+                               "metrics_of_checkpoint": reusable,
                                "distilled": bool(cfg.distill.enabled and cfg.distill.terms),
                                **model_size(student, size)}
         results.setdefault("teacher", {}).update(model_size(teacher, size))
@@ -230,6 +238,14 @@ def run_experiment(cfg: ExperimentConfig, resume: str | os.PathLike | None = Non
 
 
 ABLATION_CLASSES = ("Car", "Pedestrian", "Cyclist")
+
+
+def _metrics_of_final_student(res: RunResult, student: Detector, cfg: ExperimentConfig) -> bool:
+    """Whether ``res.metrics`` evaluate the state now loaded in `student` with every binary layer
+    on: the best checkpoint is the last evaluated epoch and no binarization stage starts after
+    it. Leaves every stage enabled (the deployed student)."""
+    at_last = len(apply_stages(student, cfg.student.binary, cfg.train.epochs - 1))
+    return res.best_is_last_evaluation() and at_last == len(apply_stages(student, cfg.student.binary, 10**9))
 
 
 def run_ablation(cfg: ExperimentConfig, progress: bool | None = None) -> list[dict[str, Any]]:
@@ -247,12 +263,14 @@ def run_ablation(cfg: ExperimentConfig, progress: bool | None = None) -> list[di
     base = Path(cfg.output_dir) / cfg.name
     classes, size = list(cfg.data.classes), tuple(cfg.data.input_size)
     teacher = build_model(cfg.teacher, classes, size)
+    tres = None
     if cfg.teacher_train is not None:
         tdir = base / "teacher"
         tres = train_model(teacher, cfg, cfg.teacher_train, tdir, progress=progress)
         teacher.load_state_dict(eval_state_dict(load_checkpoint(tres.best_checkpoint)))
     teacher.eval()
-    rows = [_ablation_row("teacher (float32)", teacher, cfg)]
+    reuse = tres.metrics if tres is not None and tres.best_is_last_evaluation() else None
+    rows = [_ablation_row("teacher (float32)", teacher, cfg, reuse)]
     for label, kd in (("student BWN, no KD", False), ("student BWN + KD", True)):
         scfg = cfg.model_copy(deep=True)
         scfg.distill.enabled = kd and bool(cfg.distill.terms)
@@ -261,15 +279,19 @@ def run_ablation(cfg: ExperimentConfig, progress: bool | None = None) -> list[di
         res = train_model(student, scfg, scfg.train, base / ("student_kd" if kd else "student_nokd"),
                           teacher=teacher, progress=progress)
         student.load_state_dict(eval_state_dict(load_checkpoint(res.best_checkpoint)))
-        apply_stages(student, scfg.student.binary, 10**9)
-        rows.append(_ablation_row(label, student, scfg))
+        rows.append(_ablation_row(label, student, scfg,
+                                  res.metrics if _metrics_of_final_student(res, student, scfg) else None))
     atomic_write_text(base / "ablation.json", json.dumps(rows, indent=2, default=str))
     atomic_write_text(base / "ablation.txt", format_ablation(rows))
     return rows
 
 
-def _ablation_row(label: str, model: Detector, cfg: ExperimentConfig) -> dict[str, Any]:
-    metrics, _ = evaluate_model(model, cfg)
+def _ablation_row(label: str, model: Detector, cfg: ExperimentConfig,
+                  metrics: dict[str, float] | None = None) -> dict[str, Any]:
+    """A table row; `metrics` are the trainer's final evaluation of this very state when it has
+    one (same val split and thresholds), else the model is evaluated here."""
+    if metrics is None:
+        metrics, _ = evaluate_model(model, cfg)
     row: dict[str, Any] = {"model": label, **model_size(model, tuple(cfg.data.input_size))}
     row["ap_r40"] = {c: {d: metrics.get(f"{c}/{d}/R40", float("nan")) for d in ("easy", "moderate", "hard")}
                      for c in cfg.data.classes}
