@@ -106,6 +106,60 @@ def test_xnor_fused_transform_and_packed_output(isa):
 
 
 @pytest.mark.parametrize("isa", K.ISAS)
+def test_xnor_packed_output_signs_of_any_scale_and_bias(isa):
+    """Packed output = sign of the float transform for negative, zero and tiny scales, biases that
+    land exactly on 0 for some dot products, and non-finite values (the AVX2 epilogue turns the
+    sign test into per-channel popcount bounds when scale and bias are finite)."""
+    _isa_or_skip(isa)
+    n, ci, co, size, k, s, p, pv = shape = (2, 70, 40, 6, 3, 1, 1, -1.0)
+    x, w = _case(shape, seed=7)
+    wp = pack_signs(w)
+    dot = _ref_int(x, w, s, p, pv).float()
+    g = torch.Generator().manual_seed(8)
+    scale = torch.randn(co, generator=g)
+    scale[:4] = torch.tensor([0.0, -0.0, 1e-30, -1e-30])
+    scale[4:12] = torch.tensor([1.0, -1.0, 0.5, -2.0, 1.0, 1.0, -1.0, 3.0])
+    bias = torch.randn(co, generator=g) * 20
+    bias[:2] = torch.tensor([0.0, -1.0])
+    bias[4:12] = torch.tensor([-8.0, 8.0, 0.0, -4.0, 2.0, -2.0, 0.0, -6.0])  # y == 0 at even dots
+    variants = [(scale, bias)]
+    bad = bias.clone()
+    bad[5] = float("inf")
+    variants.append((scale, bad))
+    for sc, bi in variants:
+        for act in ("none", "relu", "leaky"):
+            ref = _transform_ref(dot, sc, bi, act)
+            for op, opv in [(0, -1.0), (1, 1.0)]:
+                got = K.xnor_conv2d(
+                    x,
+                    wp,
+                    ci,
+                    k,
+                    s,
+                    p,
+                    pv,
+                    scale=sc,
+                    bias=bi,
+                    activation=act,
+                    output="packed",
+                    out_padding=op,
+                    out_pad_value=opv,
+                    isa=isa,
+                )
+                expect = pack_activations(F.pad(ref, (op,) * 4, value=opv) if op else ref)
+                assert torch.equal(got, expect), (act, op, bool(torch.isinf(bi).any()))
+
+
+def _transform_ref(dot, scale, bias, act):
+    y = dot * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    if act == "relu":
+        return torch.where(y > 0, y, torch.zeros(()))
+    if act == "leaky":
+        return torch.where(y > 0, y, y * 0.1)
+    return y
+
+
+@pytest.mark.parametrize("isa", K.ISAS)
 def test_xnor_chaining_packed_layers(isa):
     """Layer 1 re-binarizes to padded packed bits; layer 2 consumes them directly."""
     _isa_or_skip(isa)
@@ -154,6 +208,63 @@ def test_bwn_matches_conv2d(isa, shape):
     got = K.bwn_conv2d(x, pack_signs(w), alpha, k, s, p, bias=bias, activation="leaky", isa=isa)
     assert got.shape == ref.shape
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+# (batch, c_in, c_out, size, kernel, stride, padding, activation, bias): tails of the BWN
+# lookup-table kernel - C_out not a multiple of its 6-channel block, C_in not a multiple of 4 or
+# 64, rows narrower than a 16-pixel tile (gathered lanes), tiles across rows and images
+# (blended lanes), stride 2 and 3 (gathered lanes), 1x1, 5x5, padding 0 and 2, batch > 1
+BWN_SHAPES = [
+    (1, 64, 64, 12, 3, 1, 1, "leaky", True),
+    (2, 3, 7, 10, 3, 1, 1, "relu", True),
+    (1, 70, 13, 11, 3, 2, 1, "none", False),
+    (3, 130, 6, 4, 3, 1, 1, "leaky", True),
+    (1, 256, 35, 7, 1, 1, 0, "none", True),
+    (1, 33, 17, 9, 3, 1, 2, "relu", False),
+    (2, 16, 5, 17, 5, 1, 2, "leaky", True),
+    (1, 8, 3, 6, 3, 3, 0, "none", True),
+]
+
+
+@pytest.mark.parametrize("isa", K.ISAS)
+@pytest.mark.parametrize("shape", BWN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bwn_tails_strides_and_activations(isa, shape):
+    _isa_or_skip(isa)
+    n, ci, co, size, k, s, p, act, has_bias = shape
+    g = torch.Generator().manual_seed(ci * 31 + co)
+    x = torch.randn(n, ci, size, size, generator=g)
+    w = torch.randn(co, ci, k, k, generator=g)
+    alpha = torch.rand(co, generator=g) + 0.1
+    bias = torch.randn(co, generator=g) if has_bias else None
+    ref = F.conv2d(x, torch.where(w >= 0, 1.0, -1.0) * alpha.view(-1, 1, 1, 1), bias, s, p)
+    ref = {"none": ref, "relu": torch.relu(ref), "leaky": F.leaky_relu(ref, 0.1)}[act]
+    got = K.bwn_conv2d(x, pack_signs(w), alpha, k, s, p, bias=bias, activation=act, isa=isa)
+    assert got.shape == ref.shape
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    # every element, not just the largest: a dropped tile or lane would show here
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 70, 5, 19, 1, 1.0),
+        (1, 130, 3, 8, 0, -1.0),
+        (1, 64, 4, 17, 2, -1.0),
+        (3, 5, 2, 9, 1, 1.0),
+        (1, 8, 1, 3, 0, 1.0),
+    ],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_pack_input_matches_torch_including_special_values(shape):
+    """The vectorized binarize+pack (8-pixel blocks, pixel and channel tails) equals the torch path."""
+    _ext_or_skip()
+    n, c, h, w, p, pv = shape
+    x = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(c + w))
+    flat = x.view(-1)
+    flat[:4] = torch.tensor([0.0, -0.0, float("nan"), float("-inf")])  # >= 0: +1, +1, -1, -1
+    flat[-1] = float("inf")
+    assert torch.equal(K.pack_input(x, p, pv), K.pack_input(x, p, pv, backend="torch"))
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))

@@ -7,12 +7,23 @@ Two ops, each with a C++ path (``binconv.cpp``, built once with
 * :func:`xnor_conv2d` - binary activations x binary weights (XNOR-Net, Rastegari et al. 2016):
   ``dot = K - 2*popcount(a XOR w)`` with ``K = C_in*KH*KW``, exact integers, then the fused
   transform ``dot*scale[c] + bias[c]``, activation, and float / int / re-packed output.
+  AVX2 path: PSHUFB nibble-lookup popcount of 2 pixels x 16 channels (byte counters widened
+  every 31 words), AVX2 binarize+pack of the float input and AVX2 epilogue (transform, 8x8
+  transposed NCHW stores); re-packed output compares each popcount with per-channel integer
+  bounds that are exactly equivalent to ``transform(dot) >= 0`` (finite scale/bias; else the
+  float test).
 * :func:`bwn_conv2d` - float activations x packed binary weights ``alpha[c]*sign(W)`` (the BWN
-  case of Xu et al., ICRA 2019), weights held bit-packed (32x smaller) and unpacked per
-  16-channel panel inside the kernel (direct conv on a zero-padded NHWC copy of the input, FMA
-  micro-kernel of 6 pixels x 16 channels). Transient memory per thread: one panel
-  (``C_in*KH*KW*16`` floats, e.g. 295 KB for 512->*, 3x3) plus one 16-channel output buffer;
-  never a whole layer's float weights.
+  case of Xu et al., ICRA 2019), weights held bit-packed (32x smaller), never a whole layer's
+  float weights. AVX2 path: lookup-table conv (Jeon et al., "BiQGEMM", SC 2020): per tile of 16
+  output pixels and group of 4 input channels at one tap, the 16 sums ``+-x0+-x1+-x2+-x3`` are
+  tabulated once and each output channel adds the entry its 4 weight bits select (one add per
+  4 MACs x 8 pixels instead of 4 FMAs), then ``alpha*sum + bias``. Transient memory per call:
+  a zero-padded NCHW input copy and one offset byte per 4 weights (1/16 of a float copy); per
+  thread 16 KB of tables + ``16*C_out`` floats. The ``avx512`` path runs the same AVX2 code
+  (every AVX-512 CPU has AVX2). ``scalar``/``popcnt`` paths (portable C++): direct conv on an
+  NHWC copy with one 16-channel panel unpacked to floats per thread (``C_in*KH*KW*16``
+  floats). Sums are re-associated, so results match ``F.conv2d`` to float rounding (~1e-6
+  relative), not bit for bit.
 
 ISA paths (``ISAS``): ``avx512`` (AVX-512 VPOPCNTDQ), ``avx2``, ``popcnt``, ``scalar``; the best
 one the CPU has is used unless ``isa=`` or the ``KDBNN_ISA`` environment variable names one.
@@ -61,6 +72,7 @@ _lock = threading.Lock()
 _ext: Any = None
 _ext_tried = False
 _warned = False
+_isa_cache: dict[int, list[str]] = {}
 
 
 def _cache_dir() -> Path:
@@ -90,6 +102,8 @@ def load_extension(verbose: bool = False) -> Any | None:
     global _ext, _ext_tried
     if os.environ.get("KDBNN_NO_EXT", "0") not in ("", "0"):
         return None
+    if _ext_tried:  # fast path once built or failed (a plain read of two globals)
+        return _ext
     with _lock:
         if _ext_tried:
             return _ext
@@ -142,7 +156,10 @@ def available_isas() -> list[str]:
     ext = load_extension()
     if ext is None:
         return []
-    return [name for code, name in enumerate(ISAS) if ext.has_isa(code)]
+    key = id(ext)
+    if key not in _isa_cache:  # CPU flags do not change: ask the extension once
+        _isa_cache[key] = [name for code, name in enumerate(ISAS) if ext.has_isa(code)]
+    return list(_isa_cache[key])
 
 
 def default_isa() -> str:
@@ -188,6 +205,13 @@ def _use_ext(backend: str | None) -> Any | None:
             "or unset KDBNN_NO_EXT)"
         )
     return ext
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a float32 CPU tensor without autograd history (no copy when it already is one)."""
+    if t.dtype == torch.float32 and not t.requires_grad and t.device.type == "cpu":
+        return t
+    return t.detach().cpu().float()
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -302,7 +326,9 @@ def xnor_conv2d(
     """
     kh, kw = _pair(kernel_size)
     _check_packed_weight(w_packed, c_in, kh, kw)
-    if panel is not None and (panel.dtype != torch.int64 or panel.shape[0] != w_packed[0].numel()):
+    if panel is not None and (
+        panel.dtype != torch.int64 or panel.shape[0] != w_packed.shape[1] * w_packed.shape[2]
+    ):
         raise ValueError(
             f"panel must be weight_panel(w_packed), found {panel.dtype} {tuple(panel.shape)}"
         )
@@ -335,7 +361,7 @@ def xnor_conv2d(
             if padding and not x_is_padded:
                 xp = ext.pad_packed(xp, c_in, int(padding), float(pad_value))
         else:
-            xp = ext.pack_input(x.detach().cpu(), int(padding), float(pad_value))
+            xp = ext.pack_input(_f32(x), int(padding), float(pad_value))
         return ext.xnor_conv(
             xp,
             weight_panel(w_packed) if panel is None else panel,
@@ -344,8 +370,8 @@ def xnor_conv2d(
             kh,
             kw,
             int(stride),
-            None if scale is None else scale.detach().float(),
-            None if bias is None else bias.detach().float(),
+            None if scale is None else _f32(scale),
+            None if bias is None else _f32(bias),
             act,
             _MODES[output],
             int(out_padding),
@@ -400,10 +426,10 @@ def bwn_conv2d(
     if ext is not None:
         code = resolve_isa(isa)
         return ext.bwn_conv(
-            x.detach().float(),
+            _f32(x),
             w_packed,
-            alpha.detach().float(),
-            None if bias is None else bias.detach().float(),
+            _f32(alpha),
+            None if bias is None else _f32(bias),
             kh,
             kw,
             int(stride),

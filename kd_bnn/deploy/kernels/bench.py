@@ -1,11 +1,13 @@
 """Kernel micro-benchmark: torch fp32 conv2d vs the XNOR and BWN kernels on one layer.
 
-Timings are interleaved (one repetition of every method per round) and the minimum over rounds
-is kept, so a CPU shared with other jobs biases all methods alike and the ratios stay meaningful.
+Timings are interleaved (one repetition of every method per round, in a shuffled order so no
+method always runs right after torch's large working set) and the minimum over rounds is kept,
+so a CPU shared with other jobs biases all methods alike and the ratios stay meaningful.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -171,8 +173,11 @@ def benchmark_kernels(
                     for fn in methods.values():
                         fn()
                 best = {k: float("inf") for k in methods}
+                order = list(methods.items())
+                rng = random.Random(seed)
                 for _ in range(repeat):
-                    for k, fn in methods.items():
+                    rng.shuffle(order)
+                    for k, fn in order:
                         best[k] = min(best[k], _time_once(fn, tick))
                 ref = min(best["nchw"], best["cl"])
                 rows.append(
