@@ -255,7 +255,7 @@ def test_loss_without_targets_and_bad_targets():
     raw = torch.zeros(2, 7, 2, 2, requires_grad=True)
     total, parts = head.loss(raw, torch.zeros(0, 6), None, (64, 64))
     total.backward()
-    assert float(parts["box"]) == 0.0 and float(parts["obj"]) == pytest.approx(8 * 0.25 / 2)
+    assert float(parts["box"].detach()) == 0.0 and float(parts["obj"].detach()) == pytest.approx(8 * 0.25 / 2)
     with pytest.raises(ValueError, match="image_index"):
         head.loss(raw, torch.tensor([[2, 0, 0.0, 0.0, 10.0, 10.0]]), None, (64, 64))
     with pytest.raises(ValueError, match="class"):
