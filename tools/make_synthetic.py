@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate a synthetic KITTI set in the official layout (see kd_bnn.data.synthetic).
 
-    python tools/make_synthetic.py --out data/synthetic --num 400 --seed 0 [--size 1242x375]
+    python tools/make_synthetic.py --out data/synthetic   # the make-demo set: 1000 frames, 300 train / 700 val
     python tools/make_synthetic.py --fit-stats ../shared/kitti/labels_trainval/label_2
     python tools/make_synthetic.py --describe data/synthetic/training/label_2
 """
@@ -21,10 +21,11 @@ from kd_bnn.data.synthetic import describe_labels, fit_kitti_statistics, generat
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="output folder (gets training/{image_2,label_2,calib} and ImageSets)")
-    ap.add_argument("--num", type=int, default=400, help="number of frames (default 400)")
+    ap.add_argument("--num", type=int, default=1000, help="number of frames (default 1000, as configs/demo.yaml)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     ap.add_argument("--size", default="1242x375", help="WIDTHxHEIGHT (default 1242x375)")
-    ap.add_argument("--val-fraction", type=float, default=0.25, help="share of frames in val (default 0.25)")
+    ap.add_argument("--val-fraction", type=float, default=0.7,
+                    help="share of frames in val (default 0.7, as configs/demo.yaml)")
     ap.add_argument("--overwrite", action="store_true", help="replace images/labels already in --out")
     ap.add_argument("--fit-stats", metavar="LABEL_DIR",
                     help="print the KITTI_STATS constant fitted to a KITTI label_2 folder and exit")
