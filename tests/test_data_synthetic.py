@@ -3,7 +3,6 @@ statistics that follow the embedded fit, and the fit itself against the real sha
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from toolload import load_tool
 
 from kd_bnn.data.kitti import FrameLabels, read_label_file, read_split, write_label_file
 from kd_bnn.data.synthetic import (
@@ -156,10 +156,7 @@ def test_ensure_dataset_refuses_a_stale_synthetic_set(tmp_path):
 
 
 def _cli_main():
-    spec = importlib.util.spec_from_file_location("make_synthetic", ROOT / "tools" / "make_synthetic.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
+    return load_tool("make_synthetic").main
 
 
 def test_cli(tmp_path, capsys):

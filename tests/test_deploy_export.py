@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from toolload import load_tool
 from torch import nn
 
 from kd_bnn.binary import binarize
@@ -31,16 +32,6 @@ from kd_bnn.models.darknet.model import darknet, random_weights_
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["Car", "Pedestrian", "Cyclist"]
 SIZE = (96, 320)
-
-
-def _tool(name: str):
-    """Load tools/<name>.py as a module (its main() runs in-process: no interpreter start-up)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _student(mode: str = "bwn", **opts) -> nn.Module:
@@ -229,7 +220,7 @@ def test_export_checkpoint_random_and_trained(tmp_path):
 
 def test_export_cli(tmp_path, capsys):
     out, js = tmp_path / "m.kdbnn", tmp_path / "r.json"
-    tool = _tool("export")
+    tool = load_tool("export")
     assert tool.main(["--config", str(REPO / "configs" / "demo.yaml"), "--out", str(out), "--json", str(js),
                       "data.input_size=[96,320]"]) == 0
     assert "compression" in capsys.readouterr().out and out.is_file()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from toolload import load_tool
 from torch import nn
 
 from kd_bnn.binary import binarize
@@ -27,16 +28,6 @@ from kd_bnn.models.darknet.model import darknet, random_weights_
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["Car", "Pedestrian", "Cyclist"]
 SIZE = (96, 320)
-
-
-def _tool(name: str):
-    """Load tools/<name>.py as a module (its main() runs in-process: no interpreter start-up)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _rand_bn(model: nn.Module, seed: int = 0) -> None:
@@ -325,7 +316,7 @@ def test_infer_cli_writes_results_and_images(good_file, tmp_path, capsys):
     for i, (h, w) in enumerate([(150, 500), (120, 300)]):
         cv2.imwrite(str(imgs / f"{i:06d}.png"), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
     out = tmp_path / "out"
-    infer = _tool("infer")
+    infer = load_tool("infer")
     assert infer.main(["--model", str(good_file), "--images", str(imgs), "--out", str(out), "--conf", "0.05"]) == 0
     for i, (h, w) in enumerate([(150, 500), (120, 300)]):
         lines = (out / "data" / f"{i:06d}.txt").read_text().splitlines()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from toolload import load_tool
 
 from kd_bnn.data.kitti import FrameLabels, KittiFormatError
 from kd_bnn.eval.kitti import (
@@ -483,11 +484,7 @@ def test_agrees_with_devkit_binary(tmp_path, shared_kitti):
 
 
 def test_cli_eval_table_json_and_strict(tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("eval_cli", Path(__file__).resolve().parents[1] / "tools" / "eval.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("eval")
     gt, det = many_cars(4)
     _write_dir(tmp_path / "gt", gt, False)
     _write_dir(tmp_path / "det", {k: v for k, v in det.items() if k != "000002"}, True)

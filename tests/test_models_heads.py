@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from toolload import load_tool
 from torchvision.ops import box_iou
 
 from kd_bnn.models.anchors import anchors_from_kitti, kmeans_anchors, mean_best_iou, shape_iou
@@ -316,16 +317,13 @@ def test_shape_iou_against_hand_values():
 @pytest.mark.skipif(not (KITTI / "sample" / "training" / "label_2").is_dir(),
                     reason="shared KITTI sample not found at ../shared/kitti")
 def test_anchors_from_kitti_sample_and_cli(capsys):
-    import importlib.util
 
     labels = KITTI / "sample" / "training" / "label_2"
     a1, miou = anchors_from_kitti(labels, input_size=(192, 640), k=2)
     a2, miou2 = anchors_from_kitti(labels, input_size=(384, 1280), k=2)
     np.testing.assert_allclose(a2, 2 * a1, rtol=1e-6)  # letterbox scale, same clusters
     assert miou == pytest.approx(miou2) and 0 < miou <= 1
-    spec = importlib.util.spec_from_file_location("anchors_cli", Path(__file__).resolve().parents[1] / "tools" / "anchors.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("anchors")
     assert cli.main(["--labels", str(labels), "--k", "2", "--input-size", "192x640", "--grid-units", "32"]) == 0
     out = capsys.readouterr().out
     assert "pixels" in out and "grid/32" in out and "mean IoU" in out

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from toolload import load_tool
 
 from kd_bnn.engine.bench import random_batch
 
@@ -36,9 +36,7 @@ student: {{binary: {{mode: bwn}}}}
 distill:
   terms: [{{loss: mimic_l2, teacher: stride16, student: stride16}}]
 """)
-    spec = importlib.util.spec_from_file_location("bench_cli", REPO / "tools" / "benchmark.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("benchmark")
     out = tmp_path / "b.json"
     rc = cli.main(["train", "--config", str(cfg), "--steps", "1", "--rounds", "1", "--random-data",
                    "--json", str(out)])

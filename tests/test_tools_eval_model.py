@@ -3,12 +3,12 @@ the bad-input paths (missing dataset, class mismatch, wrong checkpoint)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from toolload import load_tool
 
 from kd_bnn.config import load_config
 from kd_bnn.data.kitti import read_split
@@ -21,10 +21,7 @@ CLASSES = ["Car", "Pedestrian", "Cyclist"]
 
 
 def _cli(name: str = "eval"):
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool(name)
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
+from toolload import load_tool
 
 from kd_bnn.config import config_to_dict, load_config
 from kd_bnn.data.synthetic import generate
@@ -16,10 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _train_cli():
-    spec = importlib.util.spec_from_file_location("train_cli", REPO / "tools" / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("train")
 
 
 def _config(tmp_path: Path, root: Path, student: str = "") -> Path:
