@@ -391,21 +391,25 @@ __attribute__((target("avx2"))) void pack_row_nchw_avx2(const float* src, int64_
 // function is compiled without it, so results are bit-identical). write_rows_avx2: a pixel-major
 // block src [i][16] (floats or int32 bits) -> `nc` NCHW channel rows of `run` pixels, through
 // 8x8 register transposes.
+// One 8-channel half (h = 0 or 1) of pixel p's transform: (K - 2*count) * scale + bias, then the
+// activation; mul then add in transform16's order.
+__attribute__((target("avx2"))) static inline __m256 transform8_avx2(const uint32_t* cnt, int64_t p, int h,
+                                                                      float K, const float* sc,
+                                                                      const float* bi, int64_t act) {
+  const __m256 z = _mm256_setzero_ps();
+  const __m256 c = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cnt + p * kCoBlock + 8 * h)));
+  __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_set1_ps(K), _mm256_mul_ps(_mm256_set1_ps(2.0f), c)),
+                                         _mm256_loadu_ps(sc + 8 * h)),
+                           _mm256_loadu_ps(bi + 8 * h));
+  if (act == ACT_RELU) y = _mm256_max_ps(y, z);
+  else if (act == ACT_LEAKY) y = _mm256_add_ps(_mm256_max_ps(y, z), _mm256_mul_ps(_mm256_set1_ps(0.1f), _mm256_min_ps(y, z)));
+  return y;
+}
+
 __attribute__((target("avx2"))) void transform_px_avx2(const uint32_t* cnt, int64_t np, float K, const float* sc,
                                                        const float* bi, int64_t act, float* dst) {
-  const __m256 kv = _mm256_set1_ps(K), two = _mm256_set1_ps(2.0f), z = _mm256_setzero_ps(),
-               slope = _mm256_set1_ps(0.1f);
-  const __m256 s0 = _mm256_loadu_ps(sc), s1 = _mm256_loadu_ps(sc + 8), b0 = _mm256_loadu_ps(bi),
-               b1 = _mm256_loadu_ps(bi + 8);
-  for (int64_t p = 0; p < np; ++p) {
-    for (int h = 0; h < 2; ++h) {
-      const __m256 c = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cnt + p * kCoBlock + 8 * h)));
-      __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(kv, _mm256_mul_ps(two, c)), h ? s1 : s0), h ? b1 : b0);
-      if (act == ACT_RELU) y = _mm256_max_ps(y, z);
-      else if (act == ACT_LEAKY) y = _mm256_add_ps(_mm256_max_ps(y, z), _mm256_mul_ps(slope, _mm256_min_ps(y, z)));
-      _mm256_storeu_ps(dst + p * kCoBlock + 8 * h, y);
-    }
-  }
+  for (int64_t p = 0; p < np; ++p)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(dst + p * kCoBlock + 8 * h, transform8_avx2(cnt, p, h, K, sc, bi, act));
 }
 
 // Packed (re-binarized) output in integer form. With finite scale and bias, "transform(dot) >= 0"
@@ -473,19 +477,12 @@ __attribute__((target("avx2"))) void bounds_mask_px_avx2(const uint32_t* cnt, in
 // packed (re-binarized) output; same float ops as transform16.
 __attribute__((target("avx2"))) void sign_mask_px_avx2(const uint32_t* cnt, int64_t np, float K, const float* sc,
                                                        const float* bi, int64_t act, uint32_t* masks) {
-  const __m256 kv = _mm256_set1_ps(K), two = _mm256_set1_ps(2.0f), z = _mm256_setzero_ps(),
-               slope = _mm256_set1_ps(0.1f);
-  const __m256 s0 = _mm256_loadu_ps(sc), s1 = _mm256_loadu_ps(sc + 8), b0 = _mm256_loadu_ps(bi),
-               b1 = _mm256_loadu_ps(bi + 8);
+  const __m256 z = _mm256_setzero_ps();
   for (int64_t p = 0; p < np; ++p) {
     uint32_t m = 0;
-    for (int h = 0; h < 2; ++h) {
-      const __m256 c = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cnt + p * kCoBlock + 8 * h)));
-      __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(kv, _mm256_mul_ps(two, c)), h ? s1 : s0), h ? b1 : b0);
-      if (act == ACT_RELU) y = _mm256_max_ps(y, z);
-      else if (act == ACT_LEAKY) y = _mm256_add_ps(_mm256_max_ps(y, z), _mm256_mul_ps(slope, _mm256_min_ps(y, z)));
-      m |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(y, z, _CMP_GE_OQ)) << (8 * h);
-    }
+    for (int h = 0; h < 2; ++h)
+      m |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(transform8_avx2(cnt, p, h, K, sc, bi, act), z, _CMP_GE_OQ))
+           << (8 * h);
     masks[p] = m;
   }
 }
