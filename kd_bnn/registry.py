@@ -8,6 +8,14 @@ from collections.abc import Callable
 from typing import Any
 
 
+class UnknownNameError(KeyError, ValueError):
+    """A name that is not registered. A `KeyError` (a failed lookup) and a `ValueError` (bad
+    input: the CLIs print it as one ``error:`` line); ``str()`` is the message, unquoted."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class Registry:
     """Maps names to classes or factories.
 
@@ -36,7 +44,7 @@ class Registry:
         if name not in self._items:
             close = difflib.get_close_matches(name, self._items, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise KeyError(
+            raise UnknownNameError(
                 f"unknown {self.kind} {name!r}{hint}; registered: {', '.join(sorted(self._items))}"
             )
         return self._items[name]

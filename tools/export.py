@@ -25,16 +25,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output .kdbnn file")
     ap.add_argument("--json", default=None, help="write the size report as JSON here")
     ap.add_argument("--onnx", default=None, help="also write the float-equivalent graph as ONNX here")
+    ap.add_argument("--binarize-float", action="store_true",
+                    help="allow a float (teacher) checkpoint: binarize its weights without training")
+    ap.add_argument("--allow-input-size-change", action="store_true",
+                    help="allow exporting at data.input_size when the checkpoint was trained at another size")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args(argv)
 
     from kd_bnn.config import ConfigError
-    from kd_bnn.deploy.export import ExportError, export_checkpoint
+    from kd_bnn.deploy.export import ExportError, check_outputs, export_checkpoint
+    from kd_bnn.engine.checkpoint import CheckpointError
     from kd_bnn.io import atomic_write_text
 
     try:
-        rep = export_checkpoint(args.config, args.checkpoint, args.out, args.overrides, onnx=args.onnx)
-    except (ConfigError, ExportError, FileNotFoundError, ValueError) as exc:
+        check_outputs({"--json": args.json}, {"--checkpoint": args.checkpoint, "--config": args.config,
+                                              "--out": args.out, "--onnx": args.onnx})
+        rep = export_checkpoint(args.config, args.checkpoint, args.out, args.overrides, onnx=args.onnx,
+                                allow_float=args.binarize_float,
+                                allow_input_size_change=args.allow_input_size_change)
+    except (CheckpointError, ConfigError, ExportError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     mb = 2**20

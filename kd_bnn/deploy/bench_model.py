@@ -79,9 +79,13 @@ def _measure(kind: str, model_path: str, teacher_config: str | None, threads: in
             has_w = cfg.teacher.weights is not None and Path(cfg.teacher.weights).is_file()
             model = build_model(cfg.teacher, cfg.data.classes, (h, w), load_weights=has_w)
         else:
+            from kd_bnn.deploy.format import FormatError
             from kd_bnn.deploy.runtime import build_skeleton
 
-            model = build_skeleton(meta)
+            try:
+                model = build_skeleton(meta)
+            except FormatError as exc:
+                raise FormatError(f"{model_path}: {exc}") from None
         model.eval()
         weight_bytes = sum(t.numel() * t.element_size() for t in
                            {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values())

@@ -77,6 +77,7 @@ from kd_bnn.binary.layers import BinaryConv2d, conv_explicit_padding
 from kd_bnn.binary.summary import conv_bn_pairs, float32_model_bytes, packed_model_bytes
 from kd_bnn.deploy.format import FormatError, encode_meta, save_container
 from kd_bnn.deploy.pack import pack_signs
+from kd_bnn.models.detector import SkeletonError, build_from_skeleton, check_skeleton
 
 __all__ = [
     "BINARY_OPTIONS",
@@ -89,6 +90,7 @@ __all__ = [
     "bn_affine",
     "build_payload",
     "build_skeleton",
+    "check_outputs",
     "export",
     "export_checkpoint",
     "export_onnx",
@@ -120,14 +122,20 @@ def skeleton_of(model: nn.Module, extra_meta: dict[str, Any] | None = None) -> d
 
     A Darknet model carries its cfg; other families must be described by
     ``extra_meta["skeleton"] = {"family": ..., "options": {...}}`` (``export_checkpoint`` fills
-    it from the config).
+    it from the config), whose options must fit the family's skeleton schema
+    (:func:`kd_bnn.models.detector.check_skeleton`: plain values only, no file paths, no ``trust``).
     """
     if extra_meta and extra_meta.get("skeleton"):
         sk = dict(extra_meta["skeleton"])
         if "family" not in sk:
             raise ExportError(f"extra_meta['skeleton'] needs a 'family' key, found {sorted(sk)}")
-        sk.setdefault("options", {})
-        return sk
+        if sk["family"] == "darknet":
+            raise ExportError("a darknet skeleton is the model's own cfg text: export the DarknetDetector "
+                              "without extra_meta['skeleton']")
+        try:
+            return {"family": sk["family"], "options": check_skeleton(sk["family"], sk.get("options"))}
+        except SkeletonError as exc:
+            raise ExportError(f"cannot describe the model for a .kdbnn: {exc}") from None
     from kd_bnn.models.darknet.model import DarknetDetector
 
     if isinstance(model, DarknetDetector):
@@ -139,26 +147,43 @@ def skeleton_of(model: nn.Module, extra_meta: dict[str, Any] | None = None) -> d
     )
 
 
+_SKELETON_KEYS = {"darknet": {"family", "cfg_text"}}
+
+
 def build_skeleton(meta: dict[str, Any]) -> nn.Module:
-    """The float module tree of an exported model (no weights loaded)."""
-    sk = meta.get("skeleton") or {}
+    """The float module tree of an exported model (no weights loaded).
+
+    The file is data: the tree comes from the Darknet cfg text it holds, or from a registered
+    family and options checked against that family's schema - never from a file it names.
+    """
+    import kd_bnn.models  # noqa: F401  (registers the families and their skeleton schemas)
+
+    sk = meta.get("skeleton")
+    if not isinstance(sk, dict):
+        raise FormatError(f"metadata 'skeleton': expected a mapping, found {type(sk).__name__}")
     family = sk.get("family")
-    names = list(meta.get("class_names") or [])
-    size = tuple(int(v) for v in meta["input_size"])
+    names = meta.get("class_names") or []
+    size = meta.get("input_size")
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise FormatError(f"metadata 'class_names': expected a list of strings, found {names!r:.80}")
+    if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int and v > 0 for v in size)):
+        raise FormatError(f"metadata 'input_size': expected [height, width] positive integers, found {size!r:.80}")
+    allowed = _SKELETON_KEYS.get(family, {"family", "options"})
+    extra = sorted(str(k) for k in sk if k not in allowed)
+    if extra:
+        raise FormatError(f"metadata 'skeleton' of family {family!r}: unknown keys {extra}; allowed: {sorted(allowed)}")
     if family == "darknet":
         from kd_bnn.models.darknet.cfg import parse_cfg_text
         from kd_bnn.models.darknet.model import DarknetDetector
 
-        if "cfg_text" not in sk:
-            raise FormatError("darknet skeleton without 'cfg_text' in the metadata")
+        if not isinstance(sk.get("cfg_text"), str):
+            raise FormatError("darknet skeleton without 'cfg_text' text in the metadata")
         return DarknetDetector(parse_cfg_text(sk["cfg_text"], "<.kdbnn cfg>"), class_names=names or None,
-                               input_size=size)
-    if not family:
-        raise FormatError(f"metadata 'skeleton' names no model family (found {sorted(sk)})")
-    import kd_bnn.models  # noqa: F401  (registers the families)
-    from kd_bnn.models.detector import build_detector
-
-    return build_detector(family, class_names=names, input_size=size, **dict(sk.get("options") or {}))
+                               input_size=tuple(size))
+    try:
+        return build_from_skeleton(family, sk.get("options"), names, tuple(size))
+    except SkeletonError as exc:
+        raise FormatError(str(exc)) from None
 
 
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -581,26 +606,89 @@ def export(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int
 
 
 def _skeleton_from_config(cfg: Any) -> dict[str, Any]:
+    """The skeleton options of the config's student family (the checked subset of its options).
+
+    Weight paths (e.g. mobilenet_yolo's ``backbone_weights``) are dropped: the file holds every
+    tensor, and a ``.kdbnn`` never names another file. An Ultralytics architecture is stored by
+    the name of a yaml shipped with Ultralytics.
+    """
     mcfg = cfg.student.model if (cfg.student is not None and cfg.student.model is not None) else cfg.teacher
     if mcfg.family == "darknet":
         return {}  # the model carries its cfg text
-    # weight paths (e.g. mobilenet_yolo's backbone_weights) are not needed to rebuild the
-    # skeleton: the file holds every tensor, and the path may not exist where it is deployed
     opts = {k: v for k, v in dict(mcfg.options).items() if not k.endswith("weights")}
+    if mcfg.family == "ultralytics":
+        opts.pop("hyp", None)  # loss gains: training only
+        name = str(mcfg.cfg or "yolov8n.yaml")
+        if "/" in name or "\\" in name or not name.endswith((".yaml", ".yml")):
+            raise ExportError(
+                f"model.cfg {name!r}: a .kdbnn rebuilds an Ultralytics architecture only from the name of a "
+                "yaml shipped with Ultralytics (e.g. yolov8n.yaml), because a user's yaml or .pt names code "
+                "to run; set teacher.cfg to that name (teacher.weights keeps the trained checkpoint)")
+        opts["cfg"] = name
     return {"family": mcfg.family, "options": opts}
+
+
+def check_outputs(outputs: dict[str, str | os.PathLike | None],
+                  inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse outputs that would destroy something: a folder, one of the inputs, another output,
+    or an existing file that is not a ``.kdbnn`` (for the ``.kdbnn`` output). ``outputs`` and
+    ``inputs`` map option names (``--out``) to paths; None entries are ignored."""
+    from kd_bnn.deploy.format import is_kdbnn_file
+
+    seen: dict[Path, str] = {Path(v).resolve(): k for k, v in inputs.items() if v is not None}
+    for key, value in outputs.items():
+        if value is None:
+            continue
+        p = Path(value)
+        if p.is_dir():
+            raise ExportError(f"{key} {p}: is a folder; give a file path such as {p / 'model.kdbnn'}")
+        r = p.resolve()
+        if r in seen:
+            raise ExportError(f"{key} {p}: is also the {seen[r]} path; writing there would destroy it")
+        seen[r] = key
+        if key == "--out" and p.is_file() and not is_kdbnn_file(p):
+            raise ExportError(f"{key} {p}: exists and is not a .kdbnn file; refusing to replace it "
+                              "(choose another path or remove it yourself)")
+
+
+def _check_checkpoint_fits(state: dict[str, Any], cfg: Any, checkpoint: str | os.PathLike,
+                           allow_float: bool, allow_input_size: bool) -> None:
+    """A checkpoint exported as the student must hold a binary student trained at the export's
+    input size, unless the caller opts in (see :func:`export_checkpoint`)."""
+    size = [int(v) for v in state.get("input_size") or []]
+    want = [int(v) for v in cfg.data.input_size]
+    if size and size != want and not allow_input_size:
+        raise ExportError(
+            f"checkpoint {checkpoint} was trained at input size {size} (height, width), but the export "
+            f"uses data.input_size={want}; add the override data.input_size=[{size[0]},{size[1]}] to export at "
+            "the training size, or --allow-input-size-change to export at the config's size")
+    saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+    binary_convs = state.get("binary_convs")
+    is_float = binary_convs == 0 if binary_convs is not None else ("student" in saved and saved["student"] is None)
+    if cfg.student is not None and is_float and not allow_float:
+        raise ExportError(
+            f"checkpoint {checkpoint} holds a float model (no binary convs: a teacher), but the config "
+            "describes a binary student; exporting it would binarize the float weights without training. "
+            "Export the student's checkpoint (runs/<name>/best.pt), or pass --binarize-float to do exactly that")
 
 
 def export_checkpoint(config: str | os.PathLike | Any, checkpoint: str | os.PathLike | None,
                       out: str | os.PathLike, overrides: list[str] | None = None,
-                      onnx: str | os.PathLike | None = None) -> dict[str, Any]:
+                      onnx: str | os.PathLike | None = None, allow_float: bool = False,
+                      allow_input_size_change: bool = False) -> dict[str, Any]:
     """Rebuild the student of an experiment config (from ``checkpoint``, or randomly initialised
     when None, to size an architecture before training) and export it to ``out``.
 
+    Refused: an ``out`` / ``onnx`` that is a folder, the checkpoint or config itself, or an existing
+    non-``.kdbnn`` file; a float (teacher) checkpoint for a binary student unless ``allow_float``;
+    a checkpoint trained at another input size unless ``allow_input_size_change``.
     Returns the :func:`export` report plus ``config``, ``checkpoint`` and (with ``onnx``) the
     ONNX result.
     """
     from kd_bnn.config import ExperimentConfig, load_config
 
+    config_path = None if isinstance(config, ExperimentConfig) else config
+    check_outputs({"--out": out, "--onnx": onnx}, {"--checkpoint": checkpoint, "--config": config_path})
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides or [])
     if checkpoint is None:
         from kd_bnn.binary.convert import apply_stages
@@ -613,10 +701,12 @@ def export_checkpoint(config: str | os.PathLike | Any, checkpoint: str | os.Path
             model, _ = build_student(teacher, cfg)
             apply_stages(model, cfg.student.binary, 10**9)
     else:
+        from kd_bnn.engine.checkpoint import load_checkpoint
         from kd_bnn.engine.experiment import load_student
 
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        _check_checkpoint_fits(load_checkpoint(checkpoint), cfg, checkpoint, allow_float, allow_input_size_change)
         model = load_student(cfg, checkpoint)
     model.eval()
     sk = _skeleton_from_config(cfg)

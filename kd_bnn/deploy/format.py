@@ -48,6 +48,7 @@ __all__ = [
     "tensors_checksum",
     "encode_meta",
     "save_container",
+    "is_kdbnn_file",
     "load_container",
     "read_metadata",
 ]
@@ -257,6 +258,21 @@ def _meta_range(path: Path, header: dict[str, Any]) -> tuple[int, int]:
             f"its shape needs {header[META_TENSOR]['shape'][0]}"
         )
     return start, stop
+
+
+def is_kdbnn_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a file whose safetensors header says ``format: kdbnn`` (any version):
+    the only kind of existing file an export may replace."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8 or struct.unpack("<Q", head)[0] > _MAX_HEADER:
+                return False
+            head += fh.read(struct.unpack("<Q", head)[0])
+        md = _parse_header(Path(path), head).get("__metadata__")
+    except (OSError, FormatError):
+        return False
+    return isinstance(md, dict) and md.get("format") == FORMAT_NAME
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

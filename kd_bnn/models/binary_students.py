@@ -63,11 +63,12 @@ from torch import nn
 
 from kd_bnn.binary.layers import BinaryConv2d
 from kd_bnn.models.anchors import kitti_default_anchors
-from kd_bnn.models.detector import DETECTORS, Detections, Detector
+from kd_bnn.models.detector import DETECTORS, Detections, Detector, register_skeleton
 from kd_bnn.models.heads.common import check_input_size as _check_input_size
 from kd_bnn.models.heads.common import heads_loss, predict_heads
-from kd_bnn.models.heads.yolov2 import RegionHead
-from kd_bnn.models.mobilenet_yolo import SpaceToDepth, _load_state_dict_file
+from kd_bnn.models.heads.yolov2 import REGION_HYPER_KINDS, RegionHead
+from kd_bnn.models.mobilenet_yolo import SpaceToDepth
+from kd_bnn.models.state_dict import load_state_dict_file
 
 
 class StudentConfigError(ValueError):
@@ -649,7 +650,7 @@ def _with_preset(
 def _load_weights(model: Detector, weights: str | os.PathLike | None) -> None:
     if weights is None:
         return
-    state = _load_state_dict_file(weights)
+    state = load_state_dict_file(weights)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
@@ -705,3 +706,16 @@ def build_bireal(
     )
     _load_weights(model, weights)
     return model
+
+
+#: Options every native student shares, with their skeleton kinds (`register_skeleton`).
+_STUDENT_KINDS = {
+    "preset": "name?", "anchors": "anchors?", "stem_channels": "int", "stem_kernel": "int",
+    "mode": "name", "weight_scaling": "name", "weight_quantizer": "name", "input_quantizer": "name",
+    "clip": "float", "pad_value": "float", "input_scaling": "name", "activation": "name?",
+    "head_channels": "int", "head_depth": "int", "passthrough_channels": "int", "head_binary": "bool",
+    **REGION_HYPER_KINDS,
+}
+register_skeleton("binary_densenet", {**_STUDENT_KINDS, "blocks": "ints", "growth": "ints",
+                                      "reduction": "floats", "round_to": "int"})
+register_skeleton("bireal", {**_STUDENT_KINDS, "widths": "ints", "units": "ints"})

@@ -14,7 +14,11 @@ Conventions (DESIGN.md):
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,3 +82,99 @@ class Detector(nn.Module):
 def build_detector(family: str, **kwargs) -> Detector:
     """Build a registered detector family by name (see ``DETECTORS.list()``)."""
     return DETECTORS.build(family, **kwargs)
+
+
+# ---------------------------------------------------------------------------- skeletons
+#
+# A ``.kdbnn`` file is data: the module tree it describes (its *skeleton*) is rebuilt from a
+# registered family name plus plain-value options checked against that family's schema, never
+# from a file the skeleton names, never with ``trust``, never through anything that unpickles
+# (docs/architecture.md, "The .kdbnn file").
+
+#: Value kinds a skeleton option may have; a trailing ``?`` also admits ``None``.
+SKELETON_KINDS = ("bool", "int", "float", "name", "ints", "floats", "anchors")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
+
+
+class SkeletonError(ValueError):
+    """A skeleton (family + options) that may not be rebuilt: unknown family, unknown option
+    key, a value of the wrong kind."""
+
+
+@dataclass(frozen=True)
+class SkeletonSchema:
+    """What a family's skeleton may hold: ``options`` maps each admitted key to a kind of
+    :data:`SKELETON_KINDS`; ``build(class_names, input_size, options)`` rebuilds the float module
+    tree with no weights (default: the registered factory with those keyword options)."""
+
+    options: Mapping[str, str]
+    build: Callable[..., Detector] | None = None
+
+
+#: family -> :class:`SkeletonSchema`. A family absent here cannot be rebuilt from a ``.kdbnn``.
+SKELETONS: dict[str, SkeletonSchema] = {}
+
+
+def register_skeleton(family: str, options: Mapping[str, str],
+                      build: Callable[..., Detector] | None = None) -> None:
+    """Declare the plain-value options a ``.kdbnn`` skeleton of ``family`` may carry."""
+    for key, kind in options.items():
+        if kind.rstrip("?") not in SKELETON_KINDS:
+            raise ValueError(f"skeleton option {family}.{key}: unknown kind {kind!r}; kinds: {SKELETON_KINDS}")
+    SKELETONS[family] = SkeletonSchema(dict(options), build)
+
+
+def _is_num(v: Any, integer: bool) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return isinstance(v, int) if integer else math.isfinite(v)
+
+
+def _kind_ok(v: Any, kind: str) -> bool:
+    if kind.endswith("?"):
+        return v is None or _kind_ok(v, kind[:-1])
+    if kind == "bool":
+        return isinstance(v, bool)
+    if kind in ("int", "float"):
+        return _is_num(v, kind == "int")
+    if kind == "name":
+        return isinstance(v, str) and _NAME.fullmatch(v) is not None
+    if kind in ("ints", "floats"):
+        one = kind[:-1]
+        return _kind_ok(v, one) or (isinstance(v, list) and 0 < len(v) <= 64 and all(_kind_ok(x, one) for x in v))
+    if kind == "anchors":
+        return (isinstance(v, list) and 0 < len(v) <= 64
+                and all(isinstance(a, list) and len(a) == 2 and all(_is_num(x, False) and x > 0 for x in a)
+                        for a in v))
+    return False
+
+
+def check_skeleton(family: Any, options: Any) -> dict[str, Any]:
+    """The options of a skeleton, checked against the family's schema (:class:`SkeletonError`
+    naming the family, key, expected kind and value found otherwise)."""
+    if not isinstance(family, str) or family not in SKELETONS:
+        raise SkeletonError(f"skeleton family {family!r} cannot be rebuilt from a .kdbnn; "
+                            f"rebuildable families: {', '.join(sorted(SKELETONS))}")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise SkeletonError(f"skeleton options of {family}: expected a mapping, found {type(options).__name__}")
+    schema = SKELETONS[family].options
+    unknown = sorted(str(k) for k in options if k not in schema)
+    if unknown:
+        raise SkeletonError(f"skeleton options of {family}: unknown keys {unknown}; "
+                            f"allowed: {', '.join(sorted(schema)) or 'none'}")
+    for key, value in options.items():
+        if not _kind_ok(value, schema[key]):
+            raise SkeletonError(f"skeleton option {family}.{key}: expected {schema[key]}, found {value!r:.80}")
+    return dict(options)
+
+
+def build_from_skeleton(family: Any, options: Any, class_names: Sequence[str],
+                        input_size: tuple[int, int]) -> Detector:
+    """Rebuild a registered family's float module tree from checked skeleton options."""
+    opts = check_skeleton(family, options)
+    spec = SKELETONS[family]
+    if spec.build is not None:
+        return spec.build(list(class_names), tuple(input_size), opts)
+    return build_detector(family, class_names=list(class_names), input_size=tuple(input_size), **opts)

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kd_bnn.models.anchors import kitti_default_anchors
-from kd_bnn.models.detector import DETECTORS, Detections, Detector
+from kd_bnn.models.detector import DETECTORS, Detections, Detector, register_skeleton
 from kd_bnn.models.heads.common import check_input_size as _check_input_size
 from kd_bnn.models.heads.common import heads_loss, predict_heads
-from kd_bnn.models.heads.yolov2 import RegionHead
+from kd_bnn.models.heads.yolov2 import REGION_HYPER_KINDS, RegionHead
+from kd_bnn.models.state_dict import load_state_dict_file
 
 #: ImageNet statistics (torchvision's pretrained MobileNetV2 expects inputs normalised by them).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -70,24 +70,6 @@ class SpaceToDepth(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.pixel_unshuffle(x, self.stride)
-
-
-def _load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from a safetensors file or a torch file loaded with ``weights_only=True``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}")
-    return obj
 
 
 class MobileNetYOLO(Detector):
@@ -187,7 +169,7 @@ def _out_channels(block: nn.Module) -> int:
 
 
 def _load_backbone(features: nn.Sequential, path: str | os.PathLike) -> None:
-    state = _load_state_dict_file(path)
+    state = load_state_dict_file(path)
     if any(k.startswith("features.") for k in state):
         state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
     own = features.state_dict()
@@ -219,9 +201,14 @@ def build_mobilenet_yolo(class_names: Sequence[str] = ("Car", "Pedestrian", "Cyc
                          "set its options under model.options (width_mult, head_channels, ...)")
     model = MobileNetYOLO(class_names, input_size, **options)
     if weights is not None:
-        state = _load_state_dict_file(weights)
+        state = load_state_dict_file(weights)
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(f"{weights}: state dict does not match this MobileNetYOLO: "
                              f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
     return model
+
+
+register_skeleton("mobilenet_yolo", {
+    "anchors": "anchors?", "width_mult": "float", "head_channels": "int", "passthrough_channels": "int",
+    "last_conv": "bool", "normalize": "bool", **REGION_HYPER_KINDS})

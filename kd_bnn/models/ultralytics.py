@@ -20,6 +20,7 @@ settings, torch thread count kept). Importing this module does not import Ultral
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,7 +28,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from kd_bnn.models.detector import DETECTORS, Detections, Detector
+from kd_bnn.models.detector import DETECTORS, Detections, Detector, SkeletonError, register_skeleton
 from kd_bnn.models.heads.common import check_input_size as _check_input_size
 from kd_bnn.models.heads.common import check_targets, postprocess
 from kd_bnn.offline import import_ultralytics
@@ -325,3 +326,43 @@ def build_ultralytics(cfg: str | os.PathLike = "yolov8n.yaml", class_names: Sequ
         raise ValueError(f"{source}: the checkpoint predicts {len(stored_names)} classes {list(stored_names)}, "
                          f"but the data config names {len(class_names)}: {list(class_names)}")
     return UltralyticsDetector(model, class_names, input_size, hyp)
+
+
+def shipped_model_yaml(name: str) -> dict:
+    """The model dict of an architecture yaml shipped inside the Ultralytics package, by bare name
+    (``yolov8n.yaml``: the file ``yolov8.yaml`` at scale ``n``, as Ultralytics resolves names).
+
+    Only the package's own ``cfg/models`` tree is searched - never the working directory - so a
+    name read from a ``.kdbnn`` cannot make the toolkit read a file placed by someone else.
+    """
+    import yaml
+
+    ultralytics = import_ultralytics()
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+\.ya?ml", name) or name.startswith("."):
+        raise SkeletonError(f"ultralytics skeleton cfg: expected the bare name of a yaml shipped with "
+                            f"Ultralytics (e.g. yolov8n.yaml), found {name!r}")
+    root = Path(ultralytics.__file__).resolve().parent / "cfg" / "models"
+    stem, suffix = name.rsplit(".", 1)
+    unified = re.sub(r"(\d+)([nslmx])(.+)?$", r"\1\3", stem) + "." + suffix
+    for cand in (name, unified):
+        hits = sorted(root.rglob(cand))
+        if hits:
+            d = yaml.safe_load(hits[0].read_text())
+            m = re.search(r"yolo(e-)?v?\d+([nslmx])", stem)
+            d["scale"] = m.group(2) if m else ""
+            d["yaml_file"] = name
+            return d
+    raise SkeletonError(f"ultralytics skeleton cfg {name!r}: no such architecture shipped with Ultralytics "
+                        f"{getattr(ultralytics, '__version__', '')}")
+
+
+def _build_skeleton(class_names: list[str], input_size: tuple[int, int], opts: dict) -> UltralyticsDetector:
+    from ultralytics.nn.tasks import DetectionModel
+
+    d = shipped_model_yaml(opts.get("cfg", "yolov8n.yaml"))
+    return UltralyticsDetector(DetectionModel(d, ch=3, nc=len(class_names), verbose=False), class_names, input_size)
+
+
+# A .kdbnn rebuilds only architectures shipped with Ultralytics, by name (a user's yaml or .pt
+# names code to run: its modules by name, its pickle by reference).
+register_skeleton("ultralytics", {"cfg": "name"}, _build_skeleton)

@@ -36,6 +36,7 @@ from kd_bnn.models.darknet.weights import (
 )
 from kd_bnn.models.detector import DETECTORS, Detections, Detector
 from kd_bnn.models.heads import RegionHead, YoloHead, heads_loss, predict_heads
+from kd_bnn.models.state_dict import load_state_dict_file
 
 __all__ = [
     "BN_EPS", "DarknetConv", "DarknetDetector", "DetectionLayer", "GlobalAvgPool", "MaxPool",
@@ -663,18 +664,7 @@ def _resolve_cfg(cfg: str | os.PathLike) -> Path:
 
 def _load_state_dict(model: DarknetDetector, path: Path) -> None:
     """Load a kd_bnn state dict (safetensors, or a torch file read with ``weights_only=True``)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict (name -> tensor), found "
-                         f"{type(state).__name__}")
+    state = load_state_dict_file(path)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{path}: state dict does not match this Darknet cfg: missing "

@@ -28,6 +28,11 @@ import torch.nn.functional as F
 
 from kd_bnn.models.heads.common import AnchorHead, mse_sigmoid, shape_iou
 
+#: `RegionHead` keyword settings and their skeleton kinds (see `kd_bnn.models.detector.register_skeleton`).
+REGION_HYPER_KINDS = {"coord_scale": "float", "object_scale": "float", "noobject_scale": "float",
+                      "class_scale": "float", "ignore_thresh": "float", "rescore": "bool",
+                      "dontcare_thresh": "float", "class_loss": "name"}
+
 
 class RegionHead(AnchorHead):
     """Darknet ``[region]`` layer (YOLOv2) on a (B, A*(5+C), H, W) raw map.
