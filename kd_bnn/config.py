@@ -2,6 +2,9 @@
 
 Every section is a pydantic model with ``extra='forbid'``, so a misspelt key is an error that
 lists the valid keys (torchdistill-style declarative experiments, Ultralytics-style overrides).
+Numbers are range-checked here, before any work starts (``train.epochs >= 1``, ``train.lr > 0``,
+probabilities in [0, 1], ...; NaN and infinity are refused everywhere), and ``name`` must be a
+single folder name, since a run writes ``<output_dir>/<name>/``.
 """
 
 from __future__ import annotations
@@ -9,11 +12,11 @@ from __future__ import annotations
 import copy
 import difflib
 import os
-from pathlib import Path
-from typing import Any, Literal
+from pathlib import Path, PureWindowsPath
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -21,21 +24,36 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+
+# Value ranges (pydantic constraints: the error names the bound, `validate` the key and the value)
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
 
 
 class SyntheticConfig(_Section):
-    num: int = 400
-    seed: int = 0
-    size: tuple[int, int] = (1242, 375)  # width, height of generated images
-    val_fraction: float = 0.25
+    num: PositiveInt = 400
+    seed: NonNegativeInt = 0
+    size: tuple[PositiveInt, PositiveInt] = (1242, 375)  # width, height of generated images
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
 
 
 class AugmentConfig(_Section):
-    hflip: float = 0.5
-    hsv: float = 0.2  # colour jitter strength (brightness/contrast/saturation)
-    scale: tuple[float, float] = (0.8, 1.2)
-    crop: float = 0.5  # probability of a random crop that keeps boxes valid
+    hflip: Probability = 0.5
+    hsv: NonNegativeFloat = 0.2  # colour jitter strength (brightness/contrast/saturation)
+    scale: tuple[PositiveFloat, PositiveFloat] = (0.8, 1.2)  # (lo, hi), lo <= hi
+    crop: Probability = 0.5  # probability of a random crop that keeps boxes valid
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] > v[1]:
+            raise ValueError("expected a range (lo, hi) with lo <= hi")
+        return v
 
 
 class DataConfig(_Section):
@@ -43,13 +61,13 @@ class DataConfig(_Section):
     synthetic: SyntheticConfig | None = None  # generate into `root` when it is absent
     train_split: str = "train"  # name in <root>/ImageSets or a path to an id list
     val_split: str = "val"
-    classes: list[str] = Field(default_factory=lambda: ["Car", "Pedestrian", "Cyclist"])
+    classes: list[str] = Field(default_factory=lambda: ["Car", "Pedestrian", "Cyclist"], min_length=1)
     merge: dict[str, str] = Field(default_factory=dict)  # e.g. {"Van": "Car"}
-    input_size: tuple[int, int] = (384, 1248)  # height, width
-    batch_size: int = 8
-    workers: int = 0
+    input_size: tuple[PositiveInt, PositiveInt] = (384, 1248)  # height, width (the model checks its stride)
+    batch_size: PositiveInt = 8
+    workers: NonNegativeInt = 0
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    max_images: int | None = None  # cap the split (quick experiments)
+    max_images: PositiveInt | None = None  # cap the split (quick experiments)
     cache_images: bool = False  # keep decoded images in memory (small sets, workers=0)
 
 
@@ -63,14 +81,14 @@ class ModelConfig(_Section):
 
 class StageConfig(_Section):
     layers: list[str]  # module-path globs or 're:' regexes
-    epoch: int = 0
+    epoch: NonNegativeInt = 0
 
 
 class BinaryConfig(_Section):
     mode: Literal["bwn", "xnor"] = "bwn"
     weight_quantizer: str = "ste_sign"
     input_quantizer: str = "ste_sign"
-    clip: float = 1.0
+    clip: PositiveFloat = 1.0
     weight_scaling: Literal["none", "mean_abs", "learned"] = "mean_abs"
     input_scaling: Literal["none", "xnor_k"] = "none"
     pad_value: float = -1.0  # padding value of binary activations (+1 or -1)
@@ -81,6 +99,13 @@ class BinaryConfig(_Section):
     keep_depthwise: bool = True
     stages: list[StageConfig] = Field(default_factory=list)
 
+    @field_validator("pad_value")
+    @classmethod
+    def _binary_pad(cls, v: float) -> float:
+        if v not in (1.0, -1.0):
+            raise ValueError("must be +1 or -1 (a binary value)")
+        return v
+
 
 class StudentConfig(_Section):
     model: ModelConfig | None = None  # None: a copy of the teacher's architecture
@@ -90,7 +115,7 @@ class StudentConfig(_Section):
 
 class DistillTermConfig(_Section):
     loss: str = "mimic_l2"
-    weight: float = 1.0
+    weight: NonNegativeFloat = 1.0
     teacher: str | None = None  # tap name or module path; None for output-level losses
     student: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
@@ -102,34 +127,37 @@ class DistillConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = 30
+    epochs: PositiveInt = 30
     optimizer: Literal["sgd", "adamw", "adam"] = "adamw"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
+    lr: PositiveFloat = 1e-3
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: NonNegativeFloat = 5e-4
+    warmup_epochs: NonNegativeFloat = 1.0
     scheduler: Literal["cosine", "step", "constant"] = "cosine"
-    step_milestones: list[int] = Field(default_factory=list)
-    step_gamma: float = 0.1
-    grad_clip: float | None = 10.0
+    step_milestones: list[NonNegativeInt] = Field(default_factory=list)
+    step_gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+    grad_clip: PositiveFloat | None = 10.0  # max gradient norm; null: no clipping
     ema: bool = False
-    ema_decay: float = 0.9998
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.9998
     amp: bool = True  # on CUDA only
-    eval_interval: int = 1
+    eval_interval: PositiveInt = 1
     best_metric: str = "Car/moderate/R40"
-    save_interval: int = 1
+    save_interval: PositiveInt = 1
     sync_bn: bool = False
 
 
 class EvalConfig(_Section):
-    conf_thres: float = 0.005
-    iou_thres: float = 0.45
-    max_det: int = 300
+    conf_thres: Probability = 0.005
+    iou_thres: Probability = 0.45
+    max_det: PositiveInt = 300
 
 
 class ExperimentConfig(_Section):
-    name: str = "exp"
-    seed: int = 0
+    name: str = "exp"  # the run folder <output_dir>/<name>/: one folder name, e.g. demo_s1 or exp-2
+    # without --resume, a run whose folder already exists goes to <name>-2 (-3, ...) instead,
+    # unless exist_ok: then it reuses <output_dir>/<name>/
+    exist_ok: bool = False
+    seed: NonNegativeInt = 0
     device: str = "auto"
     output_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
@@ -139,6 +167,17 @@ class ExperimentConfig(_Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _single_path_component(cls, v: str) -> str:
+        if not v or not v.strip():
+            raise ValueError("expected a run folder name (e.g. demo_s1 or exp-2), not an empty one")
+        if ("/" in v or "\\" in v or "\0" in v or v in (".", "..") or os.path.isabs(v)
+                or PureWindowsPath(v).drive):
+            raise ValueError("expected a single folder name for <output_dir>/<name>/ (e.g. demo_s1 or "
+                             "exp-2): no '/' or '\\', not '.' or '..', not an absolute path")
+        return v
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -234,7 +273,10 @@ def validate(data: dict, source: str = "<config>") -> ExperimentConfig:
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 lines.append(f"unknown key '{key}'{hint}; valid keys here: {', '.join(valid)}")
             else:
-                lines.append(f"key '{key}': {err['msg']} (found {err.get('input')!r})")
+                msg = err["msg"]
+                if err["type"] == "value_error":  # our validators: their own sentence, no prefix
+                    msg = msg.removeprefix("Value error, ")
+                lines.append(f"key '{key}': {msg} (found {err.get('input')!r})")
         raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines)) from None
 
 

@@ -40,8 +40,10 @@ def import_ultralytics():
     """
     setup_offline_env()
     import torch
+    from PIL import Image
 
     threads = torch.get_num_threads()
+    pil_open = Image.open
     try:
         import ultralytics
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -49,4 +51,8 @@ def import_ultralytics():
             "Ultralytics models need the 'ultralytics' package: pip install ultralytics"
         ) from exc
     torch.set_num_threads(threads)
+    # Ultralytics replaces PIL.Image.open process-wide with a wrapper that, on an unidentified
+    # file, tries to install and import a HEIF plugin (ModuleNotFoundError offline): a corrupt
+    # image would no longer be a PIL error the data checks can name.
+    Image.open = pil_open
     return ultralytics

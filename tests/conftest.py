@@ -19,3 +19,17 @@ def shared_kitti() -> Path:
     if not SHARED_KITTI.is_dir():
         pytest.skip(f"real KITTI reference data not found at {SHARED_KITTI} (see ../shared/kitti/README.md)")
     return SHARED_KITTI
+
+
+_PIL_OPEN = __import__("PIL.Image", fromlist=["open"]).open
+
+
+@pytest.fixture(autouse=True)
+def _pil_open_unpatched():
+    """`pytest.importorskip("ultralytics")` imports Ultralytics directly, which replaces
+    PIL.Image.open process-wide (kd_bnn's own import path undoes it: kd_bnn.offline); keep every
+    test on the real PIL.Image.open whatever ran before it."""
+    from PIL import Image
+
+    Image.open = _PIL_OPEN
+    yield

@@ -14,6 +14,7 @@ from kd_bnn.data import (
     Batch,
     KittiDataset,
     KittiDatasetError,
+    KittiDataWarning,
     KittiFormatError,
     build_datasets,
     build_loader,
@@ -170,7 +171,8 @@ def test_collate_shapes_and_image_indices():
 def test_unknown_types_counted_and_ignored(tmp_path):
     root = make_root(tmp_path, {"000000": [line("Car"), line("Bus"), line("Van"), line("DontCare")],
                                 "000001": [line("Bus"), line("Spaceship"), line("Cyclist", (50, 5, 60, 35))]})
-    ds = KittiDataset(root, None)
+    with pytest.warns(KittiDataWarning, match=r"3 object\(s\) of unknown type ignored: 'Bus' x2, 'Spaceship' x1"):
+        ds = KittiDataset(root, None)
     assert ds.unknown_types == {"Bus": 2, "Spaceship": 1}
     assert ds[0]["labels"].tolist() == [0] and ds[0]["ignore"].shape == (1, 4)
     assert ds[1]["labels"].tolist() == [2]

@@ -3,10 +3,26 @@
 Label line (Geiger et al., CVPR 2012; devkit `readme.txt`), space separated:
 ``type truncated occluded alpha x1 y1 x2 y2 h w l x y z rotation_y [score]``
 15 fields in ground truth, a 16th ``score`` in result files.
+
+Bad input, one rule per case (`parse_label_lines`, `read_label_file`):
+
+* a UTF-8 byte-order mark at the start of a file is stripped (it is not part of the first type);
+* a file that is not UTF-8 text is a `KittiFormatError` naming the file and line;
+* every numeric field must be a finite number: ``nan``, ``inf`` and ``-inf`` are a
+  `KittiFormatError` naming file, line and field (the score of result lines included);
+* a box with x2 < x1 or y2 < y1: refused in result lines (as the evaluator refuses such
+  detections); kept in ground truth by default, because the devkit reads it and scores it
+  (height y2 - y1 < 0 is below every difficulty's minimum height, so a y-inverted object is
+  ignored; an x-inverted one of valid height overlaps no detection and counts as missed) and
+  `kd_bnn.eval.kitti` must give the devkit's numbers; ``strict_boxes=True`` (what `KittiDataset`, i.e. training and validation, reads
+  with) refuses it with file:line, since a training target cannot be made of it;
+* type names are not checked here: `KittiDataset` counts names outside `KITTI_TYPES`
+  (case-sensitive, so ``car`` is unknown) and reports them in one warning per split.
 """
 
 from __future__ import annotations
 
+import codecs
 import math
 import os
 from dataclasses import dataclass, field
@@ -34,6 +50,28 @@ DIFFICULTIES = ("easy", "moderate", "hard")
 
 class KittiFormatError(ValueError):
     """A label or result file that does not follow the KITTI format."""
+
+
+class KittiDataWarning(UserWarning):
+    """KITTI data that can be used but is probably not what was meant (unknown object types,
+    zero-area boxes, an unreadable image skipped during a run)."""
+
+
+def decode_text(data: bytes, path: str | os.PathLike) -> str:
+    """`data` as UTF-8 text without a leading byte-order mark.
+
+    Raises:
+        KittiFormatError: one line naming the file and the line of the first byte that is not UTF-8.
+    """
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = data.count(b"\n", 0, exc.start) + 1
+        raise KittiFormatError(
+            f"{path}:{lineno}: not a UTF-8 text file (byte 0x{data[exc.start]:02x} at offset {exc.start}): "
+            "expected a KITTI label file") from None
 
 
 @dataclass
@@ -81,21 +119,31 @@ def _bad(path: str | os.PathLike, lineno: int, field_name: str, expected: str, f
 
 
 def parse_label_lines(lines: list[str], path: str | os.PathLike = "<string>",
-                      with_score: bool | None = None) -> FrameLabels:
+                      with_score: bool | None = None, strict_boxes: bool = False) -> FrameLabels:
     """Parse label lines into a `FrameLabels`.
 
     Args:
-        lines: the text lines of one file (blank lines are skipped).
+        lines: the text lines of one file (blank lines are skipped; a byte-order mark opening
+            the first line is dropped).
         path: file name used in error messages.
         with_score: True requires 16 fields (result files), False requires 15 (ground truth),
             None accepts either (all lines of a file must agree).
+        strict_boxes: refuse ground-truth boxes with x2 < x1 or y2 < y1 too. Result lines (with
+            a score) always refuse them, as the evaluator does; ground truth keeps them by default
+            because the official devkit reads and scores them (a negative height is below every
+            difficulty's minimum height, so the object is ignored; an x-inverted box of valid
+            height overlaps nothing and counts as missed) and the evaluator must match it.
 
     Raises:
-        KittiFormatError: naming the file, line number and field that is wrong.
+        KittiFormatError: naming the file, line number and field that is wrong: a wrong field
+            count, a non-number, a non-finite number (nan, inf, -inf), a non-integer occlusion,
+            or an inverted box (see `strict_boxes`).
     """
     types, nums, lnos = [], [], []
     n_fields = None
     for lineno, line in enumerate(lines, 1):
+        if lineno == 1 and line.startswith("\ufeff"):
+            line = line[1:]
         parts = line.split()
         if not parts:
             continue
@@ -120,12 +168,17 @@ def parse_label_lines(lines: list[str], path: str | os.PathLike = "<string>",
                 v = float(tok)
             except ValueError:
                 raise _bad(path, lineno, FIELD_NAMES[i], "a number", tok) from None
-            if math.isnan(v):
-                raise _bad(path, lineno, FIELD_NAMES[i], "a number", tok)
+            if not math.isfinite(v):
+                raise _bad(path, lineno, FIELD_NAMES[i], "a finite number", tok)
             row.append(v)
         occ = row[1]
         if occ != int(occ):
             raise _bad(path, lineno, "occluded", "an integer (0, 1, 2, 3 or -1)", parts[2])
+        x1, y1, x2, y2 = row[3:7]
+        if (x2 < x1 or y2 < y1) and (strict_boxes or n == 16):
+            raise KittiFormatError(
+                f"{path}:{lineno}: negative-size box x1 y1 x2 y2 = {parts[4]} {parts[5]} {parts[6]} {parts[7]} "
+                f"(expected x2 >= x1 and y2 >= y1)")
         types.append(parts[0])
         nums.append(row)
         lnos.append(lineno)
@@ -148,11 +201,16 @@ def parse_label_lines(lines: list[str], path: str | os.PathLike = "<string>",
     )
 
 
-def read_label_file(path: str | os.PathLike, with_score: bool | None = None) -> FrameLabels:
-    """Read one label_2 (15 fields) or result (16 fields) file."""
-    with open(path) as fh:
-        lines = fh.read().splitlines()
-    return parse_label_lines(lines, path, with_score)
+def read_label_file(path: str | os.PathLike, with_score: bool | None = None,
+                    strict_boxes: bool = False) -> FrameLabels:
+    """Read one label_2 (15 fields) or result (16 fields) file (see `parse_label_lines`).
+
+    Raises:
+        KittiFormatError: a malformed line (file, line, field) or a file that is not UTF-8 text.
+    """
+    with open(path, "rb") as fh:
+        text = decode_text(fh.read(), path)
+    return parse_label_lines(text.splitlines(), path, with_score, strict_boxes)
 
 
 def format_label_line(typ: str, truncated: float, occluded: int, alpha: float, box, dims=(-1, -1, -1),
@@ -207,7 +265,7 @@ def read_split(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"split file {path} does not exist")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    ids = [line.strip() for line in decode_text(path.read_bytes(), path).splitlines() if line.strip()]
     if not ids:
         raise KittiFormatError(f"split file {path} is empty: expected one frame id per line")
     for i, fid in enumerate(ids, 1):

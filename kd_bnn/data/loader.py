@@ -2,6 +2,11 @@
 
 Targets follow DESIGN.md: one (N, 6) tensor per batch, rows (image_index, class, x1, y1, x2, y2)
 in input pixels, plus per-image ignore (DontCare) regions.
+
+Unreadable images met during a run (`KittiDataset` replaces such a frame by the next readable one
+and marks the sample's ``meta["skipped"]``) are reported by the loader from the main process:
+one warning per file, and after a whole evaluation pass (a loader without shuffling) one
+warning with the number of frames skipped, since those frames got no predictions of their own.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from kd_bnn.config import DataConfig
-from kd_bnn.data.dataset import KittiDataset, how_to_get_kitti
+from kd_bnn.data.dataset import KittiDataset, how_to_get_kitti, warn_once
 from kd_bnn.data.transforms import eval_transforms, train_transforms
 
 
@@ -85,6 +90,47 @@ def _seed_transforms(ds: Dataset, seed: int) -> None:
         t.set_seed(seed)
 
 
+class KittiLoader(DataLoader):
+    """A `DataLoader` that reports the frames its dataset skipped (unreadable images).
+
+    Each sample whose ``meta`` has ``skipped`` makes the main-process dataset record the bad
+    frame (`KittiDataset.note_bad_image`: one warning naming the file; later epochs' workers
+    then skip it without decoding it again). With ``evaluation=True``, a completed pass that
+    skipped frames ends with one warning giving their count and ids (repeated only when the set
+    of skipped frames changes).
+    """
+
+    def __init__(self, *args: Any, evaluation: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.evaluation = bool(evaluation)
+
+    def __iter__(self):
+        return self._reporting(super().__iter__())
+
+    def _reporting(self, batches):
+        base = _base_dataset(self.dataset)
+        note = getattr(base, "note_bad_image", None)
+        skipped: dict[str, dict[str, Any]] = {}
+        frames = 0
+        for batch in batches:
+            meta = getattr(batch, "meta", None) or ()
+            frames += len(meta)
+            for m in meta:
+                rec = m.get("skipped") if isinstance(m, dict) else None
+                if rec:
+                    skipped.setdefault(str(rec["image_id"]), rec)
+                    if note is not None:
+                        note(int(rec["index"]), str(rec["reason"]))
+            yield batch
+        if self.evaluation and skipped:
+            ids = sorted(skipped)
+            shown = ", ".join(ids[:5]) + (f", ... ({len(ids)} in all)" if len(ids) > 5 else "")
+            warn_once(f"evaluation pass: {len(ids)} of {frames} frames skipped because their image cannot be "
+                       f"decoded ({shown}): they have no predictions of their own, so their ground-truth "
+                       f"objects are not scored as they should be; fix or replace e.g. "
+                       f"{skipped[ids[0]]['path']}", stacklevel=2, all_ranks=True)
+
+
 def _seed_worker(worker_id: int) -> None:
     """Worker init: distinct, reproducible seeds per worker and epoch (from the loader's generator)."""
     seed = torch.initial_seed() % 2**32
@@ -111,6 +157,10 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int 
         drop_last: drop the last incomplete batch; default `shuffle` (training), and never when
             that would leave no batch at all.
         pin_memory: page-locked batches for faster host-to-GPU copies.
+
+    Returns:
+        a `KittiLoader`: frames skipped for an unreadable image are reported from the main
+        process, and a loader without shuffling (evaluation) warns with their count per pass.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, found {batch_size}")
@@ -130,12 +180,15 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int 
     generator = torch.Generator().manual_seed(seed)
     if workers == 0:
         _seed_transforms(dataset, seed + 1_000_003 * rank)
+    elif hasattr(_base_dataset(dataset), "report_skips_in_loader"):
+        _base_dataset(dataset).report_skips_in_loader = True  # workers leave the warning to us
     sampler = None
     if distributed:
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle,
                                      seed=seed, drop_last=drop_last)
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
+    return KittiLoader(
+        dataset, evaluation=not shuffle, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
         num_workers=workers, collate_fn=collate, pin_memory=pin_memory, drop_last=drop_last,
         worker_init_fn=_seed_worker if workers > 0 else None, generator=generator,
         # fresh workers each epoch: their seeds come from `generator`, so a run resumed with the

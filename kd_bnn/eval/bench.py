@@ -29,6 +29,7 @@ from kd_bnn.eval.kitti import (
     evaluate_kitti_dirs,
     format_result_lines,
     read_kitti_dir,
+    read_split_unique,
 )
 from kd_bnn.io import atomic_write_text
 
@@ -208,9 +209,7 @@ def benchmark(gt_dir, split_file, seeds: Sequence[int] = (0, 1, 2), devkit: str 
 
     Times are the median (and min) of `repeats` alternating runs, file reading included for both.
     """
-    from kd_bnn.data.kitti import read_split
-
-    ids = read_split(split_file)
+    ids = read_split_unique(split_file)
     gflat, _ = read_kitti_dir(gt_dir, ids, results=False)
     gt_frames = gflat.to_frames()
     rows = []

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -167,7 +168,7 @@ def _check_det_values(boxes: np.ndarray, scores: np.ndarray, where) -> None:
 def _read_bytes(path: str) -> bytes | None:
     try:
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no such file / its folder is a file
         return None
     try:
         chunks = []
@@ -696,23 +697,52 @@ def evaluate_kitti(gt: Mapping[str, FrameLabels], dets: Mapping[str, FrameLabels
     return res
 
 
+class EmptyResultsError(FileNotFoundError):
+    """A result folder that does not exist or holds no result file for any evaluated frame."""
+
+
+def _check_pred_dir(pred_dir: str | os.PathLike, allow_empty: bool) -> None:
+    p = Path(pred_dir)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"result folder {pred_dir} is a file, not a folder")
+    if not allow_empty and not p.exists():
+        raise EmptyResultsError(f"result folder {pred_dir} does not exist")
+
+
+def _check_some_results(pred_dir, ids: Sequence[str], missing: Sequence[str], allow_empty: bool) -> None:
+    if not allow_empty and ids and len(missing) == len(ids):
+        raise EmptyResultsError(
+            f"result folder {pred_dir} holds no result file for any of the {len(ids)} evaluated frames "
+            f"(e.g. {ids[0]}.txt): nothing to score")
+
+
 def evaluate_kitti_dirs(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
                         ids: Sequence[str] | str | os.PathLike | None = None, strict: bool = False,
-                        classes: Sequence[str] = DEFAULT_CLASSES) -> KittiEvalResult:
+                        classes: Sequence[str] = DEFAULT_CLASSES, allow_empty: bool = False,
+                        ) -> KittiEvalResult:
     """Evaluate a folder of result files (``%06d.txt``, 16 fields) like the devkit.
 
     Args:
         gt_dir: label_2 folder. pred_dir: result folder.
         ids: frame ids, or a split file (one id per line); default every label in `gt_dir`.
+            A frame id listed twice is an error (it would count the frame twice).
         strict: a missing result file is an error (else: no detections, one warning with the count).
+        allow_empty: accept a missing `pred_dir`, or one without a result file for any frame
+            (every frame without detections: all AP 0); by default that is an error.
 
     Raises:
+        EmptyResultsError (a FileNotFoundError): `pred_dir` missing or without any result file.
+        ValueError: `pred_dir` is a file.
         FileNotFoundError: missing label files (always) or result files (strict), first few listed.
-        KittiFormatError: a malformed line (file, line, field), NaN or a negative-size box.
+        KittiFormatError: a malformed line (file, line, field), NaN or a negative-size box, a
+            frame id listed twice in a split file (file, line, id).
+        ValueError: a frame id listed twice in `ids`.
     """
     ids = _resolve_ids(gt_dir, ids)
+    _check_pred_dir(pred_dir, allow_empty)
     g, _ = read_kitti_dir(gt_dir, ids, results=False, strict=True)
     d, missing = read_kitti_dir(pred_dir, ids, results=True, strict=strict)
+    _check_some_results(pred_dir, ids, missing, allow_empty)
     if missing:
         warnings.warn(f"{len(missing)} of {len(ids)} result files missing in {pred_dir} "
                       f"(counted as frames without detections), e.g. {missing[0]}.txt",
@@ -731,21 +761,149 @@ def _resolve_ids(gt_dir, ids) -> list[str]:
             raise KittiFormatError(f"no label files (*.txt) in {gt_dir}")
         return out
     if isinstance(ids, (str, os.PathLike)):
-        return read_split(ids)
+        return read_split_unique(ids)
     out = [str(i) for i in ids]
     if not out:
         raise ValueError("empty list of frame ids")
+    seen: set[str] = set()
+    for k, fid in enumerate(out):
+        if fid in seen:
+            raise ValueError(f"frame id {fid!r} is listed twice in the frame ids (positions "
+                             f"{out.index(fid)} and {k}): a frame may be evaluated only once")
+        seen.add(fid)
     return out
+
+
+def read_split_unique(path: str | os.PathLike) -> list[str]:
+    """`kd_bnn.data.kitti.read_split`, and an id listed twice is an error: the devkit protocol
+    would count that frame's objects twice and change the AP.
+
+    Raises:
+        FileNotFoundError / KittiFormatError: as `read_split` (missing, empty, non-numeric id);
+            KittiFormatError ``<file>:<line>: frame id '000123' is listed twice (first on line 4)...``.
+    """
+    ids = read_split(path)
+    first: dict[str, int] = {}
+    text = Path(path).read_bytes().decode("utf-8", "replace").removeprefix("\ufeff")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        fid = line.strip()
+        if not fid:
+            continue
+        if fid in first:
+            raise KittiFormatError(
+                f"{path}:{lineno}: frame id {fid!r} is listed twice (first on line {first[fid]}): "
+                "a frame may be evaluated only once (it would count twice in the AP)")
+        first[fid] = lineno
+    return ids
 
 
 def load_kitti_dirs(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
                     ids: Sequence[str] | str | os.PathLike | None = None, strict: bool = False,
+                    allow_empty: bool = False,
                     ) -> tuple[dict[str, FrameLabels], dict[str, FrameLabels]]:
-    """Ground truth and detections as dicts of `FrameLabels` (e.g. for `evaluate_coco`)."""
+    """Ground truth and detections as dicts of `FrameLabels` (e.g. for `evaluate_coco`); ids,
+    `strict` and `allow_empty` as in `evaluate_kitti_dirs`."""
     ids = _resolve_ids(gt_dir, ids)
+    _check_pred_dir(pred_dir, allow_empty)
     g, _ = read_kitti_dir(gt_dir, ids, results=False, strict=True)
-    d, _ = read_kitti_dir(pred_dir, ids, results=True, strict=strict)
+    d, missing = read_kitti_dir(pred_dir, ids, results=True, strict=strict)
+    _check_some_results(pred_dir, ids, missing, allow_empty)
     return g.to_frames(), d.to_frames()
+
+
+# --------------------------------------------------------------------------------------------
+# Where result files may be written
+# --------------------------------------------------------------------------------------------
+#: Marker file `mark_result_dir` writes into a folder of result files: only a folder holding it
+#: counts as kd_bnn's own earlier output (a label_2 folder never does).
+RESULT_MARKER = ".kd_bnn_results"
+_RESULT_FILE = re.compile(r"[0-9]+\.txt")
+_TEMP_FILE = re.compile(r"\..+\.tmp")  # kd_bnn.io.atomic_path's temporary files
+_SUBDIRS = ("teacher",)  # kd_bnn.engine.evaluate writes the teacher's results to <out>/teacher
+
+
+class ResultDirError(ValueError):
+    """A folder that result files must not be written into."""
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_not_within(path: str | os.PathLike, protected: Iterable[tuple[str, str | os.PathLike]],
+                     what: str) -> None:
+    """Raise ResultDirError when `path` (resolved) is one of the `protected` folders
+    ((description, folder) pairs) or inside one. `what` names `path` in the message."""
+    p = Path(path).resolve()
+    for desc, folder in protected:
+        f = Path(folder).resolve()
+        if _within(p, f):
+            where = "is" if p == f else "is inside"
+            raise ResultDirError(f"refusing to write {what} {path}: it {where} the {desc} {folder}")
+
+
+def _foreign_entries(folder: Path, marked: bool, subdirs: Sequence[str]) -> list[str]:
+    names = sorted(os.listdir(folder))
+    marked = marked or (RESULT_MARKER in names and (folder / RESULT_MARKER).is_file())
+    if not marked:
+        return [n + ("/" if (folder / n).is_dir() else "") for n in names]
+    bad = []
+    for n in names:
+        full = folder / n
+        if full.is_symlink():
+            bad.append(n)
+        elif full.is_file() and (n == RESULT_MARKER or _RESULT_FILE.fullmatch(n) or _TEMP_FILE.fullmatch(n)):
+            continue
+        elif full.is_dir() and n in subdirs:
+            bad += [f"{n}/{x}" for x in _foreign_entries(full, True, ())]
+        else:
+            bad.append(n + ("/" if full.is_dir() else ""))
+    return bad
+
+
+def check_result_dir(out: str | os.PathLike,
+                     protected: Iterable[tuple[str, str | os.PathLike]] = ()) -> None:
+    """Refuse to write result files into `out` when that could destroy data.
+
+    `out` (or its ``teacher`` subfolder) must not be one of the `protected` folders
+    ((description, folder) pairs, e.g. the ground-truth label and image folders) nor inside one
+    (paths compared resolved, so symlinks and ``..`` do not get round it). A missing or empty
+    `out` is fine; a non-empty one must be kd_bnn's own earlier output: it holds the
+    `RESULT_MARKER` file (`mark_result_dir`) and nothing but ``<id>.txt`` result files, the
+    marker, leftover atomic-write temporaries and a ``teacher/`` subfolder of the same.
+
+    Raises:
+        ResultDirError (a ValueError) naming the folder and the first few offending entries.
+    """
+    out_p = Path(out)
+    protected = list(protected)
+    for sub in ("", *_SUBDIRS):
+        target = out_p / sub if sub else out_p
+        check_not_within(target, protected, "result files into" if not sub else f"{sub} result files into")
+    if not out_p.exists():
+        return
+    if not out_p.is_dir():
+        raise ResultDirError(f"refusing to write result files into {out}: it is not a folder")
+    bad = _foreign_entries(out_p, False, _SUBDIRS)
+    if bad:
+        marked = (out_p / RESULT_MARKER).is_file()
+        why = ("that kd_bnn does not write there" if marked else
+               f"and no {RESULT_MARKER} marker: it is not the result folder of an earlier kd_bnn evaluation")
+        shown = ", ".join(bad[:5]) + (f", ... ({len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise ResultDirError(
+            f"refusing to write result files into {out}: it holds {len(bad)} entr"
+            f"{'y' if len(bad) == 1 else 'ies'} {why} ({shown}); choose a new or empty folder")
+
+
+def mark_result_dir(out: str | os.PathLike) -> Path:
+    """Create `out` if needed and write its `RESULT_MARKER` (see `check_result_dir`)."""
+    from kd_bnn.io import atomic_write_text
+
+    marker = Path(out) / RESULT_MARKER
+    if not marker.is_file():
+        atomic_write_text(marker, "KITTI result files written by kd_bnn (tools/eval.py); this folder may be "
+                                  "overwritten by a later evaluation\n")
+    return marker
 
 
 # --------------------------------------------------------------------------------------------
@@ -806,7 +964,8 @@ def detections_to_frame(det, class_names: Sequence[str], image_size: tuple[int, 
 
 
 __all__ = [
-    "KittiEvalResult", "KittiFlat", "MIN_OVERLAP", "N_SAMPLE_PTS", "NEIGHBOUR",
-    "detections_to_frame", "evaluate_kitti", "evaluate_kitti_dirs", "format_result_lines",
-    "load_kitti_dirs", "read_kitti_dir", "write_kitti_results",
+    "EmptyResultsError", "KittiEvalResult", "KittiFlat", "MIN_OVERLAP", "N_SAMPLE_PTS", "NEIGHBOUR",
+    "RESULT_MARKER", "ResultDirError", "check_not_within", "check_result_dir", "detections_to_frame",
+    "evaluate_kitti", "evaluate_kitti_dirs", "format_result_lines", "load_kitti_dirs", "mark_result_dir",
+    "read_kitti_dir", "read_split_unique", "write_kitti_results",
 ]
