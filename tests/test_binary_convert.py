@@ -235,8 +235,10 @@ def yolov8n():
     import_ultralytics()
     from ultralytics.nn.tasks import DetectionModel
 
+    from kd_bnn.models.ultralytics import UltralyticsDetector
+
     torch.manual_seed(0)
-    return DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    return UltralyticsDetector(DetectionModel("yolov8n.yaml", nc=3, verbose=False), ["a", "b", "c"], (64, 64))
 
 
 def test_ultralytics_yolov8n(yolov8n):
@@ -244,12 +246,12 @@ def test_ultralytics_yolov8n(yolov8n):
     model, rep = binarize(model)
     r = reasons(rep)
     preds = sorted(p for p, v in r.items() if v == "prediction conv")
-    assert preds == [f"model.22.{cv}.{i}.2" for cv in ("cv2", "cv3") for i in range(3)]
-    assert r["model.0.conv"] == "first conv"
-    assert r["model.22.dfl.conv"] == "DFL (fixed weights)"
+    assert preds == [f"model.model.22.{cv}.{i}.2" for cv in ("cv2", "cv3") for i in range(3)]
+    assert r["model.model.0.conv"] == "first conv"
+    assert r["model.model.22.dfl.conv"] == "DFL (fixed weights)"
     assert all(v == "converted" for p, v in r.items()
-               if p not in preds and p not in ("model.0.conv", "model.22.dfl.conv"))
-    assert isinstance(model.model[1].conv, BinaryConv2d)
+               if p not in preds and p not in ("model.model.0.conv", "model.model.22.dfl.conv"))
+    assert isinstance(model.model.model[1].conv, BinaryConv2d)
     y = model(torch.rand(1, 3, 64, 64))
-    y = y[0] if isinstance(y, (tuple, list)) else y
-    assert y.shape == (1, 4 + 3, 84) and torch.isfinite(y).all()
+    assert [t.shape for t in y] == [(1, 64 + 3, 64 // s, 64 // s) for s in (8, 16, 32)]
+    assert all(torch.isfinite(t).all() for t in y)

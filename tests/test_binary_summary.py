@@ -106,7 +106,9 @@ def test_ultralytics_yolov8n_every_bn_folded():
     import_ultralytics()
     from ultralytics.nn.tasks import DetectionModel
 
-    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    from kd_bnn.models.ultralytics import UltralyticsDetector
+
+    model = UltralyticsDetector(DetectionModel("yolov8n.yaml", nc=3, verbose=False), ["a", "b", "c"], (64, 64))
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     model, rep = binarize(model)
     assert len(conv_bn_pairs(model)) == n_bn

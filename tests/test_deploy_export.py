@@ -92,7 +92,7 @@ def test_stored_tensors_and_layer_table(tmp_path):
     mods = dict(s.named_modules())
     by_path = {e["path"]: e for e in meta["layers"]}
     assert meta["class_names"] == CLASSES and meta["input_size"] == list(SIZE)
-    assert meta["skeleton"]["family"] == "darknet" and "[net]" in meta["skeleton"]["cfg_text"]
+    assert meta["skeleton"]["family"] == "darknet" and "[net]" in meta["skeleton"]["options"]["cfg_text"]
     assert len(meta["anchors"]) == 1 and len(meta["anchors"][0]) == 5
     assert meta["binary"]["mode"] == "xnor" and meta["binary"]["pad_value"] == 1.0
     nbin = 0

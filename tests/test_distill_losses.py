@@ -113,12 +113,15 @@ def test_output_kd_raw_needs_same_shapes():
 def test_mimic_masked_teacher_confident_cells():
     from torch import nn
 
+    from kd_bnn.models.heads import AnchorHeadsMixin
+
     class Head(nn.Module):  # one anchor, no classes: raw (B, 5, H, W)
         def split(self, raw):
             return raw.view(raw.shape[0], 1, 5, *raw.shape[-2:]).permute(0, 1, 3, 4, 2)
 
-    class Teacher(nn.Module):
-        heads = [Head()]
+    class Teacher(AnchorHeadsMixin, nn.Module):  # the Detector hook: objectness_maps from anchor heads
+        def anchor_heads(self):
+            return [Head()]
 
     raw = torch.full((1, 5, 2, 2), -10.0)
     raw[0, 4, 1, 1] = 10.0  # confident at cell (1, 1) of a 2x2 head map

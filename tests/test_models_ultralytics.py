@@ -80,9 +80,11 @@ def test_taps_are_detect_inputs_and_prediction_convs(v8):
     assert sorted(v8.taps) == ["stride16", "stride32", "stride8"]
     assert [v8.taps[f"stride{s}"] for s in (8, 16, 32)] == [f"model.model.{i}" for i in detect.f]
     convs = v8.prediction_convs()
-    assert len(convs) == 7  # 3 box + 3 class branches + DFL
+    assert len(convs) == 6  # 3 box + 3 class branches
     assert all(isinstance(mods[c], torch.nn.Conv2d) for c in convs)
-    assert {mods[c].out_channels for c in convs} == {64, 3, 1}
+    assert {mods[c].out_channels for c in convs} == {64, 3}
+    fixed = v8.fixed_convs()  # DFL's integral conv: fixed weights, never binarized
+    assert list(fixed) == [f"{v8._det_path}.dfl.conv"] and mods[next(iter(fixed))].out_channels == 1
 
 
 def test_loss_matches_ultralytics_and_decreases(v8):

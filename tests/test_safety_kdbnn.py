@@ -61,6 +61,8 @@ HOSTILE = {
     "mobilenet-backbone": {"family": "mobilenet_yolo", "options": {"backbone_weights": "evil.pt"}},
     "bireal-trust": {"family": "bireal", "options": {"preset": "small", "trust": True}},
     "darknet-extra-key": {"family": "darknet", "cfg_text": "[net]\n", "weights": "evil.pt"},
+    "darknet-options-extra": {"family": "darknet", "options": {"cfg_text": "[net]\n", "weights": "evil.pt"}},
+    "options-and-extra": {"family": "bireal", "options": {"preset": "small"}, "weights": "evil.pt"},
     "unknown-family": {"family": "os.system", "options": {}},
     "value-not-plain": {"family": "bireal", "options": {"preset": {"__class__": "x"}}},
 }
@@ -137,12 +139,20 @@ def test_export_refuses_a_skeleton_the_loader_would_refuse(tmp_path):
 
 
 def test_export_of_an_ultralytics_user_yaml_is_refused(tmp_path):
-    from kd_bnn.config import load_config
-    from kd_bnn.deploy.export import _skeleton_from_config
+    """A model built from a user's own yaml cannot be described by data alone: refused at export."""
+    pytest.importorskip("ultralytics")
+    import kd_bnn.models  # noqa: F401
+    from kd_bnn.models.detector import build_detector
 
-    cfg = load_config(None, ["teacher.family=ultralytics", "teacher.cfg=my/arch.yaml", "student={}"])
+    src = pathlib.Path(__import__("ultralytics").__file__).parent / "cfg" / "models" / "v8" / "yolov8.yaml"
+    own = tmp_path / "arch" / "mine.yaml"
+    own.parent.mkdir()
+    own.write_text(src.read_text())
+    m = build_detector("ultralytics", cfg=str(own), class_names=CLASSES, input_size=(64, 64)).eval()
     with pytest.raises(ExportError, match="only from the name of a yaml shipped with Ultralytics"):
-        _skeleton_from_config(cfg)
+        export(m, tmp_path / "u.kdbnn", (64, 64))
+    shipped = build_detector("ultralytics", cfg="yolov8n.yaml", class_names=CLASSES, input_size=(64, 64)).eval()
+    assert shipped.skeleton() == {"family": "ultralytics", "options": {"cfg": "yolov8n.yaml"}}
 
 
 # ----------------------------------------------------------------------------- tools/export.py outputs
@@ -243,3 +253,16 @@ def test_unknown_family_is_a_value_error_with_the_choices(tmp_path, capsys):
     assert issubclass(UnknownNameError, KeyError)
     rc = load_tool("export").main(["--config", DEMO, "--out", str(tmp_path / "x.kdbnn"), "teacher.family=nope"])
     assert rc == 2 and capsys.readouterr().err.startswith("error: unknown detector 'nope'")
+
+
+def test_importing_ultralytics_leaves_pil_open_alone():
+    """Ultralytics patches PIL.Image.open process-wide (a HEIF-plugin installer on unidentified
+    files); through kd_bnn the patch is undone, so a corrupt image stays a PIL error the data checks name."""
+    pytest.importorskip("ultralytics")
+    from PIL import Image
+
+    from kd_bnn.offline import import_ultralytics
+
+    before = Image.open
+    import_ultralytics()
+    assert Image.open is before

@@ -9,10 +9,10 @@ Rules (applied in this order to every conv, in module registration order):
    ``nn.Conv2d`` in module registration order (the conv that reads the image in every family
    this toolkit builds);
 5. ``keep_last`` and it is a prediction conv -> "prediction conv". Prediction convs are the paths
-   returned by ``model.prediction_convs()`` when the model defines it; else the final convs of
-   every Ultralytics ``Detect``-like head (the last ``nn.Conv2d`` of each Sequential in its
-   ModuleLists: ``cv2[i][2]``, ``cv3[i][2]``); else the last ``nn.Conv2d`` in registration order;
-6. the Ultralytics DFL conv (fixed, non-trainable weights) -> "DFL (fixed weights)";
+   returned by ``model.prediction_convs()`` (the `Detector` hook; every family defines it), else
+   the last ``nn.Conv2d`` in registration order;
+6. a conv the model's ``fixed_convs()`` hook names (e.g. Ultralytics' DFL conv, fixed weights)
+   -> the reason it gives;
 7. ``keep_depthwise`` and depthwise (groups == in_channels > 1) -> "depthwise";
 8. groups != 1 -> "groups unsupported" (the packed kernels of ``kd_bnn.deploy`` are dense; a
    depthwise conv with ``keep_depthwise: false`` lands here too);
@@ -156,10 +156,6 @@ def _check_patterns(key: str, patterns: list[str], conv_paths: list[str]) -> Non
 # ----------------------------------------------------------------------------- special convs
 
 
-def _is_ultralytics(module: nn.Module, class_name: str) -> bool:
-    return any(c.__name__ == class_name and c.__module__.startswith("ultralytics") for c in type(module).__mro__)
-
-
 def first_conv_path(model: nn.Module) -> str | None:
     """Path of the first ``nn.Conv2d`` in module registration order (the conv fed by the image)."""
     for name, m in model.named_modules():
@@ -179,31 +175,14 @@ def prediction_conv_paths(model: nn.Module) -> list[str]:
                 raise ValueError(f"{type(model).__name__}.prediction_convs() returned {p!r}, "
                                  f"which is not a Conv2d module path of the model")
         return paths
-    paths: list[str] = []
-    for name, m in modules.items():
-        if not _is_ultralytics(m, "Detect"):
-            continue
-        for cname, child in m.named_children():
-            if not isinstance(child, nn.ModuleList):
-                continue
-            for j, seq in enumerate(child):
-                if isinstance(seq, nn.Sequential) and len(seq) and isinstance(seq[-1], nn.Conv2d):
-                    prefix = f"{name}.{cname}.{j}" if name else f"{cname}.{j}"
-                    paths.append(f"{prefix}.{len(seq) - 1}")
-    if paths:
-        return paths
     last = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
     return last[-1:]
 
 
-def _dfl_conv_paths(model: nn.Module) -> set[str]:
-    out = set()
-    for name, m in model.named_modules():
-        if _is_ultralytics(m, "DFL"):
-            for cname, c in m.named_modules():
-                if isinstance(c, nn.Conv2d):
-                    out.add(f"{name}.{cname}" if name else cname)
-    return out
+def fixed_conv_paths(model: nn.Module) -> dict[str, str]:
+    """Convs the model says must stay float whatever the policy, with the reason (rule 6)."""
+    fn = getattr(model, "fixed_convs", None)
+    return dict(fn()) if callable(fn) else {}
 
 
 # ----------------------------------------------------------------------------- report
@@ -311,7 +290,7 @@ def binarize(model: nn.Module, policy: PolicyLike = None) -> tuple[nn.Module, Co
         _check_patterns(f"stages.{i}.layers", st.layers, conv_paths)
     first = first_conv_path(model)
     preds = set(prediction_conv_paths(model))
-    dfl = _dfl_conv_paths(model)
+    fixed = fixed_conv_paths(model)
 
     rows: list[ConvRow] = []
     mapping: dict[int, nn.Module] = {}
@@ -330,8 +309,8 @@ def binarize(model: nn.Module, policy: PolicyLike = None) -> tuple[nn.Module, Co
             reason = "first conv"
         elif cfg.keep_last and path in preds and not named_exactly:
             reason = "prediction conv"
-        elif path in dfl:
-            reason = "DFL (fixed weights)"
+        elif path in fixed:
+            reason = fixed[path]
         elif cfg.keep_depthwise and is_depthwise(m):
             reason = "depthwise"
         elif m.groups != 1:

@@ -32,9 +32,8 @@ dictionary, as the uint8 tensor ``meta``, so the checksum covers it):
 
 * **Metadata** (the ``meta`` tensor): ``kind: "kdbnn-model"``, class names, input size
   ``[H, W]``, anchors (pixels, per head, informational, float32 precision), ``skeleton`` - what
-  rebuilds the float module tree (``{"family": "darknet", "cfg_text": ...}`` or
-  ``{"family": F, "options": {...}}`` for ``binary_densenet`` / ``bireal`` /
-  ``mobilenet_yolo`` ...), ``binary`` - the file-level binary options (``mode``, ``pad_value``,
+  rebuilds the float module tree, ``{"family": F, "options": {...}}`` checked against the family's
+  skeleton schema (a Darknet model's only option is its ``cfg_text``), ``binary`` - the file-level binary options (``mode``, ``pad_value``,
   ``weight_scaling``, ``input_scaling``: the most common value among the binary convs) and
   ``num_binary_convs``, ``source`` (config and checkpoint), and ``layers``: one entry per module
   that stores tensors, in ``named_modules`` order, holding only what the skeleton cannot tell::
@@ -118,70 +117,58 @@ class ExportError(ValueError):
 
 
 def skeleton_of(model: nn.Module, extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What rebuilds the model's float module tree: Darknet cfg text, or family + options.
-
-    A Darknet model carries its cfg; other families must be described by
-    ``extra_meta["skeleton"] = {"family": ..., "options": {...}}`` (``export_checkpoint`` fills
-    it from the config), whose options must fit the family's skeleton schema
+    """What rebuilds the model's float module tree, as plain data: the `Detector.skeleton` hook
+    (a Darknet model's cfg text, or a family and its options), or ``extra_meta["skeleton"] =
+    {"family": ..., "options": {...}}``; options must fit the family's skeleton schema
     (:func:`kd_bnn.models.detector.check_skeleton`: plain values only, no file paths, no ``trust``).
     """
     if extra_meta and extra_meta.get("skeleton"):
         sk = dict(extra_meta["skeleton"])
         if "family" not in sk:
             raise ExportError(f"extra_meta['skeleton'] needs a 'family' key, found {sorted(sk)}")
-        if sk["family"] == "darknet":
-            raise ExportError("a darknet skeleton is the model's own cfg text: export the DarknetDetector "
-                              "without extra_meta['skeleton']")
+    else:
+        fn = getattr(model, "skeleton", None)
+        if not callable(fn):
+            raise ExportError(
+                f"cannot tell how to rebuild a {type(model).__name__}: it is not a kd_bnn Detector; pass "
+                "extra_meta={'skeleton': {'family': <registered family>, 'options': {...}}}")
         try:
-            return {"family": sk["family"], "options": check_skeleton(sk["family"], sk.get("options"))}
-        except SkeletonError as exc:
+            sk = fn()
+        except NotImplementedError as exc:
             raise ExportError(f"cannot describe the model for a .kdbnn: {exc}") from None
-    from kd_bnn.models.darknet.model import DarknetDetector
-
-    if isinstance(model, DarknetDetector):
-        return {"family": "darknet", "cfg_text": model.cfg_text()}
-    raise ExportError(
-        f"cannot tell how to rebuild a {type(model).__name__}: pass "
-        "extra_meta={'skeleton': {'family': <registered family>, 'options': {...}}} "
-        "(kd_bnn.deploy.export_checkpoint fills it from the experiment config)"
-    )
-
-
-_SKELETON_KEYS = {"darknet": {"family", "cfg_text"}}
+    try:
+        return {"family": sk["family"], "options": check_skeleton(sk["family"], sk.get("options"))}
+    except SkeletonError as exc:
+        raise ExportError(f"cannot describe the model for a .kdbnn: {exc}") from None
 
 
 def build_skeleton(meta: dict[str, Any]) -> nn.Module:
     """The float module tree of an exported model (no weights loaded).
 
-    The file is data: the tree comes from the Darknet cfg text it holds, or from a registered
-    family and options checked against that family's schema - never from a file it names.
+    The file is data: the tree comes from a registered family and options checked against that
+    family's schema (a Darknet model's options are its cfg text) - never from a file it names.
+    A skeleton without ``options`` holds them beside ``family`` (files written before options
+    were nested: ``{"family": "darknet", "cfg_text": ...}``) and reads the same.
     """
     import kd_bnn.models  # noqa: F401  (registers the families and their skeleton schemas)
 
     sk = meta.get("skeleton")
     if not isinstance(sk, dict):
         raise FormatError(f"metadata 'skeleton': expected a mapping, found {type(sk).__name__}")
-    family = sk.get("family")
+    if "options" not in sk:
+        sk = {"family": sk.get("family"), "options": {k: v for k, v in sk.items() if k != "family"}}
     names = meta.get("class_names") or []
     size = meta.get("input_size")
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         raise FormatError(f"metadata 'class_names': expected a list of strings, found {names!r:.80}")
     if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int and v > 0 for v in size)):
         raise FormatError(f"metadata 'input_size': expected [height, width] positive integers, found {size!r:.80}")
-    allowed = _SKELETON_KEYS.get(family, {"family", "options"})
-    extra = sorted(str(k) for k in sk if k not in allowed)
+    extra = sorted(str(k) for k in sk if k not in ("family", "options"))
     if extra:
-        raise FormatError(f"metadata 'skeleton' of family {family!r}: unknown keys {extra}; allowed: {sorted(allowed)}")
-    if family == "darknet":
-        from kd_bnn.models.darknet.cfg import parse_cfg_text
-        from kd_bnn.models.darknet.model import DarknetDetector
-
-        if not isinstance(sk.get("cfg_text"), str):
-            raise FormatError("darknet skeleton without 'cfg_text' text in the metadata")
-        return DarknetDetector(parse_cfg_text(sk["cfg_text"], "<.kdbnn cfg>"), class_names=names or None,
-                               input_size=tuple(size))
+        raise FormatError(f"metadata 'skeleton' of family {sk.get('family')!r}: unknown keys {extra}; "
+                          "allowed: ['family', 'options']")
     try:
-        return build_from_skeleton(family, sk.get("options"), names, tuple(size))
+        return build_from_skeleton(sk.get("family"), sk.get("options"), names, tuple(size))
     except SkeletonError as exc:
         raise FormatError(str(exc)) from None
 
@@ -605,29 +592,6 @@ def export(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int
     }
 
 
-def _skeleton_from_config(cfg: Any) -> dict[str, Any]:
-    """The skeleton options of the config's student family (the checked subset of its options).
-
-    Weight paths (e.g. mobilenet_yolo's ``backbone_weights``) are dropped: the file holds every
-    tensor, and a ``.kdbnn`` never names another file. An Ultralytics architecture is stored by
-    the name of a yaml shipped with Ultralytics.
-    """
-    mcfg = cfg.student.model if (cfg.student is not None and cfg.student.model is not None) else cfg.teacher
-    if mcfg.family == "darknet":
-        return {}  # the model carries its cfg text
-    opts = {k: v for k, v in dict(mcfg.options).items() if not k.endswith("weights")}
-    if mcfg.family == "ultralytics":
-        opts.pop("hyp", None)  # loss gains: training only
-        name = str(mcfg.cfg or "yolov8n.yaml")
-        if "/" in name or "\\" in name or not name.endswith((".yaml", ".yml")):
-            raise ExportError(
-                f"model.cfg {name!r}: a .kdbnn rebuilds an Ultralytics architecture only from the name of a "
-                "yaml shipped with Ultralytics (e.g. yolov8n.yaml), because a user's yaml or .pt names code "
-                "to run; set teacher.cfg to that name (teacher.weights keeps the trained checkpoint)")
-        opts["cfg"] = name
-    return {"family": mcfg.family, "options": opts}
-
-
 def check_outputs(outputs: dict[str, str | os.PathLike | None],
                   inputs: dict[str, str | os.PathLike | None]) -> None:
     """Refuse outputs that would destroy something: a folder, one of the inputs, another output,
@@ -709,11 +673,8 @@ def export_checkpoint(config: str | os.PathLike | Any, checkpoint: str | os.Path
         _check_checkpoint_fits(load_checkpoint(checkpoint), cfg, checkpoint, allow_float, allow_input_size_change)
         model = load_student(cfg, checkpoint)
     model.eval()
-    sk = _skeleton_from_config(cfg)
     extra: dict[str, Any] = {"source": {"config": str(config) if not isinstance(config, ExperimentConfig)
                                         else cfg.name, "checkpoint": None if checkpoint is None else str(checkpoint)}}
-    if sk:
-        extra["skeleton"] = sk
     report = export(model, out, tuple(cfg.data.input_size), extra)
     report["config"] = extra["source"]["config"]
     report["checkpoint"] = extra["source"]["checkpoint"]

@@ -7,7 +7,6 @@ head outputs of both detectors. Each class cites the paper its formula comes fro
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,17 +172,17 @@ class MimicMasked(DistillLoss):
 
 def teacher_confidence_mask(model: nn.Module | None, raw: Any, feat_hw: tuple[int, int],
                             threshold: float) -> torch.Tensor | None:
-    """(B, 1, h, w) mask of cells where a YOLO anchor head of `model` predicts objectness
-    (sigmoid, max over anchors) above `threshold`, resized to the feature map (max-pooled when
-    shrinking, nearest when growing) and united over heads; None without anchor heads."""
-    heads = getattr(model, "heads", None)
-    if raw is None or not heads or not all(hasattr(hd, "split") for hd in heads):
+    """(B, 1, h, w) mask of cells where `model` sees an object with probability above `threshold`
+    (its ``objectness_maps(raw)`` hook: per head (B, H, W)), resized to the feature map
+    (max-pooled when shrinking, nearest when growing) and united over heads; None when the model
+    has no objectness maps."""
+    fn = getattr(model, "objectness_maps", None)
+    maps = fn(raw) if (raw is not None and callable(fn)) else None
+    if not maps:
         return None
-    raws = list(raw) if isinstance(raw, (list, tuple)) else [raw]
     out = None
-    for hd, r in zip(heads, raws):
-        obj = torch.sigmoid(hd.split(r.detach())[..., 4].float()).amax(dim=1, keepdim=False)  # (B, H, W)
-        m = (obj > threshold).float()[:, None]
+    for obj in maps:
+        m = (obj.detach().float() > threshold).float()[:, None]
         if m.shape[-2:] != tuple(feat_hw):
             if m.shape[-2] >= feat_hw[0] and m.shape[-1] >= feat_hw[1]:
                 m = F.adaptive_max_pool2d(m, feat_hw)
@@ -263,40 +262,15 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / (area_a[:, None] + area_b[None, :] - inter).clamp_min(1e-9)
 
 
-def _resolve_callable(spec: Any) -> Callable | None:
-    if spec is None or callable(spec):
-        return spec
-    if isinstance(spec, str) and ":" in spec:
-        mod, _, attr = spec.partition(":")
-        return getattr(importlib.import_module(mod), attr)
-    raise ValueError(f"output_kd layout must be a callable or 'module:function', found {spec!r}")
-
-
-def anchor_heads_layout(heads: Any, raw: Any, input_size: Any = None) -> dict[str, torch.Tensor]:
-    """Output layout of YOLO anchor heads (``kd_bnn.models.heads``): ``split`` gives per-anchor
-    logits (B, A, H, W, 5 + C) and ``decode`` the boxes; concatenated over heads."""
-    raws = list(raw) if isinstance(raw, (list, tuple)) else [raw]
-    if len(raws) != len(heads):
-        raise ValueError(f"output_kd: {len(heads)} heads but {len(raws)} raw maps")
-    obj, cls, box = [], [], []
-    for h, r in zip(heads, raws):
-        p = h.split(r)
-        b = p.shape[0]
-        obj.append(p[..., 4].reshape(b, -1))
-        cls.append(p[..., 5:].reshape(b, -1, p.shape[-1] - 5))
-        box.append(h.decode(r, input_size)[0])
-    return {"obj": torch.cat(obj, 1), "cls": torch.cat(cls, 1), "box": torch.cat(box, 1)}
-
-
 @DISTILL_LOSSES.register("output_kd")
 class OutputKD(DistillLoss):
     """Head-level KD: soft objectness / class targets with temperature, and a teacher-bounded
     box regression.
 
-    The head layout comes from, in order: the ``layout`` option (a callable or
-    ``"module:function"`` taking ``raw`` and returning a dict), the detector's
-    ``distill_outputs(raw)`` method, or its ``heads`` (YOLO anchor heads with ``split`` and
-    ``decode``, see `anchor_heads_layout`). The dict holds per-prediction tensors of shape (B, K, ...):
+    The head layout comes from the ``layout`` option (a callable taking ``raw`` and returning a
+    dict: Python API only, a config cannot name code) or else the detector's
+    ``distill_outputs(raw)`` hook (`kd_bnn.models.Detector`). The dict holds per-prediction
+    tensors of shape (B, K, ...):
     ``obj`` (B, K) objectness logits, ``cls`` (B, K, C) class logits, ``box`` (B, K, 4) decoded
     boxes x1y1x2y2 in input pixels; any may be missing.
 
@@ -326,21 +300,15 @@ class OutputKD(DistillLoss):
         self.obj_weight, self.cls_weight, self.box_weight = float(obj_weight), float(cls_weight), float(box_weight)
         self.margin = float(margin)
         self.match_iou = float(match_iou)
-        self.layout = layout  # kept as given (string or callable) so the module stays picklable
+        self.layout = layout
 
     def _layout_fn(self, model: nn.Module | None) -> Callable | None:
-        fn = _resolve_callable(self.layout)
-        if fn is not None:
-            return fn
-        if model is None:
-            return None
-        fn = getattr(model, "distill_outputs", None)
-        if fn is not None:
-            return fn
-        heads = getattr(model, "heads", None)
-        if heads is not None and len(heads) and all(hasattr(h, "split") and hasattr(h, "decode") for h in heads):
-            return lambda raw: anchor_heads_layout(heads, raw, getattr(model, "input_size", None))
-        return None
+        if self.layout is not None:
+            if not callable(self.layout):
+                raise ValueError(f"output_kd: layout must be a callable (Python API), found {self.layout!r}; "
+                                 "from a config the detector's distill_outputs hook is used")
+            return self.layout
+        return getattr(model, "distill_outputs", None) if model is not None else None
 
     def soft_bce(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         T = self.temperature
@@ -350,9 +318,10 @@ class OutputKD(DistillLoss):
         ctx = ctx or DistillContext()
         fs = self._layout_fn(ctx.student_model)
         ft = self._layout_fn(ctx.teacher_model)
-        if fs is None or ft is None:
+        ls = fs(student) if fs is not None else None
+        lt = ft(teacher) if ft is not None else None
+        if ls is None or lt is None:
             return self._raw_kd(student, teacher)
-        ls, lt = fs(student), ft(teacher)
         total = None
         T = self.temperature
 

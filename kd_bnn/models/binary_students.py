@@ -64,8 +64,8 @@ from torch import nn
 from kd_bnn.binary.layers import BinaryConv2d
 from kd_bnn.models.anchors import kitti_default_anchors
 from kd_bnn.models.detector import DETECTORS, Detections, Detector, register_skeleton
+from kd_bnn.models.heads.common import AnchorHeadsMixin, heads_loss, predict_heads
 from kd_bnn.models.heads.common import check_input_size as _check_input_size
-from kd_bnn.models.heads.common import heads_loss, predict_heads
 from kd_bnn.models.heads.yolov2 import REGION_HYPER_KINDS, RegionHead
 from kd_bnn.models.mobilenet_yolo import SpaceToDepth
 from kd_bnn.models.state_dict import load_state_dict_file
@@ -258,7 +258,7 @@ def _stem(c_out: int, k: int) -> nn.Sequential:
     )
 
 
-class BinaryStudentYOLO(Detector):
+class BinaryStudentYOLO(AnchorHeadsMixin, Detector):
     """Shared YOLOv2 head with passthrough on a binary backbone (``self.backbone``, a Sequential).
 
     Subclasses build ``self.backbone`` whose children run in order; the child named
@@ -356,6 +356,9 @@ class BinaryStudentYOLO(Detector):
         self.head.pred = nn.Conv2d(hc, self.region.channels, 1)
 
     # ------------------------------------------------------------------ Detector interface
+    def anchor_heads(self) -> list:
+        return [self.region]
+
     def prediction_convs(self) -> list[str]:
         """Module paths of the convs producing the raw head maps (float by design)."""
         return ["head.pred"]
@@ -685,6 +688,7 @@ def build_binary_densenet(
         input_size,
         **_with_preset(DENSENET_PRESETS, preset, options, "binary_densenet"),
     )
+    model.set_skeleton("binary_densenet", {"preset": preset, **options})
     _load_weights(model, weights)
     return model
 
@@ -704,6 +708,7 @@ def build_bireal(
     model = BiRealYOLO(
         class_names, input_size, **_with_preset(BIREAL_PRESETS, preset, options, "bireal")
     )
+    model.set_skeleton("bireal", {"preset": preset, **options})
     _load_weights(model, weights)
     return model
 

@@ -78,6 +78,49 @@ class Detector(nn.Module):
                 max_det: int = 300) -> list[Detections]:  # pragma: no cover - interface
         raise NotImplementedError(f"{type(self).__name__} must implement Detector.predict")
 
+    # -- optional hooks: generic rooms (binarize, distillation, export) ask the family, never
+    # -- test its type. Defaults suit a plain single-output detector.
+    def prediction_convs(self) -> list[str]:
+        """Paths of the ``nn.Conv2d`` that produce the raw head maps (binarize keeps them float
+        under ``keep_last``). Default: the last conv in registration order."""
+        convs = [n for n, m in self.named_modules() if isinstance(m, nn.Conv2d)]
+        return convs[-1:]
+
+    def fixed_convs(self) -> dict[str, str]:
+        """Convs binarize must always keep float, with the reason (e.g. fixed, non-trained
+        weights). Default: none."""
+        return {}
+
+    def distill_outputs(self, raw) -> dict[str, torch.Tensor] | None:
+        """Per-prediction view of ``raw`` for output-level distillation: ``obj`` (B, K) logits,
+        ``cls`` (B, K, C) logits, ``box`` (B, K, 4) x1y1x2y2 input pixels (any may be missing);
+        None when the family has no such view."""
+        return None
+
+    def objectness_maps(self, raw) -> list[torch.Tensor] | None:
+        """Per head, the (B, H, W) objectness probability (max over anchors) of ``raw``: where
+        the model sees objects (object-region distillation). None when the family has none."""
+        return None
+
+    def skeleton(self) -> dict[str, Any]:
+        """What rebuilds this model's float module tree with no weights, as plain data: ``{"family":
+        F, "options": {...}}`` checked by :func:`check_skeleton` (inverse: :func:`build_from_skeleton`).
+        Factories record it; a model built another way cannot be exported without one."""
+        sk = getattr(self, "_skeleton", None)
+        if sk is None:
+            raise NotImplementedError(f"{type(self).__name__} records no skeleton (build it through its "
+                                      "registered factory, kd_bnn.models.build_detector)")
+        return {"family": sk["family"], "options": dict(sk["options"])}
+
+    def set_skeleton(self, family: str, options: Mapping[str, Any]) -> None:
+        """Record the factory call that built this model (see :meth:`skeleton`); factories pass their
+        architecture options, never weight paths or ``trust``. Tuples are stored as lists (JSON)."""
+        self._skeleton = {"family": family, "options": {k: _plain(v) for k, v in options.items()}}
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
 
 def build_detector(family: str, **kwargs) -> Detector:
     """Build a registered detector family by name (see ``DETECTORS.list()``)."""
@@ -89,10 +132,11 @@ def build_detector(family: str, **kwargs) -> Detector:
 # A ``.kdbnn`` file is data: the module tree it describes (its *skeleton*) is rebuilt from a
 # registered family name plus plain-value options checked against that family's schema, never
 # from a file the skeleton names, never with ``trust``, never through anything that unpickles
-# (docs/architecture.md, "The .kdbnn file").
+# (README, "Bad input and safety").
 
 #: Value kinds a skeleton option may have; a trailing ``?`` also admits ``None``.
-SKELETON_KINDS = ("bool", "int", "float", "name", "ints", "floats", "anchors")
+SKELETON_KINDS = ("bool", "int", "float", "name", "text", "ints", "floats", "anchors")
+_MAX_TEXT = 1 << 20
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
 
 
@@ -139,6 +183,8 @@ def _kind_ok(v: Any, kind: str) -> bool:
         return _is_num(v, kind == "int")
     if kind == "name":
         return isinstance(v, str) and _NAME.fullmatch(v) is not None
+    if kind == "text":  # a description the family parses itself (e.g. a Darknet cfg)
+        return isinstance(v, str) and len(v) <= _MAX_TEXT
     if kind in ("ints", "floats"):
         one = kind[:-1]
         return _kind_ok(v, one) or (isinstance(v, list) and 0 < len(v) <= 64 and all(_kind_ok(x, one) for x in v))

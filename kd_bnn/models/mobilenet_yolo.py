@@ -22,8 +22,8 @@ from torch import nn
 
 from kd_bnn.models.anchors import kitti_default_anchors
 from kd_bnn.models.detector import DETECTORS, Detections, Detector, register_skeleton
+from kd_bnn.models.heads.common import AnchorHeadsMixin, heads_loss, predict_heads
 from kd_bnn.models.heads.common import check_input_size as _check_input_size
-from kd_bnn.models.heads.common import heads_loss, predict_heads
 from kd_bnn.models.heads.yolov2 import REGION_HYPER_KINDS, RegionHead
 from kd_bnn.models.state_dict import load_state_dict_file
 
@@ -72,7 +72,7 @@ class SpaceToDepth(nn.Module):
         return F.pixel_unshuffle(x, self.stride)
 
 
-class MobileNetYOLO(Detector):
+class MobileNetYOLO(AnchorHeadsMixin, Detector):
     """MobileNetV2 + YOLOv2 head with passthrough (the paper's MobileNet-YOLO teacher).
 
     Args:
@@ -128,6 +128,9 @@ class MobileNetYOLO(Detector):
             "stride32": f"backbone.{last}",
             "head": "head.conv3",
         }
+
+    def anchor_heads(self) -> list:
+        return [self.region]
 
     def prediction_convs(self) -> list[str]:
         """Module paths of the convs producing the raw head maps (kept float by binarization)."""
@@ -200,6 +203,7 @@ def build_mobilenet_yolo(class_names: Sequence[str] = ("Car", "Pedestrian", "Cyc
         raise ValueError(f"model.cfg: the mobilenet_yolo family takes no cfg file, found {cfg!r}; "
                          "set its options under model.options (width_mult, head_channels, ...)")
     model = MobileNetYOLO(class_names, input_size, **options)
+    model.set_skeleton("mobilenet_yolo", {k: v for k, v in options.items() if k != "backbone_weights"})
     if weights is not None:
         state = load_state_dict_file(weights)
         result = model.load_state_dict(state, strict=False)

@@ -117,8 +117,7 @@ class UltralyticsDetector(Detector):
         return [int(s) for s in self.detect.stride.tolist()]
 
     def prediction_convs(self) -> list[str]:
-        """Convs that must stay float: the last conv of every box / class branch of Detect, and
-        DFL's fixed integral conv."""
+        """The last conv of every box / class branch of Detect (they produce the raw maps)."""
         out = []
         for branch in ("cv2", "cv3", "one2one_cv2", "one2one_cv3"):
             seqs = getattr(self.detect, branch, None)
@@ -127,9 +126,27 @@ class UltralyticsDetector(Detector):
             for i, seq in enumerate(seqs):
                 last = [n for n, m in seq.named_modules() if isinstance(m, nn.Conv2d)][-1]
                 out.append(f"{self._det_path}.{branch}.{i}.{last}")
-        if isinstance(getattr(self.detect.dfl, "conv", None), nn.Conv2d):
-            out.append(f"{self._det_path}.dfl.conv")
         return out
+
+    def fixed_convs(self) -> dict[str, str]:
+        """DFL's integral conv: fixed weights 0..reg_max-1, never trained, always float."""
+        if isinstance(getattr(self.detect.dfl, "conv", None), nn.Conv2d):
+            return {f"{self._det_path}.dfl.conv": "DFL (fixed weights)"}
+        return {}
+
+    def skeleton(self) -> dict:
+        """``{"family": "ultralytics", "options": {"cfg": <name of a yaml shipped with Ultralytics>}}``
+        (a user's own yaml names Python modules to build, so it is not stored in a ``.kdbnn``)."""
+        yaml_file = str((getattr(self.model, "yaml", None) or {}).get("yaml_file") or "")
+        name = Path(yaml_file).name
+        if not name or Path(yaml_file).parent != Path("."):
+            shipped = Path(import_ultralytics().__file__).resolve().parent / "cfg"
+            if not name or shipped not in Path(yaml_file).resolve().parents:
+                raise NotImplementedError(
+                    f"this Ultralytics model was built from {yaml_file or 'an unnamed architecture'}; a .kdbnn "
+                    "rebuilds an Ultralytics architecture only from the name of a yaml shipped with Ultralytics "
+                    "(e.g. yolov8n.yaml), because a user's yaml names Python modules to build")
+        return {"family": "ultralytics", "options": {"cfg": name}}
 
     # -- forward and format conversion -------------------------------------------------------
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:

@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,15 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_bnn.io import atomic_write_text
-from kd_bnn.models.darknet.cfg import CfgError, Section, format_cfg, parse_cfg
+from kd_bnn.models.darknet.cfg import CfgError, Section, format_cfg, parse_cfg, parse_cfg_text
 from kd_bnn.models.darknet.weights import (
     LayerBlobs,
     WeightsHeader,
     read_weights,
     write_weights,
 )
-from kd_bnn.models.detector import DETECTORS, Detections, Detector
-from kd_bnn.models.heads import RegionHead, YoloHead, heads_loss, predict_heads
+from kd_bnn.models.detector import DETECTORS, Detections, Detector, register_skeleton
+from kd_bnn.models.heads import AnchorHeadsMixin, RegionHead, YoloHead, heads_loss, predict_heads
 from kd_bnn.models.state_dict import load_state_dict_file
 
 __all__ = [
@@ -276,7 +277,7 @@ def _resolve(sec: Section, key: str, idx: int, ref: int) -> int:
     return j
 
 
-class DarknetDetector(Detector):
+class DarknetDetector(AnchorHeadsMixin, Detector):
     """A Darknet cfg as an ``nn.Module`` graph meeting the :class:`Detector` interface.
 
     Attributes:
@@ -513,6 +514,9 @@ class DarknetDetector(Detector):
         return taps
 
     # -- introspection -----------------------------------------------------------------------
+    def anchor_heads(self) -> list:
+        return list(self.heads)
+
     def prediction_convs(self) -> list[str]:
         """Module paths of the ``nn.Conv2d`` that predict each head's raw map (keep them float)."""
         return [f"layers.{i - 1}.conv" for i in self.head_layers]
@@ -615,6 +619,10 @@ class DarknetDetector(Detector):
         """The cfg of this model (``[net]`` width/height = ``input_size``)."""
         return format_cfg(self.sections)
 
+    def skeleton(self) -> dict[str, Any]:
+        """A Darknet model is rebuilt from its own cfg text (no file is named)."""
+        return {"family": "darknet", "options": {"cfg_text": self.cfg_text()}}
+
 
 # --------------------------------------------------------------------------------------------
 # Public entry points
@@ -705,6 +713,14 @@ def darknet(cfg: str | os.PathLike | None = None, weights: str | os.PathLike | N
         else:
             _load_state_dict(model, path)
     return model
+
+
+def _from_cfg_text(class_names: list[str], input_size: tuple[int, int], opts: dict[str, Any]) -> DarknetDetector:
+    return DarknetDetector(parse_cfg_text(opts["cfg_text"], "<.kdbnn cfg>"), class_names=class_names or None,
+                           input_size=input_size)
+
+
+register_skeleton("darknet", {"cfg_text": "text"}, _from_cfg_text)
 
 
 def random_weights_(model: DarknetDetector, seed: int = 0) -> DarknetDetector:

@@ -2,6 +2,7 @@
 
 from kd_bnn.models.heads.common import (
     AnchorHead,
+    AnchorHeadsMixin,
     decode_heads,
     heads_loss,
     postprocess,
@@ -10,4 +11,4 @@ from kd_bnn.models.heads.common import (
 from kd_bnn.models.heads.yolov2 import RegionHead
 from kd_bnn.models.heads.yolov3 import YoloHead
 
-__all__ = ["AnchorHead", "RegionHead", "YoloHead", "decode_heads", "heads_loss", "postprocess", "predict_heads"]
+__all__ = ["AnchorHead", "AnchorHeadsMixin", "RegionHead", "YoloHead", "decode_heads", "heads_loss", "postprocess", "predict_heads"]

@@ -383,3 +383,45 @@ def mse_sigmoid(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def bce_logits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy on logits; its gradient ``sigmoid - target`` is Darknet's yolo delta."""
     return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none")
+
+
+def anchor_heads_outputs(heads: Sequence[AnchorHead], raws: Sequence[torch.Tensor],
+                         input_size: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """Per-prediction view of anchor heads for output-level distillation (`Detector.distill_outputs`):
+    ``obj`` (B, K) and ``cls`` (B, K, C) logits from ``split``, ``box`` (B, K, 4) from ``decode``,
+    concatenated over heads."""
+    raws = list(raws) if isinstance(raws, (list, tuple)) else [raws]
+    if len(raws) != len(heads):
+        raise ValueError(f"expected one raw map per head ({len(heads)}), found {len(raws)}")
+    obj, cls, box = [], [], []
+    for h, r in zip(heads, raws):
+        p = h.split(r)
+        b = p.shape[0]
+        obj.append(p[..., 4].reshape(b, -1))
+        cls.append(p[..., 5:].reshape(b, -1, p.shape[-1] - 5))
+        box.append(h.decode(r, input_size)[0])
+    return {"obj": torch.cat(obj, 1), "cls": torch.cat(cls, 1), "box": torch.cat(box, 1)}
+
+
+def anchor_heads_objectness(heads: Sequence[AnchorHead], raws: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per head, the (B, H, W) objectness probability ``sigmoid(to)``, max over anchors
+    (`Detector.objectness_maps`)."""
+    raws = list(raws) if isinstance(raws, (list, tuple)) else [raws]
+    return [torch.sigmoid(h.split(r.detach())[..., 4].float()).amax(dim=1) for h, r in zip(heads, raws)]
+
+
+class AnchorHeadsMixin:
+    """`Detector` hooks for families whose raw maps come from anchor heads: list them in
+    ``anchor_heads()`` and output-level distillation and object-region masks work unchanged.
+    Put it before `Detector` in the bases."""
+
+    input_size: tuple[int, int]
+
+    def anchor_heads(self) -> list[AnchorHead]:  # pragma: no cover - interface
+        raise NotImplementedError(f"{type(self).__name__} must list its anchor heads")
+
+    def distill_outputs(self, raw) -> dict[str, torch.Tensor]:
+        return anchor_heads_outputs(self.anchor_heads(), raw, getattr(self, "input_size", None))
+
+    def objectness_maps(self, raw) -> list[torch.Tensor]:
+        return anchor_heads_objectness(self.anchor_heads(), raw)
