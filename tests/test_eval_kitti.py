@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from toolload import load_tool
 
-from kd_bnn.data.kitti import FrameLabels, KittiFormatError
+from kd_bnn.data.kitti import FIELD_NAMES, FrameLabels, KittiFormatError
 from kd_bnn.eval.kitti import (
     detections_to_frame,
     evaluate_kitti,
@@ -507,3 +507,96 @@ def test_frame_chunking_gives_identical_results(monkeypatch):
     monkeypatch.setattr(K, "_frame_chunks", lambda *a, **k: orig(*a, max_pairs=7))
     chunked = evaluate_kitti(gt, det)
     assert chunked.ap == whole.ap
+
+
+# ----------------------------------------------------------------------------- bad input (safety issue)
+# The fast bulk reader must refuse what `kd_bnn.data.kitti.read_label_file` refuses, with the same
+# one-line file:line messages, and must not lose or misplace objects.
+def _bad_input_case(tmp_path, n=3):
+    gt, det = many_cars(n)
+    _write_dir(tmp_path / "gt", gt, False)
+    _write_dir(tmp_path / "det", det, True)
+    return tmp_path / "gt", tmp_path / "det"
+
+
+@pytest.mark.parametrize("kind,field,token", [
+    ("gt", "x2", "inf"), ("gt", "y1", "-inf"), ("gt", "truncated", "inf"),
+    ("gt", "alpha", "-inf"), ("gt", "z", "inf"),  # a field the 2D evaluation does not read
+    ("det", "score", "inf"), ("det", "score", "-inf"), ("det", "x1", "-inf"), ("det", "h", "inf"),
+])
+def test_non_finite_value_in_gt_or_results_names_file_line_field(tmp_path, kind, field, token):
+    # repro: `inf` in ground truth or as a result score was accepted (only nan was refused)
+    gt, det = _bad_input_case(tmp_path)
+    p = (gt if kind == "gt" else det) / "000001.txt"
+    toks = p.read_text().split()
+    toks[FIELD_NAMES.index(field)] = token
+    p.write_text(p.read_text() + " ".join(toks) + "\n")  # a second line
+    with pytest.raises(KittiFormatError) as err:
+        evaluate_kitti_dirs(gt, det)
+    assert str(err.value) == f"{p}:2: field '{field}': expected a finite number, found '{token}'"
+
+
+def test_non_finite_in_memory_detections_and_writer_refused():
+    gt, det = many_cars(2)
+    det["000001"].scores[0] = np.inf
+    with pytest.raises(ValueError, match=r"frame '000001', object 0: expected finite numbers.*score inf"):
+        evaluate_kitti(gt, det)
+    with pytest.raises(ValueError, match=r"detection 0: expected finite numbers, found box \[0.0, 0.0, inf"):
+        format_result_lines([[0, 0, np.inf, 10]], [0.5], [0], ["Car"])
+    with pytest.raises(ValueError, match=r"detection 0: expected finite numbers.*score -inf"):
+        format_result_lines([[0, 0, 10, 10]], [-np.inf], [0], ["Car"])
+
+
+@pytest.mark.parametrize("kind", ["gt", "det"])
+def test_bom_prefixed_file_keeps_its_first_object(tmp_path, kind):
+    # repro: a ground-truth file saved "UTF-8 with BOM" silently lost its first object
+    gt, det = _bad_input_case(tmp_path, 45)  # > 40 true positives: perfect detection is AP 100
+    want = evaluate_kitti_dirs(gt, det)
+    folder = gt if kind == "gt" else det
+    for fid in ("000000", "000007"):
+        p = folder / f"{fid}.txt"
+        p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    got = evaluate_kitti_dirs(gt, det)
+    assert got.ap == want.ap and got.num_gt == want.num_gt and got.unknown_classes == {}
+    assert got.ap["Car"]["R40"]["easy"] == 100.0
+    from kd_bnn.eval.kitti import read_kitti_dir
+
+    flat, _ = read_kitti_dir(folder, ["000000", "000001"], results=kind == "det")
+    assert flat.raw_types.tolist() == ["Car", "Car"] and flat.offsets.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kind", ["gt", "det"])
+@pytest.mark.parametrize("where", ["type", "number"])
+def test_non_utf8_file_is_one_line_error_naming_file_and_line(tmp_path, kind, where):
+    # repro: a Latin-1 file was decoded with replacement characters and scored without a word
+    gt, det = _bad_input_case(tmp_path)
+    p = (gt if kind == "gt" else det) / "000002.txt"
+    first = p.read_bytes()
+    toks = first.split()
+    if where == "type":
+        toks[0] = b"Caf\xe9"
+    else:
+        toks[4] = b"1\xe90"
+    p.write_bytes(first + b" ".join(toks) + b"\n")
+    with pytest.raises(KittiFormatError) as err:
+        evaluate_kitti_dirs(gt, det)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{p}:2: not a UTF-8 text file (byte 0xe9 at offset ")
+
+
+def test_bulk_reader_keeps_objects_in_their_own_frame(tmp_path):
+    # a blank line in one file and two objects on one line of another used to balance out in the
+    # global token count: the second file's first object went to the first frame
+    gt, det = _bad_input_case(tmp_path, 2)
+    a, b = gt / "000000.txt", gt / "000001.txt"
+    a.write_text(a.read_text() + "\n")
+    one = b.read_text().strip()
+    b.write_text(one + " " + one + "\n")
+    with pytest.raises(KittiFormatError, match=rf"{b.name}:1: expected 15 fields .*found 30"):
+        evaluate_kitti_dirs(gt, det)
+    # blank lines, CRLF and CR line ends stay fine, objects stay in their frame
+    b.write_text("\n" + one + "\r\n\r\n  \n" + one.replace("100.00 100.00 200.00", "300.00 100.00 400.00") + "\r")
+    from kd_bnn.eval.kitti import read_kitti_dir
+
+    flat, _ = read_kitti_dir(gt, ["000000", "000001"], results=False)
+    assert flat.offsets.tolist() == [0, 1, 3] and flat.boxes[:, 0].tolist() == [100.0, 100.0, 300.0]

@@ -184,6 +184,44 @@ def test_zero_area_boxes_dropped_with_one_warning(tmp_path):
     assert len(msgs) == 1 and "2 zero-area box(es)" in msgs[0] and "000000.txt" in msgs[0]
 
 
+# ----------------------------------------------------------------------------- split files
+def test_training_split_listing_a_frame_twice_is_refused(tmp_path, capsys):
+    # repro: a train split listing a frame twice was accepted and training used the frame twice
+    root = make_root(tmp_path, {"000000": [line("Car")], "000001": [line("Car")]},
+                     splits={"train": ["000000", "000001"], "val": ["000001"]})
+    split = root / "ImageSets" / "train.txt"
+    split.write_text("000000\n\n000001\n000000\n")
+    msg = f"{split}:4: frame id '000000' is listed twice (first on line 1)"  # real line numbers
+    with pytest.raises(KittiFormatError) as err:
+        read_split(split)
+    assert str(err.value) == msg
+    with pytest.raises(KittiFormatError) as err:
+        KittiDataset(root, "train")
+    assert str(err.value) == msg
+    rc = load_tool("train").main([str(_config(tmp_path, root)), "--no-progress"])
+    out = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in out and f"error: {msg}" in out
+    assert not (tmp_path / "runs").exists()
+    split.write_text("000001\n000000\n")  # each once, in any order: fine
+    assert read_split(split) == ["000001", "000000"]
+
+
+def test_split_errors_give_the_real_line_number(tmp_path):
+    # the non-numeric-id error used to count only non-blank lines
+    split = tmp_path / "s.txt"
+    split.write_text("000000\n\n\n000001\nframe_2\n")
+    with pytest.raises(KittiFormatError) as err:
+        read_split(split)
+    assert str(err.value) == f"{split}:5: expected a numeric frame id, found 'frame_2'"
+    split.write_bytes(b"\xef\xbb\xbf000000\r\n\r\n\xc2\xb2\r\n")  # BOM, CRLF; a superscript digit
+    with pytest.raises(KittiFormatError) as err:
+        read_split(split)
+    assert str(err.value) == f"{split}:3: expected a numeric frame id, found '\u00b2'"
+    split.write_bytes(b"000000\n00000\xe9\n")
+    with pytest.raises(KittiFormatError, match=r"s\.txt:2: not a UTF-8 text file"):
+        read_split(split)
+
+
 # ----------------------------------------------------------------------------- (12) garbage label file
 def test_garbage_label_file_one_line_error_naming_file_and_line(tmp_path):
     # repro: a non-UTF-8 label file gave a UnicodeDecodeError without the file name

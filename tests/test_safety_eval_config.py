@@ -228,6 +228,30 @@ def test_duplicated_val_split_in_model_mode_fails_before_work(synth, teacher_run
     assert not out.exists()
 
 
+def test_model_mode_preflights_only_the_val_images(synth, teacher_run, tmp_path, capsys):
+    # evaluating reads only the val split: a bad training image must not stop it
+    from kd_bnn.data.dataset import KittiDatasetError
+    from kd_bnn.engine.evaluate import val_dataset
+    from kd_bnn.engine.preflight import check_dataset
+
+    root = tmp_path / "data"
+    shutil.copytree(synth, root)
+    bad = root / "training" / "image_2" / f"{(root / 'ImageSets' / 'train.txt').read_text().split()[0]}.png"
+    bad.write_bytes(bad.read_bytes()[:100])  # cut short
+    cfg = load_config(teacher_run[0], [f"data.root={root}"])
+    with pytest.raises(KittiDatasetError, match="train split"):
+        check_dataset(cfg)  # training still refuses it
+    assert len(val_dataset(cfg)) == 2
+    out = tmp_path / "e"
+    rc = load_tool("eval").main(_eval_model(teacher_run, "--out", str(out), f"data.root={root}"))
+    assert rc == 0, capsys.readouterr().err
+    assert len(list(out.glob("*.txt"))) == 2
+    bad_val = root / "training" / "image_2" / f"{(root / 'ImageSets' / 'val.txt').read_text().split()[0]}.png"
+    bad_val.write_bytes(b"not an image")
+    with pytest.raises(KittiDatasetError, match=r"1 of 2 images of the val split"):
+        val_dataset(cfg)
+
+
 @pytest.mark.parametrize("kind", ["missing", "empty", "no_matching_file"])
 def test_missing_or_empty_pred_dir_is_an_error_unless_allowed(tmp_path, capsys, kind):
     """The report: a missing or empty --pred-dir printed a warning and exited 0 with all AP 0."""

@@ -257,21 +257,36 @@ def difficulty_of(labels: FrameLabels) -> np.ndarray:
 
 
 def read_split(path: str | os.PathLike) -> list[str]:
-    """Frame ids (e.g. '000123') of a split file, one per line.
+    """Frame ids (e.g. '000123') of a split file, one per line (blank lines and a leading
+    byte-order mark are skipped).
+
+    An id listed twice is refused: training would use that frame twice as often, and the devkit
+    evaluation would count its objects twice and change the AP.
 
     Raises:
-        FileNotFoundError / KittiFormatError: a missing or empty split, naming the file.
+        FileNotFoundError: a missing split file.
+        KittiFormatError: an empty split, a file that is not UTF-8 text, a non-numeric id
+            (``<file>:<line>: expected a numeric frame id, found 'x'``) or an id listed twice
+            (``<file>:<line>: frame id '000123' is listed twice (first on line 4)``), with the
+            real line number in the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"split file {path} does not exist")
-    ids = [line.strip() for line in decode_text(path.read_bytes(), path).splitlines() if line.strip()]
-    if not ids:
+    first: dict[str, int] = {}
+    for lineno, line in enumerate(decode_text(path.read_bytes(), path).splitlines(), 1):
+        fid = line.strip()
+        if not fid:
+            continue
+        if not (fid.isascii() and fid.isdigit()):
+            raise KittiFormatError(f"{path}:{lineno}: expected a numeric frame id, found {fid!r}")
+        if fid in first:
+            raise KittiFormatError(
+                f"{path}:{lineno}: frame id {fid!r} is listed twice (first on line {first[fid]})")
+        first[fid] = lineno
+    if not first:
         raise KittiFormatError(f"split file {path} is empty: expected one frame id per line")
-    for i, fid in enumerate(ids, 1):
-        if not fid.isdigit():
-            raise KittiFormatError(f"{path}:{i}: expected a numeric frame id, found {fid!r}")
-    return ids
+    return list(first)
 
 
 def frame_ids_in(directory: str | os.PathLike, suffix: str = ".txt") -> list[str]:

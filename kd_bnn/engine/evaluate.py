@@ -150,8 +150,10 @@ def teacher_weights_of(cfg: ExperimentConfig, teacher_weights: str | os.PathLike
 # --------------------------------------------------------------------------------------------
 def val_dataset(cfg: ExperimentConfig) -> KittiDataset:
     """The config's validation split, letterboxed to ``data.input_size`` (generates the synthetic
-    set first when ``data.synthetic`` asks for it; a missing KITTI folder says how to get it)."""
-    check_dataset(cfg)
+    set first when ``data.synthetic`` asks for it; a missing KITTI folder says how to get it).
+    Only the val split's images are preflighted: evaluating neither reads nor fails on training
+    images."""
+    check_dataset(cfg, splits=("val",))
     root = ensure_dataset(cfg.data)
     d = cfg.data
     return KittiDataset(root, d.val_split, classes=d.classes, merge=d.merge, max_images=d.max_images,

@@ -56,6 +56,7 @@ from kd_bnn.data.kitti import (
     MIN_HEIGHT,
     FrameLabels,
     KittiFormatError,
+    decode_text,
     parse_label_lines,
     read_split,
 )
@@ -69,6 +70,7 @@ N_SAMPLE_PTS = 41
 #: The devkit's "no detection" sentinel: scores must be above it to be picked in the recall pass.
 _NO_DETECTION = -10000000.0
 _KNOWN_TYPES = {t.lower() for t in KITTI_TYPES}
+_BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark (codecs.BOM_UTF8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,12 +152,13 @@ def _flat_from_frames(frames: Mapping[str, FrameLabels], ids: Sequence[str], *, 
 
 
 def _check_det_values(boxes: np.ndarray, scores: np.ndarray, where) -> None:
-    """NaN anywhere or a box with x2 < x1 or y2 < y1 -> ValueError naming the object."""
-    bad_nan = np.isnan(boxes).any(axis=1) | np.isnan(scores)
+    """NaN, inf or -inf anywhere or a box with x2 < x1 or y2 < y1 -> ValueError naming the object."""
+    bad_value = ~(np.isfinite(boxes).all(axis=1) & np.isfinite(scores))
     bad_size = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
-    if bad_nan.any():
-        k = int(np.flatnonzero(bad_nan)[0])
-        raise ValueError(f"{where(k)}: NaN in box {boxes[k].tolist()} or score {scores[k]}")
+    if bad_value.any():
+        k = int(np.flatnonzero(bad_value)[0])
+        raise ValueError(f"{where(k)}: expected finite numbers, found box {boxes[k].tolist()} "
+                         f"and score {scores[k]} (nan, inf and -inf are refused)")
     if bad_size.any():
         k = int(np.flatnonzero(bad_size)[0])
         raise ValueError(f"{where(k)}: negative-size box x1 y1 x2 y2 = {boxes[k].tolist()} "
@@ -197,28 +200,29 @@ def _bulk_parse(texts: list[bytes | None], paths: list[str], ids: list[str], n_f
     The fast path splits every file into tokens, converts the columns the 2D evaluation reads
     (ground truth: truncated, occluded, box; results: box, score) and checks that every other
     field is a number too (once per distinct token). Any irregularity (wrong field count, a
-    non-number, NaN, a non-integer occlusion) re-reads the files with
-    `kd_bnn.data.kitti.parse_label_lines` for its precise error (file, line, field).
+    non-number, nan / inf / -inf, a non-integer occlusion, a type that is not UTF-8) re-reads
+    the files with `kd_bnn.data.kitti.decode_text` and `parse_label_lines` for the precise error
+    (file, line, field). `texts` must already be without a leading byte-order mark
+    (`read_kitti_dir` strips it).
     Results keep truncated/occluded as -1 (the devkit does not read them either).
     """
     with_score = n_fields == 16
-    # fast path: every line of every file holds n_fields tokens (checked by the total count and,
-    # for misaligned lines, by the type column below); else split file by file
-    present = [b for b in texts if b]
-    counts = np.array([0 if not b else b.count(b"\n") + (not b.endswith(b"\n")) for b in texts],
-                      dtype=np.int64)
-    toks: list[bytes] = b"\n".join(present).split()
-    if len(toks) != n_fields * int(counts.sum()):
-        toks = []
-        for i, b in enumerate(texts):
-            if not b:
-                counts[i] = 0
-                continue
-            sp = b.split()
-            if len(sp) % n_fields:
-                _slow_check(texts, paths, with_score, only=[i])
-            counts[i] = len(sp) // n_fields
-            toks.extend(sp)
+    # tokens file by file (as fast as one split of everything): a file's objects are its own
+    # tokens, and a file must hold n_fields tokens per non-blank line (else the slow path names
+    # the line); a line of n_fields tokens that is misaligned (e.g. 16 + 14) shows in the type
+    # column below
+    counts = np.zeros(len(texts), dtype=np.int64)
+    toks: list[bytes] = []
+    for i, b in enumerate(texts):
+        if not b:
+            continue
+        sp = b.split()
+        n_obj, rest = divmod(len(sp), n_fields)
+        if rest or (n_obj != b.count(b"\n") + (not b.endswith(b"\n"))
+                    and n_obj != sum(1 for ln in b.splitlines() if ln.strip())):
+            _slow_check(texts, paths, with_score, only=[i])
+        counts[i] = n_obj
+        toks.extend(sp)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     if not toks:
         return KittiFlat(list(ids), offsets, np.zeros(0, dtype=str), np.zeros((0, 4)), np.zeros(0),
@@ -229,19 +233,21 @@ def _bulk_parse(texts: list[bytes | None], paths: list[str], ids: list[str], n_f
     used = (4, 5, 6, 7, 15) if with_score else (1, 2, 4, 5, 6, 7)
     cols: dict[int, np.ndarray] = {}
     uniq, inv = np.unique(np.array(toks[0::n_fields]), return_inverse=True)
-    uniq_s = [u.decode("utf-8", "replace") for u in uniq]
     try:
+        # strict: a non-UTF-8 byte sits in some token (bytes.split() splits at ASCII whitespace
+        # only); in a type it fails here, in a number float() fails: the slow path names it
+        uniq_s = [u.decode("utf-8") for u in uniq]  # UnicodeDecodeError is a ValueError
         if any(_is_number(u) for u in uniq_s):
             raise ValueError
         for k in range(1, n_fields):
             if k in used:
                 col = np.array(list(map(float, toks[k::n_fields])), dtype=np.float64)
-                if np.isnan(col).any():
+                if not np.isfinite(col).all():
                     raise ValueError
                 cols[k] = col
             else:
                 for tok in set(toks[k::n_fields]):
-                    if math.isnan(float(tok)):
+                    if not math.isfinite(float(tok)):
                         raise ValueError
         if not with_score and not np.array_equal(cols[2], np.round(cols[2])):
             raise ValueError
@@ -262,16 +268,16 @@ def _bulk_parse(texts: list[bytes | None], paths: list[str], ids: list[str], n_f
             row = int(np.flatnonzero(bad)[0])
             fi = int(np.searchsorted(offsets, row, side="right") - 1)
             k = row - int(offsets[fi])
-            lineno = _nonblank_lineno(texts[fi], k)
+            lineno = _nonblank_lineno(texts[fi], k, paths[fi])
             raise KittiFormatError(
                 f"{paths[fi]}:{lineno}: negative-size box x1 y1 x2 y2 = {flat.boxes[row].tolist()} "
                 "(expected x2 >= x1 and y2 >= y1)")
     return flat
 
 
-def _nonblank_lineno(text: bytes, k: int) -> int:
+def _nonblank_lineno(text: bytes, k: int, path: str) -> int:
     n = -1
-    for lineno, line in enumerate(text.decode("utf-8", "replace").splitlines(), 1):
+    for lineno, line in enumerate(decode_text(text, path).splitlines(), 1):
         if line.split():
             n += 1
             if n == k:
@@ -280,9 +286,11 @@ def _nonblank_lineno(text: bytes, k: int) -> int:
 
 
 def _slow_check(texts, paths, with_score, only=None) -> None:
+    """Parse the files (all, or those of `only`) one by one, as `read_label_file` does: the first
+    problem raises KittiFormatError naming file and line (a file that is not UTF-8 included)."""
     for i in (range(len(texts)) if only is None else only):
         if texts[i]:
-            parse_label_lines(texts[i].decode("utf-8", "replace").splitlines(), paths[i], with_score)
+            parse_label_lines(decode_text(texts[i], paths[i]).splitlines(), paths[i], with_score)
     if only is not None:
         raise KittiFormatError(f"{paths[only[0]]}: malformed label file")
 
@@ -292,11 +300,17 @@ def read_kitti_dir(directory: str | os.PathLike, ids: Sequence[str], *, results:
     """Read `ids` from a label_2 folder (15 fields) or a result folder (16 fields).
 
     Returns the flat objects and the ids whose file is missing (empty frames). With `strict`,
-    a missing file raises FileNotFoundError listing the first few.
+    a missing file raises FileNotFoundError listing the first few. A UTF-8 byte-order mark
+    opening a file is dropped (as `kd_bnn.data.kitti.read_label_file` does).
+
+    Raises:
+        KittiFormatError: a malformed line, nan / inf / -inf, a file that is not UTF-8 text
+            (file and line named), or an inverted box in a result file.
     """
     directory = str(directory)
     paths = [os.path.join(directory, f"{i}.txt") for i in ids]
     texts = [_read_bytes(p) for p in paths]
+    texts = [t[len(_BOM):] if t is not None and t.startswith(_BOM) else t for t in texts]
     missing = [i for i, t in zip(ids, texts) if t is None]
     if missing and strict:
         kind = "result" if results else "label"
@@ -687,7 +701,8 @@ def evaluate_kitti(gt: Mapping[str, FrameLabels], dets: Mapping[str, FrameLabels
     not in `gt` are ignored. Boxes are x1 y1 x2 y2 in original image pixels.
 
     Raises:
-        ValueError: NaN or a negative-size box in `dets`, scores missing, or an unknown class.
+        ValueError: nan / inf / -inf or a negative-size box in `dets`, scores missing, or an
+            unknown class.
     """
     ids = list(gt.keys())
     g = _flat_from_frames(gt, ids, detections=False)
@@ -734,8 +749,9 @@ def evaluate_kitti_dirs(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
         EmptyResultsError (a FileNotFoundError): `pred_dir` missing or without any result file.
         ValueError: `pred_dir` is a file.
         FileNotFoundError: missing label files (always) or result files (strict), first few listed.
-        KittiFormatError: a malformed line (file, line, field), NaN or a negative-size box, a
-            frame id listed twice in a split file (file, line, id).
+        KittiFormatError: a malformed line (file, line, field), nan / inf / -inf in any field,
+            a file that is not UTF-8 text, a negative-size box in a result file, a frame id
+            listed twice in a split file (file, line, id).
         ValueError: a frame id listed twice in `ids`.
     """
     ids = _resolve_ids(gt_dir, ids)
@@ -761,7 +777,7 @@ def _resolve_ids(gt_dir, ids) -> list[str]:
             raise KittiFormatError(f"no label files (*.txt) in {gt_dir}")
         return out
     if isinstance(ids, (str, os.PathLike)):
-        return read_split_unique(ids)
+        return read_split(ids)  # refuses an id listed twice (it would count twice)
     out = [str(i) for i in ids]
     if not out:
         raise ValueError("empty list of frame ids")
@@ -775,26 +791,14 @@ def _resolve_ids(gt_dir, ids) -> list[str]:
 
 
 def read_split_unique(path: str | os.PathLike) -> list[str]:
-    """`kd_bnn.data.kitti.read_split`, and an id listed twice is an error: the devkit protocol
+    """`kd_bnn.data.kitti.read_split` (kept for its callers): it refuses an id listed twice, which
     would count that frame's objects twice and change the AP.
 
     Raises:
-        FileNotFoundError / KittiFormatError: as `read_split` (missing, empty, non-numeric id);
-            KittiFormatError ``<file>:<line>: frame id '000123' is listed twice (first on line 4)...``.
+        FileNotFoundError / KittiFormatError: as `read_split` (missing, empty, non-numeric id,
+            ``<file>:<line>: frame id '000123' is listed twice (first on line 4)``).
     """
-    ids = read_split(path)
-    first: dict[str, int] = {}
-    text = Path(path).read_bytes().decode("utf-8", "replace").removeprefix("\ufeff")
-    for lineno, line in enumerate(text.splitlines(), 1):
-        fid = line.strip()
-        if not fid:
-            continue
-        if fid in first:
-            raise KittiFormatError(
-                f"{path}:{lineno}: frame id {fid!r} is listed twice (first on line {first[fid]}): "
-                "a frame may be evaluated only once (it would count twice in the AP)")
-        first[fid] = lineno
-    return ids
+    return read_split(path)
 
 
 def load_kitti_dirs(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
