@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kd_bnn.deploy import compare
+from kd_bnn.engine import compare
 
 
 def test_parse_variant():

@@ -13,20 +13,12 @@ from torch import nn
 from kd_bnn.binary import binarize
 from kd_bnn.binary.layers import BinaryConv2d
 from kd_bnn.binary.summary import conv_bn_pairs, float32_model_bytes, packed_model_bytes
-from kd_bnn.deploy.export import (
-    BINARY_OPTIONS,
-    ExportError,
-    bn_affine,
-    build_skeleton,
-    export,
-    export_checkpoint,
-    export_onnx,
-    float_equivalent,
-    split_blobs,
-    tensor_plan,
-)
+from kd_bnn.deploy.export import ExportError, export
 from kd_bnn.deploy.format import load_container, read_metadata
+from kd_bnn.deploy.onnx import export_onnx, float_equivalent
 from kd_bnn.deploy.pack import pack_signs
+from kd_bnn.deploy.schema import BINARY_OPTIONS, bn_affine, build_skeleton, split_blobs, tensor_plan
+from kd_bnn.engine.export import export_checkpoint
 from kd_bnn.models.darknet.model import darknet, random_weights_
 
 REPO = Path(__file__).resolve().parents[1]

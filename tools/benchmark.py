@@ -105,8 +105,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_run(args: argparse.Namespace) -> int:
-    from kd_bnn.deploy.bench_model import benchmark_model, format_model_benchmark
     from kd_bnn.deploy.format import FormatError
+    from kd_bnn.engine.bench_model import benchmark_model, format_model_benchmark
     from kd_bnn.io import atomic_write_text
 
     try:

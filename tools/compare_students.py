@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd_bnn.deploy.compare import compare_students, format_comparison  # noqa: E402
+from kd_bnn.engine.compare import compare_students, format_comparison  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

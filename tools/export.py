@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from kd_bnn.config import ConfigError
-    from kd_bnn.deploy.export import ExportError, check_outputs, export_checkpoint
+    from kd_bnn.deploy.export import ExportError
     from kd_bnn.engine.checkpoint import CheckpointError
+    from kd_bnn.engine.export import check_outputs, export_checkpoint
     from kd_bnn.io import atomic_write_text
 
     try:

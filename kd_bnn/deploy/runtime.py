@@ -4,7 +4,7 @@
 corrupt, truncated, tampered (the compressed metadata included), older- or newer-version files
 raise ``FormatError``), rebuilds the float module tree from the stored skeleton (Darknet cfg
 text, or family + options through :func:`kd_bnn.models.build_detector`, no weights loaded),
-cuts the weight blobs by :func:`kd_bnn.deploy.export.tensor_plan` of that tree and the layer
+cuts the weight blobs by :func:`kd_bnn.deploy.schema.tensor_plan` of that tree and the layer
 table (a table that does not fit the tree, or a blob whose length differs from the plan's, is
 refused naming the module or blob), then
 
@@ -37,17 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_bnn.deploy.export import (
+from kd_bnn.deploy.format import FormatError, load_container
+from kd_bnn.deploy.kernels import bwn_conv2d, weight_panel, xnor_conv2d
+from kd_bnn.deploy.schema import (
     binary_conv_spec,
     binary_options,
     build_skeleton,
     split_blobs,
     tensor_plan,
 )
-from kd_bnn.deploy.format import FormatError, load_container
-from kd_bnn.deploy.kernels import bwn_conv2d, weight_panel, xnor_conv2d
 
-__all__ = ["PackedBinaryConv", "Runtime", "build_skeleton"]
+__all__ = ["PackedBinaryConv", "Runtime"]
 
 
 class PackedBinaryConv(nn.Module):

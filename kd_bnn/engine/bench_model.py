@@ -80,7 +80,7 @@ def _measure(kind: str, model_path: str, teacher_config: str | None, threads: in
             model = build_model(cfg.teacher, cfg.data.classes, (h, w), load_weights=has_w)
         else:
             from kd_bnn.deploy.format import FormatError
-            from kd_bnn.deploy.runtime import build_skeleton
+            from kd_bnn.deploy.schema import build_skeleton
 
             try:
                 model = build_skeleton(meta)
