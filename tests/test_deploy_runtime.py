@@ -355,8 +355,8 @@ def test_layer_table_missing_a_tensor_refused(good_file, tmp_path):
                                                     (3, 2, 2, (9, 11))])
 def test_packed_maxpool_is_sign_of_maxpool(size, stride, padding, hw):
     from kd_bnn.deploy.pack import pack_activations, unpack_activations
-    from kd_bnn.deploy.runtime import packed_maxpool
     from kd_bnn.models.darknet.model import darknet_maxpool
+    from kd_bnn.models.darknet.packed import packed_maxpool
 
     x = torch.randn(2, 70, *hw, generator=torch.Generator().manual_seed(size + padding))
     ref = torch.where(darknet_maxpool(x, size, stride, padding) >= 0, 1.0, -1.0)
@@ -373,10 +373,10 @@ def test_packed_chains_plan_and_equality(tmp_path):
     layers = list(a.model.layers)
     for i, p in enumerate(a.packed_plan):  # nothing packed flows into a float consumer
         if p and i + 1 < len(layers):
-            from kd_bnn.deploy.runtime import _xnor_block
             from kd_bnn.models.darknet.model import MaxPool
+            from kd_bnn.models.darknet.packed import xnor_block
 
-            assert _xnor_block(layers[i + 1]) is not None or isinstance(layers[i + 1], MaxPool)
+            assert xnor_block(layers[i + 1], a.ops) is not None or isinstance(layers[i + 1], MaxPool)
     x = torch.rand(1, 3, *SIZE)
     for p, q in zip(a(x), b(x)):
         assert torch.equal(p, q)

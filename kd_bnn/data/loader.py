@@ -1,6 +1,6 @@
 """Batching: the `Batch` every room consumes, a seeded `DataLoader`, and config -> datasets.
 
-Targets follow DESIGN.md: one (N, 6) tensor per batch, rows (image_index, class, x1, y1, x2, y2)
+Targets follow docs/architecture.md ("The Detector contract"): one (N, 6) tensor per batch, rows (image_index, class, x1, y1, x2, y2)
 in input pixels, plus per-image ignore (DontCare) regions.
 
 Unreadable images met during a run (`KittiDataset` replaces such a frame by the next readable one

@@ -2,8 +2,8 @@
 
 ``Runtime(path)`` loads and validates the file (:func:`kd_bnn.deploy.format.load_container`:
 corrupt, truncated, tampered (the compressed metadata included), older- or newer-version files
-raise ``FormatError``), rebuilds the float module tree from the stored skeleton (Darknet cfg
-text, or family + options through :func:`kd_bnn.models.build_detector`, no weights loaded),
+raise ``FormatError``), rebuilds the float module tree from the stored skeleton (a registered
+family and its schema-checked options: :func:`kd_bnn.deploy.schema.build_skeleton`, no weights),
 cuts the weight blobs by :func:`kd_bnn.deploy.schema.tensor_plan` of that tree and the layer
 table (a table that does not fit the tree, or a blob whose length differs from the plan's, is
 refused naming the module or blob), then
@@ -14,14 +14,15 @@ refused naming the module or blob), then
   ``pad_value``) or :func:`kd_bnn.deploy.kernels.bwn_conv2d` (mode ``bwn``);
 * replaces each conv with a folded BatchNorm by a conv with bias, and that BN by ``Identity``;
 * fuses a following LeakyReLU(0.1) / ReLU into a binary conv's kernel call when the structure
-  makes it certain (a Darknet ``conv -> bn -> act`` block, or consecutive conv, [folded BN], act
-  children of an ``nn.Sequential``);
+  makes it certain (the family's ``activation_blocks`` hook, e.g. a Darknet ``conv -> bn -> act``
+  block, or consecutive conv, [folded BN], act children of an ``nn.Sequential``);
 * loads every other tensor by its state-dict name.
 
 XNOR layers keep their sign words once, in the kernel's panel layout (``words`` is a view).
-In a Darknet model, a layer whose consumers only need signs (XNOR blocks, max-pools feeding
-them) hands them packed bits straight from the kernel (``output="packed"``), and max-pools run
-on the words (``sign(max x) = OR`` of the bits): the same signs, 32x less memory traffic.
+Where the family has a packed graph walk (`Detector.packed_plan` / ``packed_forward``, given this
+module's :class:`PackedOps`), a layer whose consumers only need signs hands them packed bits
+straight from the kernel (``output="packed"``): in a Darknet model XNOR blocks and the max-pools
+between them (``sign(max x) = OR`` of the bits), the same signs with 32x less memory traffic.
 
 ``Runtime(x)`` returns the raw head maps of the student in eval mode; ``predict`` decodes them
 with the skeleton's own ``predict``.
@@ -182,17 +183,21 @@ def _act_name(m: nn.Module) -> str | None:
 
 def _fuse_activations(model: nn.Module) -> int:
     """Fold the activation after a PackedBinaryConv into its kernel call where the structure is
-    certain; returns how many were fused."""
-    from kd_bnn.models.darknet.model import DarknetConv
-
+    certain (the model's `activation_blocks` hook, or ``conv, [Identity], act`` in a plain
+    Sequential); returns how many were fused."""
     count = 0
+    blocks = getattr(model, "activation_blocks", None)
+    for conv_path, bn_path, act_path in (blocks() if callable(blocks) else []):
+        c = model.get_submodule(conv_path)
+        bn = model.get_submodule(bn_path) if bn_path else None
+        act = _act_name(model.get_submodule(act_path))
+        if (isinstance(c, PackedBinaryConv) and c.input_scaling != "xnor_k" and c.activation == "none"
+                and act and (bn is None or isinstance(bn, nn.Identity))):
+            c.activation = act
+            _set(model, act_path, nn.Identity())
+            count += 1
     for m in model.modules():
-        if type(m) is DarknetConv and isinstance(m.conv, PackedBinaryConv) and m.conv.input_scaling != "xnor_k":
-            act = _act_name(m.act)
-            if act and (m.bn is None or isinstance(m.bn, nn.Identity)):
-                m.conv.activation, m.act = act, nn.Identity()
-                count += 1
-        elif isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
+        if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
             kids = list(m._modules.items())
             for i, (_, c) in enumerate(kids):
                 if not isinstance(c, PackedBinaryConv) or c.input_scaling == "xnor_k" or c.activation != "none":
@@ -207,111 +212,33 @@ def _fuse_activations(model: nn.Module) -> int:
     return count
 
 
-# ----------------------------------------------------------------------------- packed XNOR chains
+class PackedOps:
+    """The packed kernels as the `Detector.packed_forward` hook sees them
+    (`kd_bnn.models.detector.PackedOps`): packed tensors are int64 sign words (N, H, W, words)."""
 
+    def __init__(self, backend: str | None = None):
+        self.backend = backend
 
-def packed_maxpool(words: torch.Tensor, size: int, stride: int, padding: int) -> torch.Tensor:
-    """Darknet max-pool on packed sign words ``(N, H, W, nw)``: ``sign(max(x)) = OR`` of the bits.
+    def is_packed_conv(self, conv: nn.Module) -> bool:
+        return isinstance(conv, PackedBinaryConv)
 
-    Padded taps are ``-inf`` in Darknet (bit 0: never wins an OR); same output size as
-    :func:`kd_bnn.models.darknet.model.darknet_maxpool`.
-    """
-    if padding:
-        left = padding // 2
-        right = padding - left
-        words = F.pad(words.permute(0, 3, 1, 2), (left, right, left, right), value=0).permute(0, 2, 3, 1)
-    h, w = words.shape[1], words.shape[2]
-    oh, ow = (h - size) // stride + 1, (w - size) // stride + 1
-    out = None
-    for dy in range(size):
-        for dx in range(size):
-            tap = words[:, dy:dy + stride * (oh - 1) + 1:stride, dx:dx + stride * (ow - 1) + 1:stride]
-            out = tap.clone() if out is None else out.bitwise_or_(tap)
-    return out.contiguous()
+    def chainable_xnor(self, conv: nn.Module) -> bool:
+        return (isinstance(conv, PackedBinaryConv) and conv.mode == "xnor" and conv.input_scaling != "xnor_k"
+                and conv._kernel_ok and conv._sym)
 
+    def is_packed(self, x: torch.Tensor) -> bool:
+        return x.dtype == torch.int64
 
-def _xnor_block(layer: nn.Module) -> PackedBinaryConv | None:
-    """The PackedBinaryConv of a Darknet block that maps sign(input) -> output with nothing after
-    the kernel (BN folded, activation fused or linear), when the kernel path runs it."""
-    from kd_bnn.models.darknet.model import DarknetConv
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        from kd_bnn.deploy.kernels import pack_input
 
-    if type(layer) is not DarknetConv or not isinstance(layer.conv, PackedBinaryConv):
-        return None
-    c = layer.conv
-    if c.mode != "xnor" or c.input_scaling == "xnor_k" or not c._kernel_ok or not c._sym:
-        return None
-    if not (layer.bn is None or isinstance(layer.bn, nn.Identity)) or not isinstance(layer.act, nn.Identity):
-        return None
-    return c
+        return pack_input(x, 0, -1.0, backend=self.backend)
 
-
-def _sign_preserving_float_block(layer: nn.Module) -> bool:
-    """A float Darknet conv block whose activation keeps the sign (leaky or linear): when only
-    signs are consumed, its output can be packed straight after conv (+ BN), skipping the act."""
-    from kd_bnn.models.darknet.model import DarknetConv
-
-    if type(layer) is not DarknetConv or isinstance(layer.conv, PackedBinaryConv):
-        return False
-    act = layer.act
-    return isinstance(act, nn.Identity) or (isinstance(act, nn.LeakyReLU) and act.negative_slope > 0)
-
-
-def darknet_packed_plan(model: nn.Module) -> list[bool]:
-    """Per Darknet layer: whether its output can travel as packed sign words.
-
-    A layer may output packed bits when it is an XNOR block (see :func:`_xnor_block`), a
-    max-pool, or a float conv block with a sign-preserving activation (leaky, linear: its
-    activation is then skipped), and every consumer (the next layer, and every route/shortcut naming it) only needs
-    the sign: an XNOR block, or a max-pool that itself outputs packed bits. Routes, reorgs,
-    shortcuts, float convs and heads get floats as before.
-    """
-    from kd_bnn.models.darknet.model import MaxPool, Route, Shortcut
-
-    layers = list(model.layers)
-    n = len(layers)
-    consumers: list[list[int]] = [[] for _ in range(n)]
-    for k, layer in enumerate(layers):
-        if isinstance(layer, (Route, Shortcut)):
-            for j in layer.sources:
-                consumers[j].append(k)
-            if isinstance(layer, Shortcut) and k > 0:
-                consumers[k - 1].append(k)
-        elif k > 0:
-            consumers[k - 1].append(k)
-    packed = [False] * n
-    for i in range(n - 1, -1, -1):
-        layer = layers[i]
-        producer = (_xnor_block(layer) is not None or isinstance(layer, MaxPool)
-                    or _sign_preserving_float_block(layer))
-        if not producer or not consumers[i]:
-            continue
-        packed[i] = all(_xnor_block(layers[c]) is not None or (isinstance(layers[c], MaxPool) and packed[c])
-                        for c in consumers[i])
-    return packed
-
-
-def darknet_packed_forward(model: nn.Module, plan: list[bool], images: torch.Tensor,
-                           backend: str | None = None) -> list[torch.Tensor]:
-    """``DarknetDetector.forward`` with XNOR chains kept as packed bits between layers."""
-    from kd_bnn.deploy.kernels import pack_input
-    from kd_bnn.models.darknet.model import MaxPool
-
-    def step(i: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(layer, MaxPool) and plan[i]:
-            if x.dtype != torch.int64:
-                x = pack_input(x, 0, -1.0, backend=backend)
-            return packed_maxpool(x, layer.size, layer.stride, layer.padding)
-        if (c := _xnor_block(layer)) is not None and (plan[i] or x.dtype == torch.int64):
-            kh, kw = c.kernel_size
-            return xnor_conv2d(x, c.words, c.in_channels, (kh, kw), c.stride[0], c.pad[0], c.pad_value,
-                               scale=c.scale, bias=c.shift, activation=c.activation,
-                               output="packed" if plan[i] else "float", panel=c.panel, backend=c.backend)
-        if plan[i] and _sign_preserving_float_block(layer):
-            y = layer.conv(x)
-            return pack_input(y if layer.bn is None else layer.bn(y), 0, -1.0, backend=backend)
-        return layer(x)
-
-    return model.run_graph(images, step)
+    def xnor(self, conv: nn.Module, x: torch.Tensor, packed_out: bool) -> torch.Tensor:
+        kh, kw = conv.kernel_size
+        return xnor_conv2d(x, conv.words, conv.in_channels, (kh, kw), conv.stride[0], conv.pad[0], conv.pad_value,
+                           scale=conv.scale, bias=conv.shift, activation=conv.activation,
+                           output="packed" if packed_out else "float", panel=conv.panel, backend=conv.backend)
 
 
 class Runtime:
@@ -320,8 +247,9 @@ class Runtime:
     Args:
         path: the ``.kdbnn`` file.
         fuse: fuse activations into the binary kernels (see the module docstring).
-        packed_chains: for Darknet models, keep consecutive XNOR layers (and the max-pools
-            between them) in packed bits instead of float maps (:func:`darknet_packed_plan`).
+        packed_chains: keep consecutive XNOR layers (and what passes signs between them) in
+            packed bits instead of float maps, where the family has a packed graph walk
+            (`Detector.packed_plan`; Darknet: :mod:`kd_bnn.models.darknet.packed`).
         backend: ``None``/``"auto"`` (C++ kernels when available), ``"torch"`` (pure-torch path).
         threads: set ``torch.set_num_threads`` (kernels use torch's intra-op pool) when given.
     """
@@ -347,12 +275,9 @@ class Runtime:
         self.fused = _fuse_activations(self.model) if fuse else 0
         self.model.eval()
         self.backend = backend
-        self.packed_plan: list[bool] | None = None
-        from kd_bnn.models.darknet.model import DarknetDetector
-
-        if packed_chains and isinstance(self.model, DarknetDetector):
-            plan = darknet_packed_plan(self.model)
-            self.packed_plan = plan if any(plan) else None
+        self.ops = PackedOps(backend)
+        plan_fn = getattr(self.model, "packed_plan", None)
+        self.packed_plan = plan_fn(self.ops) if (packed_chains and callable(plan_fn)) else None
 
     def _assemble(self, model: nn.Module, blobs: dict[str, torch.Tensor], meta: dict[str, Any],
                   backend: str | None) -> nn.Module:
@@ -402,7 +327,7 @@ class Runtime:
     def __call__(self, images: torch.Tensor):
         """Raw head maps of a batch ``(B, 3, H, W)`` in [0, 1] (as the student's forward)."""
         if self.packed_plan is not None:
-            return darknet_packed_forward(self.model, self.packed_plan, images.float(), self.backend)
+            return self.model.packed_forward(images.float(), self.packed_plan, self.ops)
         return self.model(images.float())
 
     @torch.no_grad()

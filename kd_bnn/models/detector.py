@@ -4,7 +4,7 @@ The trainer, distiller, evaluator and exporter only use this interface:
 ``forward(images) -> raw``, ``loss(raw, targets, ignore) -> (total, parts)``,
 ``predict(raw, conf_thres, iou_thres) -> list[Detections]``, ``taps`` and ``input_size``.
 
-Conventions (DESIGN.md):
+Conventions (docs/architecture.md, "The Detector contract"):
   * images: float32 (B, 3, H, W) in [0, 1], letterboxed to ``input_size``.
   * input_size: (height, width) in pixels.
   * targets: one tensor (N, 6) per batch, rows ``(image_index, class, x1, y1, x2, y2)`` in
@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -47,6 +47,16 @@ class Detections:
     def empty(device=None) -> Detections:
         return Detections(torch.zeros((0, 4), device=device), torch.zeros(0, device=device),
                           torch.zeros(0, dtype=torch.long, device=device))
+
+
+class PackedOps(Protocol):
+    """What the packed runtime (`kd_bnn.deploy.runtime`) offers a family's packed graph walk."""
+
+    def is_packed_conv(self, conv: nn.Module) -> bool: ...  # a conv holding packed binary weights
+    def chainable_xnor(self, conv: nn.Module) -> bool: ...  # a packed XNOR conv the kernel runs on packed input
+    def is_packed(self, x: torch.Tensor) -> bool: ...  # x holds packed sign words (N, H, W, words)
+    def pack(self, x: torch.Tensor) -> torch.Tensor: ...  # float NCHW -> packed signs
+    def xnor(self, conv: nn.Module, x: torch.Tensor, packed_out: bool) -> torch.Tensor: ...
 
 
 class Detector(nn.Module):
@@ -102,6 +112,21 @@ class Detector(nn.Module):
         the model sees objects (object-region distillation). None when the family has none."""
         return None
 
+    def activation_blocks(self) -> list[tuple[str, str | None, str]]:
+        """``(conv, bn, act)`` module paths whose output is exactly ``act(bn(conv(x)))`` (``bn``
+        None when absent): the packed runtime fuses such an activation into a binary conv's kernel.
+        Default: none (the runtime still finds ``conv, [bn], act`` runs in plain Sequentials)."""
+        return []
+
+    def packed_plan(self, ops: PackedOps) -> Any | None:
+        """For the packed runtime: which layers may pass packed sign words to their consumers
+        (whatever ``packed_forward`` reads), or None when the family has no packed graph walk."""
+        return None
+
+    def packed_forward(self, images: torch.Tensor, plan: Any, ops: PackedOps):  # pragma: no cover - interface
+        """``forward`` with the layers of ``plan`` passing packed bits, using the runtime's ``ops``."""
+        raise NotImplementedError(f"{type(self).__name__} has no packed graph walk")
+
     def skeleton(self) -> dict[str, Any]:
         """What rebuilds this model's float module tree with no weights, as plain data: ``{"family":
         F, "options": {...}}`` checked by :func:`check_skeleton` (inverse: :func:`build_from_skeleton`).
@@ -132,7 +157,7 @@ def build_detector(family: str, **kwargs) -> Detector:
 # A ``.kdbnn`` file is data: the module tree it describes (its *skeleton*) is rebuilt from a
 # registered family name plus plain-value options checked against that family's schema, never
 # from a file the skeleton names, never with ``trust``, never through anything that unpickles
-# (README, "Bad input and safety").
+# (docs/architecture.md, "The .kdbnn file").
 
 #: Value kinds a skeleton option may have; a trailing ``?`` also admits ``None``.
 SKELETON_KINDS = ("bool", "int", "float", "name", "text", "ints", "floats", "anchors")

@@ -619,6 +619,23 @@ class DarknetDetector(AnchorHeadsMixin, Detector):
         """The cfg of this model (``[net]`` width/height = ``input_size``)."""
         return format_cfg(self.sections)
 
+    def activation_blocks(self) -> list[tuple[str, str | None, str]]:
+        """Every ``[convolutional]`` block: ``act(bn(conv(x)))``."""
+        return [(f"layers.{i}.conv", f"layers.{i}.bn" if m.bn is not None else None, f"layers.{i}.act")
+                for i, m in self.conv_layers()]
+
+    def packed_plan(self, ops) -> list[bool] | None:
+        """Darknet layers that may pass packed sign words (:mod:`kd_bnn.models.darknet.packed`)."""
+        from kd_bnn.models.darknet.packed import packed_plan
+
+        plan = packed_plan(self, ops)
+        return plan if any(plan) else None
+
+    def packed_forward(self, images: torch.Tensor, plan, ops) -> list[torch.Tensor]:
+        from kd_bnn.models.darknet.packed import packed_forward
+
+        return packed_forward(self, plan, images, ops)
+
     def skeleton(self) -> dict[str, Any]:
         """A Darknet model is rebuilt from its own cfg text (no file is named)."""
         return {"family": "darknet", "options": {"cfg_text": self.cfg_text()}}

@@ -1,0 +1,104 @@
+"""The Darknet graph on packed sign words: which layers may pass packed bits, and the forward
+that does it (the `Detector.packed_plan` / `packed_forward` hooks of `DarknetDetector`).
+
+The kernels and packed tensors belong to the runtime, which hands them in as ``ops``
+(`kd_bnn.models.detector.PackedOps`); this module only knows the Darknet layer types.
+A layer may output packed bits when it is an XNOR block (a packed XNOR conv with nothing after the
+kernel: BN folded, activation fused or linear), a max-pool, or a float conv block with a
+sign-preserving activation (leaky, linear: the activation is skipped when only signs are used),
+and every consumer (the next layer, and every route/shortcut naming it) only needs the sign: an
+XNOR block, or a max-pool that itself outputs packed bits. Routes, reorgs, shortcuts, float convs
+and heads get floats as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_bnn.models.darknet.model import DarknetConv, MaxPool, Route, Shortcut
+
+__all__ = ["packed_forward", "packed_maxpool", "packed_plan", "xnor_block"]
+
+
+def packed_maxpool(words: torch.Tensor, size: int, stride: int, padding: int) -> torch.Tensor:
+    """Darknet max-pool on packed sign words ``(N, H, W, nw)``: ``sign(max(x)) = OR`` of the bits.
+
+    Padded taps are ``-inf`` in Darknet (bit 0: never wins an OR); same output size as
+    :func:`kd_bnn.models.darknet.model.darknet_maxpool`.
+    """
+    if padding:
+        left = padding // 2
+        right = padding - left
+        words = F.pad(words.permute(0, 3, 1, 2), (left, right, left, right), value=0).permute(0, 2, 3, 1)
+    h, w = words.shape[1], words.shape[2]
+    oh, ow = (h - size) // stride + 1, (w - size) // stride + 1
+    out = None
+    for dy in range(size):
+        for dx in range(size):
+            tap = words[:, dy:dy + stride * (oh - 1) + 1:stride, dx:dx + stride * (ow - 1) + 1:stride]
+            out = tap.clone() if out is None else out.bitwise_or_(tap)
+    return out.contiguous()
+
+
+def xnor_block(layer: nn.Module, ops: Any) -> nn.Module | None:
+    """The packed XNOR conv of a Darknet block that maps sign(input) -> output with nothing after
+    the kernel (BN folded, activation fused or linear), when the kernel path runs it."""
+    if type(layer) is not DarknetConv or not ops.chainable_xnor(layer.conv):
+        return None
+    if not (layer.bn is None or isinstance(layer.bn, nn.Identity)) or not isinstance(layer.act, nn.Identity):
+        return None
+    return layer.conv
+
+
+def _sign_preserving_float_block(layer: nn.Module, ops: Any) -> bool:
+    if type(layer) is not DarknetConv or ops.is_packed_conv(layer.conv):
+        return False
+    act = layer.act
+    return isinstance(act, nn.Identity) or (isinstance(act, nn.LeakyReLU) and act.negative_slope > 0)
+
+
+def packed_plan(model: nn.Module, ops: Any) -> list[bool]:
+    """Per Darknet layer: whether its output can travel as packed sign words (module docstring)."""
+    layers = list(model.layers)
+    n = len(layers)
+    consumers: list[list[int]] = [[] for _ in range(n)]
+    for k, layer in enumerate(layers):
+        if isinstance(layer, (Route, Shortcut)):
+            for j in layer.sources:
+                consumers[j].append(k)
+            if isinstance(layer, Shortcut) and k > 0:
+                consumers[k - 1].append(k)
+        elif k > 0:
+            consumers[k - 1].append(k)
+    packed = [False] * n
+    for i in range(n - 1, -1, -1):
+        layer = layers[i]
+        producer = (xnor_block(layer, ops) is not None or isinstance(layer, MaxPool)
+                    or _sign_preserving_float_block(layer, ops))
+        if not producer or not consumers[i]:
+            continue
+        packed[i] = all(xnor_block(layers[c], ops) is not None or (isinstance(layers[c], MaxPool) and packed[c])
+                        for c in consumers[i])
+    return packed
+
+
+def packed_forward(model: nn.Module, plan: list[bool], images: torch.Tensor, ops: Any) -> list[torch.Tensor]:
+    """``DarknetDetector.forward`` with XNOR chains kept as packed bits between layers."""
+
+    def step(i: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(layer, MaxPool) and plan[i]:
+            if not ops.is_packed(x):
+                x = ops.pack(x)
+            return packed_maxpool(x, layer.size, layer.stride, layer.padding)
+        if (c := xnor_block(layer, ops)) is not None and (plan[i] or ops.is_packed(x)):
+            return ops.xnor(c, x, packed_out=plan[i])
+        if plan[i] and _sign_preserving_float_block(layer, ops):
+            y = layer.conv(x)
+            return ops.pack(y if layer.bn is None else layer.bn(y))
+        return layer(x)
+
+    return model.run_graph(images, step)
