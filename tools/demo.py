@@ -5,12 +5,17 @@ Generates the synthetic set if absent, trains the float teacher, binarizes it, t
 student without and with knowledge transfer (same budget), evaluates all three with the official
 KITTI protocol and prints params, float32 MB, packed MB, compression and AP_R40 (E/M/H).
 
-    python tools/demo.py [--config configs/demo.yaml] [key=value ...]
+    python tools/demo.py [--config configs/demo.yaml] [key=value ...] [--resume]
+
+Runs land in ``runs/<name>/`` (``runs/demo/``); a re-run goes to ``runs/demo-2/`` (``-3``, ...)
+rather than replace an earlier one, unless ``exist_ok=true``. Ctrl-C stops it (exit status 130);
+``--resume`` (with ``name=`` of that folder) continues it at the phase that was in progress.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -18,7 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kd_bnn.config import ConfigError, load_config  # noqa: E402
-from kd_bnn.engine.experiment import format_ablation, run_ablation  # noqa: E402
+from kd_bnn.engine.checkpoint import CheckpointError  # noqa: E402
+from kd_bnn.engine.experiment import RunInterrupted, format_ablation, run_ablation, run_dir_for  # noqa: E402
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5")
     ap.add_argument("--progress", action="store_true", help="show progress bars")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the demo in runs/<name>/ at the phase that was in progress")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -33,11 +43,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    rows = run_ablation(cfg, progress=args.progress or None)
+    try:
+        run_dir = run_dir_for(cfg, args.resume)
+        rows = run_ablation(cfg, progress=args.progress or None, resume=args.resume, run_dir=run_dir)
+    except RunInterrupted as exc:
+        keep = [o for o in args.overrides if not o.startswith("name=")]
+        again = shlex.join(["--config", args.config, *keep, f"name={exc.run_dir.name}", "--resume"])
+        print(f"interrupted: {exc}\nresume with: python tools/demo.py {again}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("interrupted (outside a training phase)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (FileNotFoundError, ValueError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     minutes = (time.perf_counter() - t0) / 60
     print()
     print(format_ablation(rows))
-    print(f"demo finished in {minutes:.1f} min; runs in {Path(cfg.output_dir) / cfg.name}/")
+    print(f"demo finished in {minutes:.1f} min; runs in {run_dir}/")
     return 0
 
 

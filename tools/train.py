@@ -4,13 +4,20 @@
     python tools/train.py configs/demo.yaml [key=value ...] [--resume] [--no-progress]
 
 Overrides use dotted paths (``train.epochs=5 data.batch_size=4``). Under torchrun the run is
-distributed (DDP); rank 0 writes ``runs/<name>/``.
+distributed (DDP); rank 0 writes the run folder.
+
+The run folder is ``runs/<name>/``; when it already exists a new run goes to ``runs/<name>-2/``
+(``-3``, ...) so that no earlier run is overwritten, unless ``exist_ok=true`` (which reuses it).
+``--resume`` continues the run in ``runs/<name>/`` (``name=<name>-2`` for an incremented one)
+at the phase that was in progress. Ctrl-C stops the whole run (exit status 130) after saving
+what resumes it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -18,15 +25,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kd_bnn.config import ConfigError, load_config  # noqa: E402
 from kd_bnn.engine.checkpoint import CheckpointError  # noqa: E402
-from kd_bnn.engine.experiment import run_experiment  # noqa: E402
+from kd_bnn.engine.experiment import RunInterrupted, run_experiment  # noqa: E402
 from kd_bnn.engine.preflight import check_experiment  # noqa: E402
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="experiment YAML (configs/...)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5")
-    ap.add_argument("--resume", action="store_true", help="continue from runs/<name>/last.pt")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in runs/<name>/ at the phase that was in progress")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     try:
@@ -34,11 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    last = Path(cfg.output_dir) / cfg.name / "last.pt"
     try:
         check_experiment(cfg)  # missing dataset / teacher weights, class mismatch: fail before any work
-        results = run_experiment(cfg, resume=last if args.resume else None,
-                                 progress=False if args.no_progress else None)
+        results = run_experiment(cfg, resume=args.resume, progress=False if args.no_progress else None)
+    except RunInterrupted as exc:
+        keep = [o for o in args.overrides if not o.startswith("name=")]
+        again = shlex.join([args.config, *keep, f"name={exc.run_dir.name}", "--resume"])
+        print(f"interrupted: {exc}\nresume with: python tools/train.py {again}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("interrupted (outside a training phase)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (FileNotFoundError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -70,6 +70,26 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
+def training_progress(path: str | os.PathLike) -> dict[str, Any] | None:
+    """Where the training that wrote the checkpoint `path` (a ``last.pt``) stopped, or None when
+    there is no such file: ``{"epoch": epochs completed, "epoch_complete": False when Ctrl-C
+    stopped it inside the next epoch, "pending_eval": True when the last epoch's evaluation did
+    not finish}``."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    return {"epoch": int(state.get("epoch", 0)), "epoch_complete": bool(state.get("epoch_complete", True)),
+            "pending_eval": state.get("pending_eval") is not None}
+
+
+def training_finished(path: str | os.PathLike, epochs: int) -> bool:
+    """Whether the checkpoint `path` holds a training of `epochs` epochs that ran to its end
+    (every epoch trained and its final evaluation done)."""
+    p = training_progress(path)
+    return p is not None and p["epoch"] >= int(epochs) and p["epoch_complete"] and not p["pending_eval"]
+
+
 def eval_state_dict(state: dict[str, Any], prefer_ema: bool = True) -> dict[str, Any]:
     """The weights to evaluate / export from a training checkpoint: the EMA weights when the run
     kept an EMA (and `prefer_ema`), else the trained model's."""

@@ -82,7 +82,7 @@ def compare_students(configs: list[str], teacher_weights: str, epochs: int, out_
             metrics = res["student"]["metrics"] if res["student"].get("metrics_of_checkpoint") else None
             if metrics is None:
                 metrics, _ = evaluate_model(student, cfg)
-            kdbnn = out_dir / name / "student.kdbnn"
+            kdbnn = Path(res["run_dir"]) / "student.kdbnn"  # the folder the run used (name-2 after a stop)
             export_checkpoint(cfg, ckpt, kdbnn)
             size = model_size(student, tuple(cfg.data.input_size))
             family = cfg.student.model.family if cfg.student.model is not None else f"{cfg.teacher.family} copy"

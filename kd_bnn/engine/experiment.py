@@ -10,9 +10,11 @@ mimic terms (`cfg.distill.terms`).
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,13 @@ from kd_bnn.binary.summary import summary as compression_summary
 from kd_bnn.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, config_to_dict
 from kd_bnn.data.loader import build_datasets, build_loader
 from kd_bnn.distill import Distiller
-from kd_bnn.engine.checkpoint import eval_state_dict, load_checkpoint
-from kd_bnn.engine.trainer import Trainer, make_kitti_evaluate_fn, resolve_device
+from kd_bnn.engine.checkpoint import (
+    eval_state_dict,
+    load_checkpoint,
+    training_finished,
+    training_progress,
+)
+from kd_bnn.engine.trainer import Trainer, dist_info, make_kitti_evaluate_fn, resolve_device
 from kd_bnn.io import atomic_write_text
 from kd_bnn.models.detector import Detector, build_detector
 
@@ -40,6 +47,118 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A training phase of a run stopped before its end (Ctrl-C): the run stops there, with the
+    phase's ``last.pt`` saved and ``results.json`` marked ``"interrupted": true``. A
+    `KeyboardInterrupt`, so code that does not catch it stops as on any Ctrl-C.
+
+    Attributes: ``run_dir``, ``phase`` ("teacher", "student", ...), ``checkpoint`` (the phase's
+    ``last.pt``, None when none was written yet), ``epoch`` (epochs completed) and ``epochs``.
+    """
+
+    def __init__(self, run_dir: Path, phase: str, checkpoint: Path | None, epoch: int, epochs: int) -> None:
+        self.run_dir, self.phase, self.checkpoint = Path(run_dir), phase, checkpoint
+        self.epoch, self.epochs = int(epoch), int(epochs)
+        saved = f"saved {checkpoint}" if checkpoint is not None else "no checkpoint written yet"
+        super().__init__(f"the {phase} phase of run {self.run_dir} stopped after {self.epoch}/{self.epochs} "
+                         f"epochs ({saved})")
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _check_run_name(name: str) -> None:
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name)):
+        raise ValueError(f"name {name!r}: expected a single folder name for <output_dir>/<name>/ "
+                         "(no '/' or '\\', not '.' or '..', not empty or absolute)")
+
+
+def _inside(root: Path, path: Path) -> Path:
+    """`path` when it resolves (symlinks followed) to a folder strictly inside `root`."""
+    real = path.resolve()
+    if real == root or root not in real.parents:
+        raise ValueError(f"run folder {path} resolves to {real}, which is not inside output_dir {root}: "
+                         "refusing to write there")
+    return path
+
+
+def _choose_run_dir(cfg: ExperimentConfig, resume: bool) -> Path:
+    _check_run_name(cfg.name)
+    base = Path(cfg.output_dir)
+    root = base.resolve()
+    first = base / cfg.name
+    if resume:
+        _inside(root, first)
+        if not first.is_dir():
+            raise FileNotFoundError(f"cannot resume: run folder {first} does not exist (resume names the "
+                                    f"run's folder: name=<a folder in {base}>)")
+        return first
+    if cfg.exist_ok:
+        _inside(root, first).mkdir(parents=True, exist_ok=True)
+        return first
+    base.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        cand = first if n == 1 else base / f"{cfg.name}-{n}"
+        if cand.exists() or cand.is_symlink():
+            continue
+        try:
+            _inside(root, cand).mkdir()  # claims it: two runs started at once never share a folder
+        except FileExistsError:
+            continue
+        return cand
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def run_dir_for(cfg: ExperimentConfig, resume: bool = False) -> Path:
+    """The folder a run writes: ``<output_dir>/<name>`` (train, demo and ablation all use this).
+
+    * ``resume``: that existing folder (FileNotFoundError naming it when absent);
+    * else that folder when it does not exist yet, or when ``exist_ok`` is set (then it is reused
+      and its files replaced); otherwise the first free ``<name>-2``, ``<name>-3``, ... (as
+      Ultralytics' ``increment_path``): an earlier run is never overwritten. A new folder is
+      created here.
+
+    Raises:
+        ValueError: ``name`` is not a single folder name, or the folder resolves (through a
+            symlink) outside ``output_dir``.
+
+    Under DDP rank 0 chooses and the other ranks get its choice (or its error).
+    """
+    rank, world = dist_info()
+    if world <= 1:
+        return _choose_run_dir(cfg, resume)
+    import torch.distributed as dist
+
+    msg: list[Any] = [None]
+    if rank == 0:
+        try:
+            msg = [("ok", str(_choose_run_dir(cfg, resume)))]
+        except (ValueError, FileNotFoundError) as exc:
+            msg = [(type(exc).__name__, str(exc))]
+    dist.broadcast_object_list(msg, src=0)
+    kind, value = msg[0]
+    if kind == "ok":
+        return Path(value)
+    raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(value)
+
+
+_STALE_TMP = re.compile(r"^\..+\.tmp$")
+
+
+def clean_stale_tmp(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files (``.<name>.<random>.tmp``, `kd_bnn.io.atomic_path`) that a killed
+    run left in `run_dir` and its sub-folders (symlinked folders are not entered); returns them."""
+    removed: list[Path] = []
+    for dirpath, _, files in os.walk(run_dir, followlinks=False):
+        for f in files:
+            p = Path(dirpath) / f
+            if _STALE_TMP.match(f) and p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 def ensure_dataset(data_cfg: DataConfig) -> Path:
@@ -134,6 +253,7 @@ class RunResult:
     status: str = "completed"
     best_epoch: int | None = None  # the epoch ``best_checkpoint`` holds, when it was evaluated
     epochs: int = 0
+    epochs_done: int = 0
 
     def best_is_last_evaluation(self) -> bool:
         """True when ``metrics`` (the last evaluation) are those of ``best_checkpoint``."""
@@ -143,7 +263,10 @@ class RunResult:
 def train_model(model: Detector, cfg: ExperimentConfig, train_cfg: TrainConfig, run_dir: Path,
                 teacher: Detector | None = None, resume: str | os.PathLike | None = None,
                 progress: bool | None = None, loaders=None) -> RunResult:
-    """Train `model` (distilling from `teacher` when given and ``distill`` is enabled)."""
+    """Train `model` (distilling from `teacher` when given and ``distill`` is enabled).
+
+    ``best_checkpoint`` is this training's ``best.pt`` (a stale one from an earlier run in a
+    reused folder is never reported), else its ``last.pt``."""
     train_ds, val_ds = build_datasets(cfg.data) if loaders is None else (None, None)
     if loaders is None:
         train_loader = build_loader(train_ds, cfg.data.batch_size, shuffle=True, workers=cfg.data.workers,
@@ -160,16 +283,19 @@ def train_model(model: Detector, cfg: ExperimentConfig, train_cfg: TrainConfig, 
     trainer = Trainer(model, train_loader, val_loader, train_cfg, run_dir, distiller=distiller,
                       binary_policy=cfg.student.binary if (teacher is not None and cfg.student) else None,
                       evaluate_fn=evaluate_fn, device=cfg.device, config_dict=config_to_dict(cfg),
-                      seed=cfg.seed, progress=progress, resume=resume)
-    out = trainer.fit()
+                      seed=cfg.seed, progress=progress, resume=resume, resume_ignore=("exist_ok",))
+    try:
+        out = trainer.fit()
+    finally:
+        if distiller is not None:
+            distiller.remove_taps()
+        trainer.close()
     best = Path(run_dir) / "best.pt"
-    if not best.is_file():
+    if out.get("best_epoch") is None or not best.is_file():
         best = Path(run_dir) / "last.pt"
-    if distiller is not None:
-        distiller.remove_taps()
-    trainer.close()
     return RunResult(Path(run_dir), best if best.is_file() else None, dict(out.get("metrics") or {}),
-                     out.get("status", "completed"), out.get("best_epoch"), int(train_cfg.epochs))
+                     out.get("status", "completed"), out.get("best_epoch"), int(train_cfg.epochs),
+                     int(out.get("epoch", 0)))
 
 
 @torch.no_grad()
@@ -193,47 +319,146 @@ def model_size(model: nn.Module, input_size: tuple[int, int]) -> dict[str, float
             "compression": t["compression"], "binary_mac_fraction": t.get("binary_mac_fraction", 0.0)}
 
 
-def run_experiment(cfg: ExperimentConfig, resume: str | os.PathLike | None = None,
-                   progress: bool | None = None) -> dict[str, Any]:
+class _Run:
+    """The phases of one run in its folder, in order, and what happens when one stops early.
+
+    Resume: the first phase whose ``last.pt`` is not a finished training continues from it (or
+    starts, when it has none); finished phases before it are only reloaded; every phase after it
+    starts from scratch (its inputs, e.g. the teacher, have changed).
+    """
+
+    def __init__(self, run_dir: Path, results: dict[str, Any], resume: bool, fresh_dir: bool) -> None:
+        self.run_dir, self.results, self.resume, self.fresh_dir = run_dir, results, resume, fresh_dir
+        self.restart = not resume
+        self.phase: str | None = None
+        self.phase_dir = run_dir
+        self.epochs = 0
+
+    def start(self, phase: str, phase_dir: Path, epochs: int) -> Path | None:
+        """Enter `phase` (trained in `phase_dir` for `epochs` epochs); the checkpoint it resumes."""
+        self.phase, self.phase_dir, self.epochs = phase, Path(phase_dir), int(epochs)
+        if self.restart:
+            return None
+        last = self.phase_dir / "last.pt"
+        if training_finished(last, epochs):
+            return last  # finished: reloaded (fit has nothing left to do)
+        self.restart = True
+        return last if last.is_file() else None
+
+    def check(self, res: RunResult) -> None:
+        if res.status != "completed":
+            raise KeyboardInterrupt  # e.g. "interrupted": the trainer saved last.pt and returned
+
+    def write_results(self) -> None:
+        if dist_info()[0] == 0:
+            atomic_write_text(self.run_dir / "results.json", json.dumps(self.results, indent=2, default=str))
+
+    def stopped(self, exc: BaseException) -> None:
+        """Called with whatever ended the run early: a Ctrl-C inside a phase becomes
+        `RunInterrupted` after marking ``results.json``; a run folder this call created and left
+        empty is removed; everything else propagates unchanged."""
+        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted) and self.phase:
+            last = self.phase_dir / "last.pt"
+            progress = None
+            try:
+                progress = training_progress(last)
+            except Exception:  # noqa: BLE001 - an unreadable checkpoint: reported as absent
+                progress = None
+            epoch = progress["epoch"] if progress else 0
+            self.results.update(interrupted=True, phase=self.phase, epoch=epoch, epochs=self.epochs,
+                                checkpoint=str(last) if progress else None)
+            self.write_results()
+            raise RunInterrupted(self.run_dir, self.phase, last if progress else None, epoch, self.epochs) from None
+        if (self.fresh_dir and dist_info()[0] == 0 and self.run_dir.is_dir()
+                and not any(self.run_dir.iterdir())):
+            self.run_dir.rmdir()  # nothing was written: the name stays free
+
+
+def _open_run(cfg: ExperimentConfig, resume: bool, run_dir: str | os.PathLike | None
+              ) -> tuple[ExperimentConfig, Path, bool]:
+    """Choose (or take) the run folder, report it, clean what a killed run left there. Returns
+    the config with ``name`` = the folder's name (what config.yaml records and a later
+    ``--resume`` names), the folder, and whether it is new (empty, not resumed)."""
+    asked = Path(cfg.output_dir) / cfg.name
+    run_dir = run_dir_for(cfg, resume) if run_dir is None else Path(run_dir)
+    if run_dir.name != cfg.name:
+        cfg = cfg.model_copy(update={"name": run_dir.name})
+    if dist_info()[0] == 0:
+        note = (" (resuming)" if resume else
+                f" ({asked} already exists)" if run_dir != asked else "")
+        print(f"run folder: {run_dir}{note}", flush=True)
+        removed = clean_stale_tmp(run_dir)
+        if removed:
+            print(f"removed {len(removed)} temporary file(s) a stopped run left in {run_dir}", flush=True)
+    fresh = not resume and run_dir.is_dir() and not any(run_dir.iterdir())
+    return cfg, run_dir, fresh
+
+
+def run_experiment(cfg: ExperimentConfig, resume: bool | str | os.PathLike | None = False,
+                   progress: bool | None = None, run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run a whole config: optionally train the teacher, then train the binary student.
 
-    Layout: ``<output_dir>/<name>/`` for the trained model (``teacher/`` beneath it when the
-    teacher is trained first). Returns a JSON-able summary, also written to ``results.json``.
+    Layout: ``<output_dir>/<name>/`` (chosen by `run_dir_for`: a new ``<name>-2`` ... when that
+    folder exists, unless ``exist_ok``; or `run_dir`) for the trained model, ``teacher/`` beneath
+    it when the teacher is trained first. Returns a JSON-able summary, also written to
+    ``results.json``.
+
+    `resume` (True; a path is accepted as before and means the same) continues the run in the
+    existing ``<output_dir>/<name>/``: an unfinished teacher phase is resumed and the student
+    then trained from scratch; with the teacher finished the student is resumed (or started).
+
+    Raises:
+        RunInterrupted: a phase stopped early (Ctrl-C); its ``last.pt`` is saved and
+            ``results.json`` says ``"interrupted": true`` and which ``"phase"``.
     """
+    resume = bool(resume)
+    if resume and run_dir is None:
+        run_dir = run_dir_for(cfg, resume=True)  # a missing run folder fails at once
     seed_everything(cfg.seed)
     ensure_dataset(cfg.data)
-    run_dir = Path(cfg.output_dir) / cfg.name
     classes, size = list(cfg.data.classes), tuple(cfg.data.input_size)
-    teacher = build_model(cfg.teacher, classes, size)
+    teacher = build_model(cfg.teacher, classes, size)  # bad input fails here, before a folder is made
+    cfg, run_dir, fresh_dir = _open_run(cfg, resume, run_dir)
     results: dict[str, Any] = {"name": cfg.name, "run_dir": str(run_dir)}
-
-    if cfg.student is None:  # teacher-only run
-        res = train_model(teacher, cfg, cfg.train, run_dir, resume=resume, progress=progress)
-        results["teacher"] = {"checkpoint": str(res.best_checkpoint), "metrics": res.metrics,
-                              **model_size(teacher, size)}
-    else:
-        if cfg.teacher_train is not None:
-            tdir = run_dir / "teacher"
-            tres = train_model(teacher, cfg, cfg.teacher_train, tdir, progress=progress,
-                               resume=tdir / "last.pt" if resume and (tdir / "last.pt").is_file() else None)
-            if tres.best_checkpoint is not None:
-                teacher.load_state_dict(eval_state_dict(load_checkpoint(tres.best_checkpoint)))
-            results["teacher"] = {"checkpoint": str(tres.best_checkpoint), "metrics": tres.metrics}
-        teacher.eval()
-        student, report = build_student(teacher, cfg)
-        (run_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "binarize_report.txt", report.table())
-        sres = train_model(student, cfg, cfg.train, run_dir, teacher=teacher, resume=resume, progress=progress)
-        reusable = False
-        if sres.best_checkpoint is not None:
-            student.load_state_dict(eval_state_dict(load_checkpoint(sres.best_checkpoint)))
-            reusable = _metrics_of_final_student(sres, student, cfg)
-        results["student"] = {"checkpoint": str(sres.best_checkpoint), "metrics": sres.metrics,
-                               "metrics_of_checkpoint": reusable,
-                               "distilled": bool(cfg.distill.enabled and cfg.distill.terms),
-                               **model_size(student, size)}
-        results.setdefault("teacher", {}).update(model_size(teacher, size))
-    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2, default=str))
+    run = _Run(run_dir, results, resume, fresh_dir)
+    try:
+        if cfg.student is None:  # teacher-only run
+            ckpt = run.start("teacher", run_dir, cfg.train.epochs)
+            res = train_model(teacher, cfg, cfg.train, run_dir, resume=ckpt, progress=progress)
+            run.check(res)
+            results["teacher"] = {"checkpoint": str(res.best_checkpoint), "metrics": res.metrics,
+                                  **model_size(teacher, size)}
+        else:
+            if cfg.teacher_train is not None:
+                tdir = run_dir / "teacher"
+                ckpt = run.start("teacher", tdir, cfg.teacher_train.epochs)
+                tres = train_model(teacher, cfg, cfg.teacher_train, tdir, progress=progress, resume=ckpt)
+                run.check(tres)
+                if tres.best_checkpoint is not None:
+                    teacher.load_state_dict(eval_state_dict(load_checkpoint(tres.best_checkpoint)))
+                results["teacher"] = {"checkpoint": str(tres.best_checkpoint), "metrics": tres.metrics}
+            teacher.eval()
+            seed_everything(cfg.seed)  # the student starts alike whether or not the teacher trained now
+            student, report = build_student(teacher, cfg)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "binarize_report.txt", report.table())
+            ckpt = run.start("student", run_dir, cfg.train.epochs)
+            sres = train_model(student, cfg, cfg.train, run_dir, teacher=teacher, resume=ckpt, progress=progress)
+            run.check(sres)
+            reusable = False
+            if sres.best_checkpoint is not None:
+                student.load_state_dict(eval_state_dict(load_checkpoint(sres.best_checkpoint)))
+                reusable = _metrics_of_final_student(sres, student, cfg)
+            results["student"] = {"checkpoint": str(sres.best_checkpoint), "metrics": sres.metrics,
+                                   "metrics_of_checkpoint": reusable,
+                                   "distilled": bool(cfg.distill.enabled and cfg.distill.terms),
+                                   **model_size(student, size)}
+            results.setdefault("teacher", {}).update(model_size(teacher, size))
+    except BaseException as exc:
+        run.stopped(exc)
+        raise
+    results["interrupted"] = False
+    run.write_results()
     return results
 
 
@@ -248,41 +473,61 @@ def _metrics_of_final_student(res: RunResult, student: Detector, cfg: Experiment
     return res.best_is_last_evaluation() and at_last == len(apply_stages(student, cfg.student.binary, 10**9))
 
 
-def run_ablation(cfg: ExperimentConfig, progress: bool | None = None) -> list[dict[str, Any]]:
+def run_ablation(cfg: ExperimentConfig, progress: bool | None = None, resume: bool = False,
+                 run_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """The paper's ablation on one config: teacher, binary student without and with knowledge
     transfer, each evaluated on the validation split (Xu et al., ICRA 2019, Table I style).
 
-    The teacher is trained first when ``teacher_train`` is set (into ``<name>/teacher``); both
+    The teacher is trained first when ``teacher_train`` is set (into ``<run>/teacher``); both
     students start from the same teacher weights and train with the same budget (``train``), so
-    the only difference between them is the distillation terms.
+    the only difference between them is the distillation terms. The run folder is chosen like
+    `run_experiment`'s (`run_dir_for`: a re-run goes to ``<name>-2`` ...; or `run_dir`), and
+    `resume` continues an interrupted ablation there (phases teacher, student_nokd, student_kd).
+
+    Raises:
+        RunInterrupted: a phase stopped early (Ctrl-C); ``results.json`` in the run folder says
+            ``"interrupted": true`` and which ``"phase"``.
     """
     if cfg.student is None:
         raise ValueError("run_ablation needs a 'student' section in the config")
     seed_everything(cfg.seed)
-    ensure_dataset(cfg.data)
-    base = Path(cfg.output_dir) / cfg.name
-    classes, size = list(cfg.data.classes), tuple(cfg.data.input_size)
-    teacher = build_model(cfg.teacher, classes, size)
-    tres = None
-    if cfg.teacher_train is not None:
-        tdir = base / "teacher"
-        tres = train_model(teacher, cfg, cfg.teacher_train, tdir, progress=progress)
-        teacher.load_state_dict(eval_state_dict(load_checkpoint(tres.best_checkpoint)))
-    teacher.eval()
-    reuse = tres.metrics if tres is not None and tres.best_is_last_evaluation() else None
-    rows = [_ablation_row("teacher (float32)", teacher, cfg, reuse)]
-    for label, kd in (("student BWN, no KD", False), ("student BWN + KD", True)):
-        scfg = cfg.model_copy(deep=True)
-        scfg.distill.enabled = kd and bool(cfg.distill.terms)
-        seed_everything(cfg.seed)
-        student, _ = build_student(teacher, scfg)
-        res = train_model(student, scfg, scfg.train, base / ("student_kd" if kd else "student_nokd"),
-                          teacher=teacher, progress=progress)
-        student.load_state_dict(eval_state_dict(load_checkpoint(res.best_checkpoint)))
-        rows.append(_ablation_row(label, student, scfg,
-                                  res.metrics if _metrics_of_final_student(res, student, scfg) else None))
+    cfg, base, fresh_dir = _open_run(cfg, resume, run_dir)
+    results: dict[str, Any] = {"name": cfg.name, "run_dir": str(base)}
+    run = _Run(base, results, resume, fresh_dir)
+    try:
+        ensure_dataset(cfg.data)
+        classes, size = list(cfg.data.classes), tuple(cfg.data.input_size)
+        teacher = build_model(cfg.teacher, classes, size)
+        tres = None
+        if cfg.teacher_train is not None:
+            tdir = base / "teacher"
+            ckpt = run.start("teacher", tdir, cfg.teacher_train.epochs)
+            tres = train_model(teacher, cfg, cfg.teacher_train, tdir, progress=progress, resume=ckpt)
+            run.check(tres)
+            teacher.load_state_dict(eval_state_dict(load_checkpoint(tres.best_checkpoint)))
+        teacher.eval()
+        reuse = tres.metrics if tres is not None and tres.best_is_last_evaluation() else None
+        rows = [_ablation_row("teacher (float32)", teacher, cfg, reuse)]
+        for label, kd in (("student BWN, no KD", False), ("student BWN + KD", True)):
+            scfg = cfg.model_copy(deep=True)
+            scfg.distill.enabled = kd and bool(cfg.distill.terms)
+            seed_everything(cfg.seed)
+            student, _ = build_student(teacher, scfg)
+            phase = "student_kd" if kd else "student_nokd"
+            ckpt = run.start(phase, base / phase, scfg.train.epochs)
+            res = train_model(student, scfg, scfg.train, base / phase, teacher=teacher, progress=progress,
+                              resume=ckpt)
+            run.check(res)
+            student.load_state_dict(eval_state_dict(load_checkpoint(res.best_checkpoint)))
+            rows.append(_ablation_row(label, student, scfg,
+                                      res.metrics if _metrics_of_final_student(res, student, scfg) else None))
+    except BaseException as exc:
+        run.stopped(exc)
+        raise
     atomic_write_text(base / "ablation.json", json.dumps(rows, indent=2, default=str))
     atomic_write_text(base / "ablation.txt", format_ablation(rows))
+    results.update(interrupted=False, table=str(base / "ablation.txt"))
+    run.write_results()
     return rows
 
 

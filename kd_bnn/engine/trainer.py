@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kd_bnn.binary.layers import BinaryConv2d
 from kd_bnn.config import TrainConfig
 from kd_bnn.distill.distiller import Distiller
 from kd_bnn.distill.taps import remove_tap_hooks, unwrap_model
@@ -287,7 +288,9 @@ class Trainer:
 
     Resume is exact (bitwise on CPU) from end-of-epoch checkpoints. A checkpoint that Ctrl-C
     wrote inside an epoch (``epoch_complete`` False) restarts that epoch with the weights at the
-    interruption.
+    interruption. ``last.pt`` is written before an epoch's evaluation too (``pending_eval`` holds
+    the epoch's log row): a crash or Ctrl-C during evaluation keeps the trained epoch, and a
+    resume from it runs that evaluation first (still exact).
 
     Example:
         >>> student, _ = binarize(copy.deepcopy(teacher), cfg.student.binary)
@@ -371,6 +374,7 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.last_eval_result: Any = None
         self.history: list[dict[str, Any]] = []
+        self.pending_eval: dict[str, Any] | None = None  # log row of a trained, not yet evaluated epoch
         self.stop_requested = False
         self.logger = RunLogger(self.run_dir, enabled=self.is_main, config=self.config_dict,
                                 tensorboard=tensorboard, console=console, keep_rows=resume is not None)
@@ -406,8 +410,11 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "metric_name": self.cfg.best_metric,
             "metrics": dict(self.last_metrics),
+            "pending_eval": dict(self.pending_eval) if self.pending_eval is not None else None,
             "class_names": list(self.class_names),
             "input_size": list(getattr(self.model, "input_size", []) or []),
+            # what the weights are: a float model (a teacher) has none; export refuses to binarize it silently
+            "binary_convs": sum(isinstance(m, BinaryConv2d) for m in unwrap_model(self.model).modules()),
         }
 
     def save(self, name: str = "last.pt") -> Path | None:
@@ -448,7 +455,9 @@ class Trainer:
         self.best_metric = state.get("best_metric")
         self.best_epoch = state.get("best_epoch")
         self.last_metrics = dict(state.get("metrics") or {})
-        self.logger.truncate(self.epoch)
+        pending = state.get("pending_eval")
+        self.pending_eval = dict(pending) if isinstance(pending, dict) and self.epoch_complete else None
+        self.logger.truncate(self.epoch - (1 if self.pending_eval is not None else 0))
         rng = state["rng"]
         gens = _generators(self.train_loader)
         set_rng_state(rng, gens[0] if gens else None)
@@ -459,7 +468,8 @@ class Trainer:
                 g.set_state(s)
         where = "end of" if self.epoch_complete else "inside"
         self.logger.info(f"resumed from {path}: {where} epoch {self.epoch if not self.epoch_complete else self.epoch - 1}"
-                         f", iteration {self.iteration}")
+                         f", iteration {self.iteration}"
+                         + ("; its evaluation did not finish and runs first" if self.pending_eval is not None else ""))
 
     # -- events --------------------------------------------------------------------------------
     def _event(self, name: str) -> None:
@@ -634,6 +644,8 @@ class Trainer:
                          + (f", distilling {', '.join(self.distiller.term_keys())}" if self.distiller else "")
                          + (f", world size {self.world}" if self.world > 1 else ""))
         try:
+            if self.pending_eval is not None:  # resumed from a checkpoint written before an evaluation
+                self._end_epoch(dict(self.pending_eval))
             while self.epoch < self.cfg.epochs and not self.stop_requested:
                 epoch = self.epoch
                 self.epoch_complete = False
@@ -652,27 +664,16 @@ class Trainer:
                 self._sync_buffers()
                 row: dict[str, Any] = {"epoch": epoch + 1, "time_s": round(time.perf_counter() - t0, 3)}
                 row.update(means)
-                last = epoch + 1 == self.cfg.epochs
-                if self.evaluate_fn is not None and ((epoch + 1) % max(self.cfg.eval_interval, 1) == 0 or last):
-                    metrics = self.evaluate()
-                    self.last_metrics = metrics
-                    row.update(metrics)
-                    self._update_best(metrics, epoch + 1)
                 self.epoch = epoch + 1
                 self.epoch_complete = True
-                if (epoch + 1) % max(self.cfg.save_interval, 1) == 0 or last or self._improved:
-                    self.save("last.pt")
-                if self._improved:
-                    self.save("best.pt")
-                self.history.append(row)
-                self.logger.log_epoch(row, step=self.iteration)
-                self.logger.info(self._format_row(row))
-                self._event("epoch_end")
+                self._end_epoch(row)
         except KeyboardInterrupt:
             status = "interrupted"
             self.save("last.pt")
-            self.logger.info(f"interrupted: saved {self.run_dir / 'last.pt'} (epoch {self.epoch}"
-                             f"{'' if self.epoch_complete else ' in progress'}); resume with it")
+            state = (f"evaluation of epoch {self.epoch} pending" if self.pending_eval is not None
+                     else f"{self.epoch}/{self.cfg.epochs} epochs done"
+                     + ("" if self.epoch_complete else f", epoch {self.epoch + 1} in progress"))
+            self.logger.info(f"interrupted: saved {self.run_dir / 'last.pt'} ({state}); resume with it")
         finally:
             if self.is_main and self.plots:
                 self._plots()
@@ -685,6 +686,34 @@ class Trainer:
 
     _improved = False
     _epoch_steps = 0
+
+    def _end_epoch(self, row: dict[str, Any]) -> None:
+        """Evaluate (when due), checkpoint and log the epoch just trained (``self.epoch``).
+
+        Before an evaluation ``last.pt`` is written with the epoch's row in ``pending_eval``, so a
+        crash or Ctrl-C during the evaluation loses no training; after it ``last.pt`` is written
+        again with the metrics and best-metric bookkeeping.
+        """
+        done = self.epoch
+        last = done == self.cfg.epochs
+        self._improved = False
+        if self.evaluate_fn is not None and (done % max(self.cfg.eval_interval, 1) == 0 or last):
+            self.pending_eval = dict(row)
+            self.save("last.pt")
+            metrics = self.evaluate()
+            self.last_metrics = metrics
+            row.update(metrics)
+            self._update_best(metrics, done)
+            self.pending_eval = None
+            self.save("last.pt")
+        elif done % max(self.cfg.save_interval, 1) == 0 or last:
+            self.save("last.pt")
+        if self._improved:
+            self.save("best.pt")
+        self.history.append(row)
+        self.logger.log_epoch(row, step=self.iteration)
+        self.logger.info(self._format_row(row))
+        self._event("epoch_end")
 
     def _update_best(self, metrics: dict[str, float], epoch: int) -> None:
         self._improved = False
