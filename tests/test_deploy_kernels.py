@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -383,6 +385,36 @@ def test_extension_builds_where_a_toolchain_exists():
     if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
         pytest.skip("no C++ compiler or ninja on this machine")
     assert K.extension_available(), (
-        "binconv.cpp failed to build; see the warning for the build folder"
+        "the C++ kernels failed to build; see the warning for the build folder"
     )
     assert "scalar" in K.available_isas()
+
+
+def test_build_cache_key_covers_every_source_by_content(tmp_path, monkeypatch):
+    """Editing any .cpp or .h changes the build folder; identical sources elsewhere share it."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    files = K._sources()
+    names = {p.name for p in files}
+    assert {"module.cpp", "dispatch.cpp", "xnor_scalar.cpp", "common.h"} <= names
+    assert all(p.suffix in (".cpp", ".h") for p in files)
+    other = tmp_path / "other_checkout"
+    other.mkdir()
+    copies = []
+    for p in files:
+        (other / p.name).write_bytes(p.read_bytes())
+        copies.append(other / p.name)
+    key = K._cache_dir(files)
+    assert key.parent == tmp_path / "cache"
+    assert K._cache_dir(copies) == key  # same contents, another path: same build
+    for c in copies:
+        original = c.read_bytes()
+        c.write_bytes(original + b"\n// edited\n")
+        assert K._cache_dir(copies) != key, c.name
+        c.write_bytes(original)
+    # sources are compiled from a copy in the build folder, rewritten only when they differ
+    # (an unchanged file keeps its mtime, so ninja does not recompile it)
+    staged = K._stage_sources(files, tmp_path / "src")
+    assert sorted(Path(s).name for s in staged) == sorted(n for n in names if n.endswith(".cpp"))
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "src").iterdir()}
+    K._stage_sources(files, tmp_path / "src")
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "src").iterdir()} == before

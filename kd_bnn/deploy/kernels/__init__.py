@@ -1,8 +1,10 @@
 """Binary convolution kernels: C++ extension build/load, run-time ISA dispatch, torch fallback.
 
-Two ops, each with a C++ path (``binconv.cpp``, built once with
-``torch.utils.cpp_extension.load`` and cached under ``$TORCH_EXTENSIONS_DIR`` or
-``~/.cache/kd_bnn/kernels``) and a pure-torch path with identical results:
+Two ops, each with a C++ path (the ``*.cpp`` files of this folder, one per concern and ISA, see
+``common.h``; built once with ``torch.utils.cpp_extension.load`` and cached under
+``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/kd_bnn/kernels`` in a folder named by the hash of the
+sources' contents, so editing any file rebuilds and identical sources share one build) and a
+pure-torch path with identical results:
 
 * :func:`xnor_conv2d` - binary activations x binary weights (XNOR-Net, Rastegari et al. 2016):
   ``dot = K - 2*popcount(a XOR w)`` with ``K = C_in*KH*KW``, exact integers, then the fused
@@ -34,7 +36,9 @@ compiler or ninja gives one warning and the fallback, never a crash.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import platform
 import shutil
 import sys
 import threading
@@ -66,7 +70,9 @@ ISAS: tuple[str, ...] = ("scalar", "popcnt", "avx2", "avx512")
 ACTIVATIONS: dict[str, int] = {"none": 0, "linear": 0, "relu": 1, "leaky": 2}
 _MODES = {"int": 0, "float": 1, "packed": 2}
 _CO_BLOCK = 16
-_SRC = Path(__file__).resolve().parent / "binconv.cpp"
+_DIR = Path(__file__).resolve().parent
+_EXT_NAME = "kdbnn_binconv"
+_BUILT = "BUILT"  # written into the build folder once the module built and loaded
 
 _lock = threading.Lock()
 _ext: Any = None
@@ -75,15 +81,77 @@ _warned = False
 _isa_cache: dict[int, list[str]] = {}
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "kd_bnn" / "kernels"
-    digest = hashlib.sha256(_SRC.read_bytes()).hexdigest()[:12]
-    return base / f"binconv_{digest}"
+def _sources() -> list[Path]:
+    """The extension's files: every ``*.cpp`` (compiled) and ``*.h`` of this folder, by name
+    (hidden files such as editor locks excluded)."""
+    return sorted(
+        p
+        for p in _DIR.iterdir()
+        if p.suffix in (".cpp", ".h") and not p.name.startswith(".") and p.is_file()
+    )
 
 
 def _omp_flags() -> list[str]:
     return ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
+def _build_flags() -> tuple[list[str], list[str]]:
+    """Compiler and linker flags.
+
+    -fopenmp: at::parallel_for is OpenMP-based in torch's CPU builds and runs serially without
+    it (torch ships libgomp.so.1, which the module then shares).
+    """
+    return ["-O3", *_omp_flags()], _omp_flags()
+
+
+def _cache_dir(files: list[Path] | None = None) -> Path:
+    """Build folder keyed by content: names and bytes of all sources, plus what the binary
+    depends on besides them (torch and Python versions, machine, flags), never the checkout path,
+    so editing any file rebuilds and two checkouts with identical sources share one build."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "kd_bnn" / "kernels"
+    h = hashlib.sha256()
+    for p in _sources() if files is None else files:
+        data = p.read_bytes()
+        h.update(f"{p.name}\0{len(data)}\0".encode())
+        h.update(data)
+    cflags, ldflags = _build_flags()
+    env = (torch.__version__, sys.implementation.cache_tag, platform.machine(), cflags, ldflags)
+    h.update(repr(env).encode())
+    return base / f"binconv_{h.hexdigest()[:16]}"
+
+
+def _stage_sources(files: list[Path], dst: Path) -> list[str]:
+    """Copy the sources into ``dst`` (the content-keyed build folder) and return the ``.cpp`` paths.
+
+    Compiling the copies makes the build commands independent of the checkout. A file is only
+    written when missing or different, so ninja does not see a newer source and recompile.
+    """
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in files:
+        data, target = p.read_bytes(), dst / p.name
+        if not target.is_file() or target.read_bytes() != data:
+            tmp = dst / f".{p.name}.{os.getpid()}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+    return [str(dst / p.name) for p in files if p.suffix == ".cpp"]
+
+
+def _load_built(build_dir: Path) -> Any | None:
+    """Import the module of a finished build in ``build_dir`` without running the build tool
+    (another checkout or virtualenv may have built it); None when there is none or it fails."""
+    so = build_dir / f"{_EXT_NAME}{'.pyd' if sys.platform == 'win32' else '.so'}"
+    if not (build_dir / _BUILT).is_file() or not so.is_file():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(_EXT_NAME, so)
+        if spec is None or spec.loader is None:
+            return None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except Exception:  # noqa: BLE001 - e.g. an ABI mismatch: rebuild through cpp_extension
+        return None
 
 
 def _warn_once(msg: str) -> None:
@@ -96,8 +164,10 @@ def _warn_once(msg: str) -> None:
 def load_extension(verbose: bool = False) -> Any | None:
     """Build (first call, ~30 s) or load the cached C++ extension; None when unavailable.
 
-    Returns None without building when ``KDBNN_NO_EXT=1``. A build failure (no compiler, no
-    ninja, compile error) warns once and returns None, so callers fall back to torch.
+    A finished build in the content-keyed cache folder (see :func:`_cache_dir`) is imported
+    directly; otherwise "compiling binary kernels" is printed to stderr once and the sources are
+    compiled. Returns None without building when ``KDBNN_NO_EXT=1``. A build failure (no
+    compiler, no ninja, compile error) warns once and returns None, so callers fall back to torch.
     """
     global _ext, _ext_tried
     if os.environ.get("KDBNN_NO_EXT", "0") not in ("", "0"):
@@ -123,23 +193,29 @@ def load_extension(verbose: bool = False) -> Any | None:
                 f"kd_bnn kernels: ninja not available ({exc}); using the slow pure-torch fallback"
             )
             return None
-        build_dir = _cache_dir()
-        build_dir.mkdir(parents=True, exist_ok=True)
+        files = _sources()
+        build_dir = _cache_dir(files)
         try:
-            _ext = cpp_extension.load(
-                name="kdbnn_binconv",
-                sources=[str(_SRC)],
-                # -fopenmp: at::parallel_for is OpenMP-based in torch's CPU builds and runs
-                # serially without it (torch ships libgomp.so.1, which the module then shares)
-                extra_cflags=["-O3", *_omp_flags()],
-                extra_ldflags=_omp_flags(),
-                build_directory=str(build_dir),
-                verbose=verbose,
-            )
+            _ext = _load_built(build_dir)
+            if _ext is None:
+                print("compiling binary kernels (once, ~30 s)", file=sys.stderr, flush=True)
+                cflags, ldflags = _build_flags()
+                _ext = cpp_extension.load(
+                    name=_EXT_NAME,
+                    sources=_stage_sources(files, build_dir / "src"),
+                    extra_cflags=cflags,
+                    extra_ldflags=ldflags,
+                    build_directory=str(build_dir),
+                    verbose=verbose,
+                )
+                try:  # mark the build finished: later processes import it without ninja
+                    (build_dir / _BUILT).write_text(f"{build_dir.name}\n")
+                except OSError:
+                    pass
         except Exception as exc:  # noqa: BLE001
             detail = str(exc).strip().splitlines()[-1:] or [""]
             _warn_once(
-                f"kd_bnn kernels: building {_SRC.name} failed ({type(exc).__name__}: {detail[0][:300]}); "
+                f"kd_bnn kernels: building the C++ kernels failed ({type(exc).__name__}: {detail[0][:300]}); "
                 f"using the slow pure-torch fallback (build log in {build_dir})"
             )
             _ext = None

@@ -1,0 +1,18 @@
+// kd_bnn kernels: the Python module (pybind11). The only file that includes <torch/extension.h>
+// (its parse is most of the build time); the ops are in pack.cpp, xnor.cpp and bwn.cpp, the ISA
+// detection in dispatch.cpp. Called from kd_bnn/deploy/kernels/__init__.py, which validates the
+// arguments and keeps a pure-torch fallback with the same results.
+
+#include <torch/extension.h>
+
+#include "dispatch.h"
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kd_bnn binary convolution kernels (XNOR popcount conv, BWN conv)";
+  m.def("has_isa", &kdbnn::cpu_has, "whether the CPU supports ISA path code (0 scalar, 1 popcnt, 2 avx2, 3 avx512)");
+  m.def("pack_input", &kdbnn::pack_input, "binarize and pack (N,C,H,W) float -> padded NHWC int64 words");
+  m.def("pad_packed", &kdbnn::pad_packed, "pad packed NHWC words with +1/-1 pad words");
+  m.def("xnor_conv", &kdbnn::xnor_conv, "XNOR popcount convolution on packed NHWC input");
+  m.def("bwn_conv", &kdbnn::bwn_conv, "float x packed-binary-weight convolution");
+}

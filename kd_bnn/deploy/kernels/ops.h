@@ -1,0 +1,35 @@
+// kd_bnn kernels: the tensor-level ops bound to Python in module.cpp.
+//
+// Only the light ATen core headers (not <torch/extension.h>, which takes ~30 s to parse): the
+// drivers that include this header stay quick to compile.
+
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+
+namespace kdbnn {
+
+// pack.cpp
+// x: float (N, C, H, W) -> int64 (N, H+2p, W+2p, nw), sign bits (x >= 0 -> 1), border = pad words.
+at::Tensor pack_input(at::Tensor x, int64_t pad, double pad_value);
+// xp: int64 (N, H, W, nw) packed (unpadded) -> (N, H+2p, W+2p, nw) with pad words on the border.
+at::Tensor pad_packed(at::Tensor xp, int64_t channels, int64_t pad, double pad_value);
+
+// xnor.cpp: XNOR popcount convolution of packed NHWC input (modes, layouts: see xnor.cpp).
+at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c_in, int64_t KH, int64_t KW,
+                     int64_t stride, c10::optional<at::Tensor> scale, c10::optional<at::Tensor> bias, int64_t act,
+                     int64_t mode, int64_t out_pad, double out_pad_value, int64_t isa);
+
+// bwn.cpp: float input x packed binary weights, conv2d(x, alpha * sign(W), bias) -> activation.
+at::Tensor bwn_conv(at::Tensor x, at::Tensor wpacked, at::Tensor alpha, c10::optional<at::Tensor> bias, int64_t KH,
+                    int64_t KW, int64_t stride, int64_t pad, int64_t act, int64_t isa);
+
+inline void check_pad_value(double v) {
+  TORCH_CHECK(v == 1.0 || v == -1.0, "kd_bnn: binary padding value must be +1 or -1, found ", v);
+}
+
+}  // namespace kdbnn

@@ -1,0 +1,118 @@
+// kd_bnn kernels: binarize + pack float input, pad packed input (portable).
+//
+// Packed layout (shared with kd_bnn/deploy/pack.py): activations are bit-packed along channels
+// into int64 words, bit 1 = +1 (x >= 0), LSB first, padding bits 0; tensors are NHWC words
+// (N, H, W, nw = ceil(C/64)). The XNOR conv reads a pre-padded input whose border holds the
+// words of the pad value (+1: all valid bits set, -1: all zero), so a KW-wide window row is KW*nw
+// contiguous words for any stride. The row packer is per ISA (dispatch.cpp picks the best the
+// CPU has; the AVX2 one is in pack_x86.cpp); the portable one below uses SSE2 on x86-64.
+
+#include "dispatch.h"
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+namespace kdbnn {
+
+// One NCHW image row (channel c at src + c*plane) -> W pixels of packed words, padding bits 0.
+// Four pixels at a time: one SSE compare + movemask per channel gives the channel's bit for 4
+// pixels, spread into 4 register-held words (no NHWC transpose of the float input).
+void pack_row_nchw(const float* src, int64_t plane, int64_t C, int64_t W, uint64_t* dst) {
+  const int64_t nw = (C + 63) / 64;
+  int64_t w = 0;
+#if KDBNN_SSE2
+  const __m128 z = _mm_setzero_ps();
+  for (; w + 4 <= W; w += 4) {
+    for (int64_t wi = 0; wi < nw; ++wi) {
+      const int64_t c1 = std::min<int64_t>(C, wi * 64 + 64);
+      uint64_t q0 = 0, q1 = 0, q2 = 0, q3 = 0;
+      for (int64_t c = wi * 64; c < c1; ++c) {
+        const uint64_t m = (uint64_t)_mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(src + c * plane + w), z));
+        const int sh = (int)(c & 63);
+        q0 |= (m & 1ULL) << sh;
+        q1 |= ((m >> 1) & 1ULL) << sh;
+        q2 |= ((m >> 2) & 1ULL) << sh;
+        q3 |= ((m >> 3) & 1ULL) << sh;
+      }
+      dst[w * nw + wi] = q0;
+      dst[(w + 1) * nw + wi] = q1;
+      dst[(w + 2) * nw + wi] = q2;
+      dst[(w + 3) * nw + wi] = q3;
+    }
+  }
+#endif  // KDBNN_SSE2
+  for (; w < W; ++w) {
+    for (int64_t wi = 0; wi < nw; ++wi) {
+      const int64_t c1 = std::min<int64_t>(C, wi * 64 + 64);
+      uint64_t q = 0;
+      for (int64_t c = wi * 64; c < c1; ++c) q |= (uint64_t)(src[c * plane + w] >= 0.0f) << (c & 63);
+      dst[w * nw + wi] = q;
+    }
+  }
+}
+
+// x: float (N, C, H, W) -> int64 (N, H+2p, W+2p, nw), sign bits (x >= 0 -> 1), border = pad words.
+at::Tensor pack_input(at::Tensor x, int64_t pad, double pad_value) {
+  TORCH_CHECK(x.dim() == 4, "kd_bnn.pack_input: expected (N, C, H, W), found ", x.sizes());
+  TORCH_CHECK(pad >= 0, "kd_bnn.pack_input: pad must be >= 0, found ", pad);
+  check_pad_value(pad_value);
+  x = x.to(at::kFloat).contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const float* xp = x.data_ptr<float>();
+  const int64_t nw = (C + 63) / 64, Hp = H + 2 * pad, Wp = W + 2 * pad;
+  auto out = at::empty({N, Hp, Wp, nw}, at::kLong);
+  uint64_t* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  const bool plus = pad_value > 0;
+  const PackRowFn pack_row = best_pack_row();
+  // rows per task: >= ~64K input floats, so small layers stay on one thread (a parallel region
+  // costs more than the copy there)
+  at::parallel_for(0, N * Hp, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, W * C)), [&](int64_t b, int64_t e) {
+    for (int64_t nh = b; nh < e; ++nh) {
+      const int64_t n = nh / Hp, hp = nh % Hp, h = hp - pad;
+      uint64_t* row = o + nh * Wp * nw;
+      if (h < 0 || h >= H) {
+        for (int64_t w = 0; w < Wp; ++w) fill_pad(row + w * nw, nw, C, plus);
+        continue;
+      }
+      for (int64_t w = 0; w < pad; ++w) {
+        fill_pad(row + w * nw, nw, C, plus);
+        fill_pad(row + (Wp - 1 - w) * nw, nw, C, plus);
+      }
+      uint64_t* inner = row + pad * nw;
+      pack_row(xp + n * C * H * W + h * W, H * W, C, W, inner);
+    }
+  });
+  return out;
+}
+
+// xp: int64 (N, H, W, nw) packed (unpadded) -> (N, H+2p, W+2p, nw) with pad words on the border.
+at::Tensor pad_packed(at::Tensor xp, int64_t channels, int64_t pad, double pad_value) {
+  TORCH_CHECK(xp.dim() == 4 && xp.scalar_type() == at::kLong,
+              "kd_bnn.pad_packed: expected int64 (N, H, W, nw), found ", xp.sizes(), " ", xp.scalar_type());
+  check_pad_value(pad_value);
+  const int64_t nw = (channels + 63) / 64;
+  TORCH_CHECK(xp.size(3) == nw, "kd_bnn.pad_packed: ", channels, " channels need ", nw, " words, found ", xp.size(3));
+  xp = xp.contiguous();
+  const int64_t N = xp.size(0), H = xp.size(1), W = xp.size(2), Hp = H + 2 * pad, Wp = W + 2 * pad;
+  auto out = at::empty({N, Hp, Wp, nw}, at::kLong);
+  const uint64_t* s = reinterpret_cast<const uint64_t*>(xp.data_ptr<int64_t>());
+  uint64_t* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  const bool plus = pad_value > 0;
+  at::parallel_for(0, N * Hp, 1, [&](int64_t b, int64_t e) {
+    for (int64_t nh = b; nh < e; ++nh) {
+      const int64_t n = nh / Hp, h = nh % Hp - pad;
+      uint64_t* row = o + nh * Wp * nw;
+      for (int64_t w = 0; w < Wp; ++w) {
+        const int64_t wi = w - pad;
+        if (h < 0 || h >= H || wi < 0 || wi >= W)
+          fill_pad(row + w * nw, nw, channels, plus);
+        else
+          std::memcpy(row + w * nw, s + ((n * H + h) * W + wi) * nw, sizeof(uint64_t) * nw);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace kdbnn
