@@ -27,6 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# Result-file mode imports neither torch nor matplotlib (a process start in ~0.2 s instead of
+# seconds; tests/test_torch_free_eval.py): keep torch-using imports inside `_model_mode` and
+# matplotlib inside `plot_pr_curves`.
 from kd_bnn.data.kitti import KittiFormatError  # noqa: E402
 from kd_bnn.eval.kitti import (  # noqa: E402
     RESULT_MARKER,
