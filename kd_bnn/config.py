@@ -89,8 +89,8 @@ class BinaryConfig(_Section):
     weight_quantizer: str = "ste_sign"
     input_quantizer: str = "ste_sign"
     clip: PositiveFloat = 1.0
-    weight_scaling: Literal["none", "mean_abs", "learned"] = "mean_abs"
-    input_scaling: Literal["none", "xnor_k"] = "none"
+    weight_scaling: str = "mean_abs"  # a registered weight scaling (kd_bnn.binary.quantizers.WEIGHT_SCALINGS)
+    input_scaling: str = "none"  # none | xnor_k (kd_bnn.binary.quantizers.INPUT_SCALINGS)
     pad_value: float = -1.0  # padding value of binary activations (+1 or -1)
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)

@@ -142,8 +142,24 @@ def test_learned_and_none_scaling():
     s = torch.where(w.detach() >= 0, 1.0, -1.0)
     torch.testing.assert_close(scale.grad, (g * s).sum(dim=(1, 2, 3)))
     assert torch.equal(scaled_binary_weight(w, q, "none").detach(), s)
-    with pytest.raises(ValueError, match="weight_scaling"):
+    with pytest.raises(ValueError, match=r"unknown weight scaling 'median'; registered: learned, mean_abs, none"):
         scaled_binary_weight(w, q, "median")
+
+
+def test_weight_scalings_are_one_registry_used_by_layer_and_export():
+    """One definition per scaling: the layer's training weight and the exported alpha agree."""
+    from kd_bnn.binary.layers import BinaryConv2d
+    from kd_bnn.binary.quantizers import WEIGHT_SCALINGS
+
+    assert WEIGHT_SCALINGS.list() == ["learned", "mean_abs", "none"]
+    torch.manual_seed(0)
+    for name in WEIGHT_SCALINGS.list():
+        m = BinaryConv2d(4, 3, 3, padding=1, weight_scaling=name)
+        alpha = m.weight_scale()
+        assert alpha.shape == (3,) and (m.scale is not None) == (name == "learned")
+        torch.testing.assert_close(m.effective_weight().detach(), m.binary_weight())
+        if name == "none":
+            assert torch.equal(alpha, torch.ones(3))
 
 
 def test_xnor_k_matches_loop_reference():

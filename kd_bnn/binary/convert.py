@@ -46,7 +46,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from kd_bnn.binary.layers import BinaryConv2d, binary_convs, is_depthwise
-from kd_bnn.binary.quantizers import build_quantizer
+from kd_bnn.binary.quantizers import INPUT_SCALINGS, build_quantizer, weight_scaling
 from kd_bnn.config import BinaryConfig, ConfigError
 
 PolicyLike = BinaryConfig | Mapping[str, Any] | None
@@ -94,6 +94,13 @@ def as_policy(policy: Any = None) -> BinaryConfig:
             build_quantizer(getattr(cfg, key), cfg.clip)
         except ValueError as exc:
             raise ConfigError(f"binary policy key '{key}': {exc}") from None
+    try:
+        weight_scaling(cfg.weight_scaling)
+    except ValueError as exc:
+        raise ConfigError(f"binary policy key 'weight_scaling': {exc}") from None
+    if cfg.input_scaling not in INPUT_SCALINGS:
+        raise ConfigError(f"binary policy key 'input_scaling': expected one of {', '.join(INPUT_SCALINGS)}, "
+                          f"found {cfg.input_scaling!r}")
     for i, st in enumerate(cfg.stages):
         if st.epoch < 0:
             raise ConfigError(f"binary policy key 'stages.{i}.epoch': must be >= 0, found {st.epoch}")

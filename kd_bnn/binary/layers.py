@@ -15,13 +15,11 @@ from torch import nn
 from kd_bnn.binary.quantizers import (
     ALPHA_GRADS,
     INPUT_SCALINGS,
-    WEIGHT_SCALINGS,
     build_quantizer,
-    mean_abs_scale,
-    scaled_binary_weight,
     sign,
     xnor_k,
 )
+from kd_bnn.binary.quantizers import weight_scaling as weight_scaling_of
 
 MODES = ("bwn", "xnor")
 
@@ -96,8 +94,7 @@ class BinaryConv2d(nn.Conv2d):
                          bias, padding_mode, device=device, dtype=dtype)
         if mode not in MODES:
             raise ValueError(f"BinaryConv2d mode must be one of {MODES}, found {mode!r}")
-        if weight_scaling not in WEIGHT_SCALINGS:
-            raise ValueError(f"weight_scaling must be one of {WEIGHT_SCALINGS}, found {weight_scaling!r}")
+        scaling = weight_scaling_of(weight_scaling)
         if input_scaling not in INPUT_SCALINGS:
             raise ValueError(f"input_scaling must be one of {INPUT_SCALINGS}, found {input_scaling!r}")
         if alpha_grad not in ALPHA_GRADS:
@@ -115,8 +112,9 @@ class BinaryConv2d(nn.Conv2d):
         self.alpha_grad = alpha_grad
         self.weight_quantizer = build_quantizer(weight_quantizer, clip)
         self.input_quantizer = build_quantizer(input_quantizer, clip) if mode == "xnor" else None
-        if weight_scaling == "learned":
-            self.scale = nn.Parameter(mean_abs_scale(self.weight))
+        self._scaling = scaling
+        if scaling.learned:
+            self.scale = nn.Parameter(scaling.init(self.weight))
         else:
             self.register_parameter("scale", None)
 
@@ -149,7 +147,7 @@ class BinaryConv2d(nn.Conv2d):
         """Set a ``learned`` scale to the mean |W| of the current latent weights (no-op otherwise)."""
         if self.scale is not None:
             with torch.no_grad():
-                self.scale.copy_(mean_abs_scale(self.weight))
+                self.scale.copy_(self._scaling.init(self.weight))
 
     # ------------------------------------------------------------------ what the exporter reads
     def weight_signs(self) -> torch.Tensor:
@@ -157,12 +155,9 @@ class BinaryConv2d(nn.Conv2d):
         return self.weight.detach() >= 0
 
     def weight_scale(self) -> torch.Tensor:
-        """Per-output-channel alpha, shape (C_out,): mean |W|, the learned scale, or ones."""
-        if self.weight_scaling == "mean_abs":
-            return mean_abs_scale(self.weight)
-        if self.weight_scaling == "learned":
-            return self.scale.detach().clone()
-        return torch.ones(self.out_channels, dtype=self.weight.dtype, device=self.weight.device)
+        """Per-output-channel alpha, shape (C_out,), as the registered scaling defines it (mean |W|,
+        the learned scale, or ones): what the exporter stores."""
+        return self._scaling.alpha(self.weight, self.scale)
 
     def binary_weight(self) -> torch.Tensor:
         """The effective ±alpha float weight (deterministic sign), same shape as ``weight``."""
@@ -176,8 +171,7 @@ class BinaryConv2d(nn.Conv2d):
     # ------------------------------------------------------------------ forward
     def effective_weight(self) -> torch.Tensor:
         """alpha * q(W) with gradients to the latent weights (and a learned scale)."""
-        return scaled_binary_weight(self.weight, self.weight_quantizer, self.weight_scaling,
-                                    self.scale, self.alpha_grad)
+        return self._scaling.effective(self.weight, self.weight_quantizer(self.weight), self.scale, self.alpha_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

@@ -5,9 +5,10 @@ habit: a string alias, the formula in the docstring, a reference), so a config n
 strings (``weight_quantizer: ste_sign``). Every quantizer maps to exactly {-1, +1}: sign(0) = +1,
 never 0, because 0 is not a value a bit can hold.
 
-Weight scaling (per output channel ``alpha``, :data:`WEIGHT_SCALINGS`): ``none``, ``mean_abs``
-(XNOR-Net BWN), ``learned``. Activation scaling for XNOR layers (:data:`INPUT_SCALINGS`):
-``none``, ``xnor_k`` (XNOR-Net's K map).
+Weight scalings (per output channel ``alpha``) are registered in :data:`WEIGHT_SCALINGS` too:
+``none``, ``mean_abs`` (XNOR-Net BWN), ``learned``; each says how its alpha is made (and trained)
+and what the exporter stores, so layers, training and export share one definition. Activation
+scaling for XNOR layers (:data:`INPUT_SCALINGS`): ``none``, ``xnor_k`` (XNOR-Net's K map).
 
 Example:
     >>> q = QUANTIZERS.build("ste_sign", clip=1.3)
@@ -25,8 +26,8 @@ from kd_bnn.registry import Registry
 
 #: name -> quantizer class; ``QUANTIZERS.build(name, clip=...)`` returns a module.
 QUANTIZERS = Registry("quantizer")
-#: Weight scaling names accepted by :class:`~kd_bnn.binary.layers.BinaryConv2d`.
-WEIGHT_SCALINGS = ("none", "mean_abs", "learned")
+#: name -> weight scaling class (:class:`WeightScaling`), as accepted by ``BinaryConv2d``.
+WEIGHT_SCALINGS = Registry("weight scaling")
 #: Activation scaling names accepted by xnor-mode :class:`~kd_bnn.binary.layers.BinaryConv2d`.
 INPUT_SCALINGS = ("none", "xnor_k")
 #: How the gradient flows through the ``mean_abs`` alpha (see :func:`scaled_binary_weight`).
@@ -200,6 +201,97 @@ def mean_abs_scale(weight: torch.Tensor) -> torch.Tensor:
     return w.abs().to(torch.float64).flatten(1).mean(dim=1).to(w.dtype)
 
 
+class WeightScaling:
+    """The per-output-channel alpha of a binary weight ``alpha_c * q(W)``.
+
+    ``learned`` classes own a trained (C_out,) parameter (``BinaryConv2d.scale``), initialised by
+    :meth:`init`; :meth:`alpha` is what the exporter stores; :meth:`effective` is the float weight
+    the layer trains with (and its gradient through alpha).
+    """
+
+    learned = False
+
+    def init(self, weight: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def alpha(self, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def effective(self, weight: torch.Tensor, wb: torch.Tensor, scale: torch.Tensor | None,
+                  alpha_grad: str) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _channel_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    return (-1,) + (1,) * (weight.dim() - 1)
+
+
+@WEIGHT_SCALINGS.register("none")
+class NoScaling(WeightScaling):
+    """alpha = 1: the weight is q(W)."""
+
+    def alpha(self, weight, scale):
+        return torch.ones(weight.shape[0], dtype=weight.dtype, device=weight.device)
+
+    def effective(self, weight, wb, scale, alpha_grad):
+        return wb
+
+
+@WEIGHT_SCALINGS.register("mean_abs")
+class MeanAbsScaling(WeightScaling):
+    """alpha = mean |W| per output channel (XNOR-Net BWN, Rastegari et al. 2016, eq. 4).
+
+    ``alpha_grad="paper"``: forward alpha * q(W); backward XNOR-Net's
+    dC/dW_i = dC/dW~_i * (1/n + alpha * q'(W_i)) (sec. 3.1, gradient of W~ = alpha * sign(W)), q'
+    the quantizer's surrogate (for ``ste_sign``: 1{|W_i| <= clip}); implemented as
+    ``alpha.detach() * q(W) + (W - W.detach()) / n``, whose second term is zero forward and
+    contributes grad/n backward. ``alpha_grad="autograd"``: plain autograd of alpha(W) * q(W), i.e.
+    dC/dW_i = alpha q'(W_i) g_i + sign(W_i)/n * sum_j g_j q(W_j) (the exact chain rule).
+    """
+
+    def alpha(self, weight, scale):
+        return mean_abs_scale(weight)
+
+    def effective(self, weight, wb, scale, alpha_grad):
+        shape = _channel_shape(weight)
+        if alpha_grad == "paper":
+            n = weight[0].numel()
+            return mean_abs_scale(weight).view(shape) * wb + (weight - weight.detach()) / n
+        if alpha_grad == "autograd":
+            alpha = weight.abs().to(torch.float64).flatten(1).mean(dim=1).to(weight.dtype)
+            return alpha.view(shape) * wb
+        raise ValueError(f"alpha_grad must be one of {ALPHA_GRADS}, found {alpha_grad!r}")
+
+
+@WEIGHT_SCALINGS.register("learned")
+class LearnedScaling(WeightScaling):
+    """alpha a trained (C_out,) parameter, initialised to mean |W|; plain autograd (both the latent
+    weights and alpha get gradients), as XNOR-Net++ (Bulat & Tzimiropoulos, BMVC 2019) learns it."""
+
+    learned = True
+
+    def init(self, weight):
+        return mean_abs_scale(weight)
+
+    def alpha(self, weight, scale):
+        if scale is None:
+            raise ValueError("weight_scaling 'learned' needs a scale parameter")
+        return scale.detach().clone()
+
+    def effective(self, weight, wb, scale, alpha_grad):
+        if scale is None:
+            raise ValueError("weight_scaling 'learned' needs a scale parameter")
+        return scale.view(_channel_shape(weight)) * wb
+
+
+def weight_scaling(name: str) -> WeightScaling:
+    """The registered weight scaling ``name`` (ValueError listing the registered ones otherwise)."""
+    try:
+        return WEIGHT_SCALINGS.get(name)()
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+
+
 def scaled_binary_weight(
     weight: torch.Tensor,
     quantizer: nn.Module,
@@ -207,36 +299,9 @@ def scaled_binary_weight(
     scale: torch.Tensor | None = None,
     alpha_grad: str = "paper",
 ) -> torch.Tensor:
-    """Effective weight alpha_c * q(W) used by a binary layer, with the chosen gradient through alpha.
-
-    * ``none``: q(W).
-    * ``learned``: ``scale`` (a (C_out,) parameter) times q(W); plain autograd (both get gradients).
-    * ``mean_abs`` with ``alpha_grad="paper"``: forward alpha * q(W); backward XNOR-Net's
-      dC/dW_i = dC/dW~_i * (1/n + alpha * q'(W_i)) (Rastegari et al. 2016, sec. 3.1, gradient of
-      W~ = alpha * sign(W)), q' the quantizer's surrogate (for ``ste_sign``: 1{|W_i| <= clip}).
-      Implemented as ``alpha.detach() * q(W) + (W - W.detach()) / n``: the second term is exactly
-      zero forward and contributes grad/n backward.
-    * ``mean_abs`` with ``alpha_grad="autograd"``: plain autograd of alpha(W) * q(W), i.e.
-      dC/dW_i = alpha q'(W_i) g_i + sign(W_i)/n * sum_j g_j q(W_j) (the exact chain rule).
-    """
-    wb = quantizer(weight)
-    shape = (-1,) + (1,) * (weight.dim() - 1)
-    if scaling == "none":
-        return wb
-    if scaling == "learned":
-        if scale is None:
-            raise ValueError("weight_scaling 'learned' needs a scale parameter")
-        return scale.view(shape) * wb
-    if scaling == "mean_abs":
-        if alpha_grad == "paper":
-            n = weight[0].numel()
-            alpha = mean_abs_scale(weight).view(shape)
-            return alpha * wb + (weight - weight.detach()) / n
-        if alpha_grad == "autograd":
-            alpha = weight.abs().to(torch.float64).flatten(1).mean(dim=1).to(weight.dtype)
-            return alpha.view(shape) * wb
-        raise ValueError(f"alpha_grad must be one of {ALPHA_GRADS}, found {alpha_grad!r}")
-    raise ValueError(f"weight_scaling must be one of {WEIGHT_SCALINGS}, found {scaling!r}")
+    """Effective weight alpha_c * q(W) of a binary layer, with the gradient through alpha that the
+    registered scaling defines (:class:`MeanAbsScaling`, :class:`LearnedScaling`, :class:`NoScaling`)."""
+    return weight_scaling(scaling).effective(weight, quantizer(weight), scale, alpha_grad)
 
 
 def xnor_k(
