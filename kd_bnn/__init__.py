@@ -2,10 +2,8 @@
 
 Follows Xu et al., "Training a Binary Weight Object Detector by Knowledge Transfer for
 Autonomous Driving" (ICRA 2019). See docs/architecture.md for the layout of the package.
+Importing it changes nothing in the process: third-party libraries are made offline-safe only
+where the toolkit imports them (`kd_bnn.offline`).
 """
-
-from kd_bnn.offline import setup_offline_env
-
-setup_offline_env()
 
 __version__ = "0.1.0"

@@ -1,14 +1,18 @@
 """The one place that makes third-party libraries offline-safe (no downloads at run time).
 
-Ultralytics reads these variables when it is first imported, so they are set when `kd_bnn` is
-imported, before any room can import Ultralytics. `import_ultralytics()` is the only way the
-package imports it: lazily, with its settings directory inside the user's cache, and with torch's
-thread count restored afterwards (Ultralytics forces one CPU thread at import).
+`import_ultralytics()` is the only way the package imports Ultralytics: lazily, with the offline
+variables (`YOLO_OFFLINE`, `YOLO_AUTOINSTALL`, ...) and a settings directory inside the user's
+config folder set for the duration of that import only (Ultralytics reads them when it is first
+imported), so `import kd_bnn` leaves the user's own environment and Ultralytics settings alone;
+torch's thread count and `PIL.Image.open` are restored afterwards (Ultralytics forces one CPU
+thread and patches PIL at import).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _OFFLINE_ENV = {
@@ -19,17 +23,26 @@ _OFFLINE_ENV = {
 }
 
 
-def setup_offline_env() -> None:
-    """Set the offline variables (keeping any value the user already set)."""
-    for key, value in _OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+@contextmanager
+def offline_env() -> Iterator[None]:
+    """Set the offline variables for the duration of the block (any value the user already set is
+    kept), then remove those this function added."""
+    added = [k for k in _OFFLINE_ENV if k not in os.environ]
+    for key in added:
+        os.environ[key] = _OFFLINE_ENV[key]
     if "YOLO_CONFIG_DIR" not in os.environ:
         cfg_dir = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "kd_bnn" / "ultralytics"
         try:
             cfg_dir.mkdir(parents=True, exist_ok=True)
             os.environ["YOLO_CONFIG_DIR"] = str(cfg_dir)
+            added.append("YOLO_CONFIG_DIR")
         except OSError:  # read-only home: Ultralytics falls back to a temp dir itself
             pass
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def import_ultralytics():
@@ -38,14 +51,14 @@ def import_ultralytics():
     Raises:
         ImportError: with an actionable message when Ultralytics is not installed.
     """
-    setup_offline_env()
     import torch
     from PIL import Image
 
     threads = torch.get_num_threads()
     pil_open = Image.open
     try:
-        import ultralytics
+        with offline_env():
+            import ultralytics
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
             "Ultralytics models need the 'ultralytics' package: pip install ultralytics"

@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# tests import Ultralytics directly too (pytest.importorskip): keep that import offline as well
+for _k, _v in {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "YOLO_VERBOSE": "False",
+               "NO_ALBUMENTATIONS_UPDATE": "1"}.items():
+    os.environ.setdefault(_k, _v)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_KITTI = REPO.parent / "shared" / "kitti"

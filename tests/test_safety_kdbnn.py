@@ -266,3 +266,29 @@ def test_importing_ultralytics_leaves_pil_open_alone():
     before = Image.open
     import_ultralytics()
     assert Image.open is before
+
+
+def test_import_kd_bnn_leaves_the_users_environment_alone():
+    """`import kd_bnn` no longer sets YOLO_OFFLINE / YOLO_CONFIG_DIR ... for the whole process; the
+    offline settings apply to the toolkit's own Ultralytics import only, and are removed after it."""
+    import subprocess
+    import sys
+
+    code = """
+import os
+keys = ("YOLO_OFFLINE", "YOLO_AUTOINSTALL", "YOLO_VERBOSE", "YOLO_CONFIG_DIR", "NO_ALBUMENTATIONS_UPDATE")
+before = {k: os.environ.get(k) for k in keys}
+import kd_bnn, kd_bnn.models, kd_bnn.deploy
+assert {k: os.environ.get(k) for k in keys} == before, "import changed the environment"
+from kd_bnn.offline import import_ultralytics
+u = import_ultralytics()
+assert {k: os.environ.get(k) for k in keys} == before, "import_ultralytics left variables set"
+import ultralytics.utils as uu
+assert uu.ONLINE is False and uu.AUTOINSTALL is False, (uu.ONLINE, uu.AUTOINSTALL)
+print("ok")
+"""
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("YOLO_OFFLINE", "YOLO_AUTOINSTALL", "YOLO_VERBOSE", "YOLO_CONFIG_DIR", "NO_ALBUMENTATIONS_UPDATE")}
+    pytest.importorskip("ultralytics")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

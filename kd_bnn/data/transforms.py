@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from kd_bnn.config import AugmentConfig
+from kd_bnn.offline import offline_env
 
 IGNORE_KIND = -1  # `kinds` value of a DontCare / ignore region
 PAD_VALUE = 114  # grey of letterbox padding (as Ultralytics/YOLOv5)
@@ -133,7 +134,8 @@ class TrainTransform:
 
     def __init__(self, input_size: Sequence[int], augment: AugmentConfig | None = None,
                  min_visible: float = 0.5, min_size: float = 2.0, seed: int | None = None):
-        import albumentations as A  # lazy: heavy import, only needed for training
+        with offline_env():  # albumentations checks for updates online at import unless told not to
+            import albumentations as A  # lazy: heavy import, only needed for training
 
         self.input_size = _check_input_size(input_size)
         self.augment = augment if augment is not None else AugmentConfig()
