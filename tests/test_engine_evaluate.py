@@ -1,4 +1,4 @@
-"""make_kitti_evaluate_fn: predictions mapped back through the letterbox and scored by KITTI AP."""
+"""evaluate_model: predictions mapped back through the letterbox and scored by KITTI AP."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kd_bnn.data.kitti import FrameLabels
-from kd_bnn.engine import make_kitti_evaluate_fn
+from kd_bnn.engine import evaluate_model
 from kd_bnn.models.detector import Detections
 
 pytest.importorskip("kd_bnn.eval.kitti")
@@ -47,15 +47,14 @@ def test_oracle_gets_full_ap_through_the_letterbox():
                  v.boxes[0][2] * scale + pad[0], v.boxes[0][3] * scale + pad[1]] for v in gt.values()]
     scores = [0.99 - 0.01 * i for i in range(45)]  # >= 41 truths: the devkit samples 41 points
     loader = [(torch.zeros(45, 3, 8, 8), torch.zeros(0, 6), [torch.zeros(0, 4)] * 45, meta)]
-    fn = make_kitti_evaluate_fn(loader, CLASSES, gt=gt)
-    metrics, result = fn(Oracle(in_boxes, scores))
+    metrics, result = evaluate_model(Oracle(in_boxes, scores), loader, CLASSES, gt=gt)
     assert metrics["Car/moderate/R40"] == pytest.approx(100.0)
     assert metrics["Car/easy/R11"] == pytest.approx(100.0)
     assert metrics["mAP/moderate/R40"] == pytest.approx(100.0 / 3)  # no Pedestrian / Cyclist found
     # boxes left in input pixels (no mapping back) miss the ground truth
     loader2 = [(torch.zeros(45, 3, 8, 8), torch.zeros(0, 6), [torch.zeros(0, 4)] * 45,
                 [dict(m, scale=1.0, pad=(0.0, 0.0)) for m in meta])]
-    metrics2, _ = make_kitti_evaluate_fn(loader2, CLASSES, gt=gt)(Oracle(in_boxes, scores))
+    metrics2, _ = evaluate_model(Oracle(in_boxes, scores), loader2, CLASSES, gt=gt)
     assert metrics2["Car/moderate/R40"] < 50
 
 
@@ -66,6 +65,6 @@ def test_pr_curve_plot(tmp_path):
     meta = [{"image_id": k, "orig_size": (375, 1242), "scale": 1.0, "pad": (0.0, 0.0), "flipped": False} for k in gt]
     boxes = [list(v.boxes[0]) for v in gt.values()]
     loader = [(torch.zeros(5, 3, 8, 8), torch.zeros(0, 6), [torch.zeros(0, 4)] * 5, meta)]
-    _, result = make_kitti_evaluate_fn(loader, CLASSES, gt=gt)(Oracle(boxes, [0.9, 0.8, 0.7, 0.6, 0.5]))
+    _, result = evaluate_model(Oracle(boxes, [0.9, 0.8, 0.7, 0.6, 0.5]), loader, CLASSES, gt=gt)
     out = plot_pr_curves(result, tmp_path / "pr.png")
     assert out.stat().st_size > 1000

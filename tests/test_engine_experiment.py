@@ -38,7 +38,8 @@ def test_run_ablation_end_to_end(tiny_cfg):
     assert "kd/" not in (base / "student_nokd" / "metrics.csv").read_text()
     assert json.loads((base / "ablation.json").read_text())[2]["model"] == "student BWN + KD"
     # rows reuse the trainer's final evaluation of the best (= last) state: same as evaluating again
-    from kd_bnn.engine.experiment import evaluate_model, load_student
+    from kd_bnn.engine.build import load_student
+    from kd_bnn.engine.evaluate import evaluate_model
 
     kd_cfg = tiny_cfg.model_copy(deep=True)
     student = load_student(kd_cfg, base / "student_kd" / "best.pt").eval()

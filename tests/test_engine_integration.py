@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from kd_bnn.config import BinaryConfig, DistillTermConfig, StageConfig, TrainConfig
 from kd_bnn.distill import Distiller
-from kd_bnn.engine import Trainer, load_checkpoint
+from kd_bnn.engine import BinaryCallback, Trainer, load_checkpoint
 
 models = pytest.importorskip("kd_bnn.models")
 binary = pytest.importorskip("kd_bnn.binary.convert")
@@ -37,17 +37,24 @@ def _data(n=4):
                       generator=torch.Generator().manual_seed(1))
 
 
-def test_distill_darknet_bwn_student(tmp_path):
+TERMS = [DistillTermConfig(loss="mimic_l2", teacher="stride16"),
+         DistillTermConfig(loss="attention", teacher="stride32"),
+         DistillTermConfig(loss="output_kd", weight=0.5)]
+CFG = TrainConfig(epochs=2, optimizer="adamw", lr=1e-3, warmup_epochs=0.5, ema=True, amp=False, grad_clip=10.0)
+
+
+def _teacher_student(policy):
     torch.manual_seed(0)
     teacher = models.build_detector("darknet", cfg="yolov2-demo", class_names=CLASSES, input_size=SIZE)
-    policy = BinaryConfig(stages=[StageConfig(layers=["layers.2*", "layers.4*"], epoch=1)])
     student, report = binary.binarize(copy.deepcopy(teacher), policy)
-    terms = [DistillTermConfig(loss="mimic_l2", teacher="stride16"),
-             DistillTermConfig(loss="attention", teacher="stride32"),
-             DistillTermConfig(loss="output_kd", weight=0.5)]
-    d = Distiller(teacher, student, terms)
-    cfg = TrainConfig(epochs=2, optimizer="adamw", lr=1e-3, warmup_epochs=0.5, ema=True, amp=False,
-                      grad_clip=10.0)
+    return teacher, student, report
+
+
+def test_distill_darknet_bwn_student(tmp_path):
+    policy = BinaryConfig(stages=[StageConfig(layers=["layers.2*", "layers.4*"], epoch=1)])
+    teacher, student, report = _teacher_student(policy)
+    d = Distiller(teacher, student, TERMS)
+    cfg = CFG
     seen = []
 
     def watch(event, tr):
@@ -70,3 +77,21 @@ def test_distill_darknet_bwn_student(tmp_path):
     fresh, _ = binary.binarize(copy.deepcopy(teacher), policy)
     fresh.load_state_dict(ck["model"])
     assert t.ema is not None and len(t.ema.module.layers[6]._forward_hooks) == 0
+
+
+def test_binary_callback_is_the_binary_policy(tmp_path):
+    """``binary_policy=`` is only a shorthand for a `BinaryCallback` run first: same weights, bit for bit."""
+    policy = BinaryConfig(stages=[StageConfig(layers=["layers.2*"], epoch=1)])
+    out = []
+    for run, kw in (("a", {"binary_policy": policy}), ("b", {"callbacks": [BinaryCallback(policy)]})):
+        teacher, student, _ = _teacher_student(policy)
+        d = Distiller(teacher, student, TERMS[:1])
+        t = Trainer(student, _data(), None, CFG, run_dir=tmp_path / run, distiller=d, device="cpu",
+                    progress=False, console=False, plots=False, **kw)
+        t.fit()
+        assert "epoch 2: " in (tmp_path / run / "train.log").read_text()  # the stage log line
+        out.append({**t.model.state_dict(), **{f"ema.{k}": v for k, v in t.ema.module.state_dict().items()}})
+    assert out[0].keys() == out[1].keys() and all(torch.equal(out[0][k], out[1][k]) for k in out[0])
+    with pytest.raises(ValueError, match="not both"):
+        Trainer(student, _data(), None, CFG, run_dir=tmp_path / "c", binary_policy=policy,
+                callbacks=[BinaryCallback(policy)], device="cpu", console=False)

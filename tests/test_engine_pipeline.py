@@ -3,11 +3,13 @@ shuffled) -> Darknet teacher -> KITTI evaluation; resume is exact through the au
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from kd_bnn.config import DataConfig, TrainConfig
-from kd_bnn.engine import Trainer, load_checkpoint, make_kitti_evaluate_fn
+from kd_bnn.engine import Trainer, evaluate_model, kitti_ground_truth, load_checkpoint
 
 synthetic = pytest.importorskip("kd_bnn.data.synthetic")
 loader_mod = pytest.importorskip("kd_bnn.data.loader")
@@ -30,7 +32,8 @@ def _trainer(run_dir, data_root, cfg, seed=0, **kw):
     val = loader_mod.build_loader(val_ds, 3, shuffle=False)
     torch.manual_seed(seed)
     model = models.build_detector("darknet", cfg="yolov2-demo", class_names=dcfg.classes, input_size=SIZE)
-    fn = make_kitti_evaluate_fn(val, dcfg.classes, conf_thres=0.01)
+    fn = functools.partial(evaluate_model, data=val, class_names=dcfg.classes, conf_thres=0.01,
+                           gt=kitti_ground_truth(val))
     return Trainer(model, train, val, cfg, run_dir=run_dir, evaluate_fn=fn, device="cpu", seed=1,
                    progress=False, console=False, plots=False, **kw)
 

@@ -114,6 +114,25 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert len(text) == 5 and text[0].startswith("epoch,")  # 4 epochs, rows kept across resume
 
 
+def test_events_in_order_and_optimizer_step_before_the_ema(tmp_path):
+    from kd_bnn.engine import EVENTS, BinaryCallback
+
+    seen = []
+
+    def record(event, tr):
+        seen.append((event, tr.iteration, tr.ema.updates))
+
+    t = _make(tmp_path, _cfg(epochs=1), callbacks=[record])  # 2 steps
+    assert isinstance(t.callbacks[0], BinaryCallback) and t.callbacks[1] is record
+    t.fit()
+    assert [e for e, _, _ in seen] == ["train_start", "epoch_start", "optimizer_step", "step_end",
+                                       "optimizer_step", "step_end", "epoch_end", "train_end"]
+    assert set(EVENTS) == {e for e, _, _ in seen}
+    # after the optimizer step the iteration is not counted and the EMA not updated yet; after the step both are
+    assert [(i, u) for e, i, u in seen if e == "optimizer_step"] == [(0, 0), (1, 1)]
+    assert [(i, u) for e, i, u in seen if e == "step_end"] == [(1, 1), (2, 2)]
+
+
 def test_resume_with_other_config_lists_keys(tmp_path):
     t = _make(tmp_path, _cfg(epochs=1, ema=False), distill=False)
     t.fit()

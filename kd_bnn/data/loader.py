@@ -57,6 +57,18 @@ class Batch:
                      [t.pin_memory() for t in self.ignore], self.meta)
 
 
+def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None, list]:
+    """(images, targets, ignore, meta) of a `Batch` or an (images, targets [, ignore [, meta]])
+    tuple: the batch protocol the trainer, the evaluation and the plots consume."""
+    if hasattr(batch, "images") and hasattr(batch, "targets"):
+        return batch.images, batch.targets, getattr(batch, "ignore", None), list(getattr(batch, "meta", []) or [])
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        ignore = batch[2] if len(batch) > 2 else None
+        meta = list(batch[3]) if len(batch) > 3 else []
+        return batch[0], batch[1], ignore, meta
+    raise TypeError(f"a batch must be a Batch or (images, targets[, ignore]) tuple, found {type(batch).__name__}")
+
+
 def collate(samples: Sequence[dict[str, Any]]) -> Batch:
     """Stack dataset samples into a `Batch` (all images must share one size: letterbox them)."""
     if not samples:

@@ -1,26 +1,159 @@
-"""Training-speed benchmark of a config (``tools/benchmark.py train``).
+"""Training-speed benchmarks (``tools/benchmark.py train``).
 
-Times full training steps (forward, loss, backward, optimizer step) of the teacher, of the
-binary student alone and of the student trained with knowledge transfer (teacher forward,
-taps, adapters and the config's distillation terms) on one batch, with
-`kd_bnn.engine.trainer.benchmark_train`, and reports images/s, peak memory and the KD/student
-step-time ratio (the goal: a KD step costs at most 1.4x a plain student step).
+Times full training steps (forward, loss, backward, optimizer step): of one model
+(`benchmark_train_step`), and of the teacher, the binary student alone and the student trained
+with knowledge transfer (teacher forward, taps, adapters and the distillation terms) on one
+batch (`benchmark_train`; of a config: `train_benchmark`), and reports images/s, peak memory
+and the KD/student step-time ratio (the goal: a KD step costs at most 1.4x a plain student step).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from kd_bnn.config import ExperimentConfig
-from kd_bnn.data.loader import Batch, build_datasets, build_loader
-from kd_bnn.engine.experiment import build_model, build_student, ensure_dataset, seed_everything
+from kd_bnn.data.loader import Batch, build_datasets, build_loader, unpack_batch
+from kd_bnn.distill.distiller import Distiller
+from kd_bnn.distill.taps import unwrap_model
+from kd_bnn.engine.build import build_model, build_student, ensure_dataset, seed_everything
+from kd_bnn.engine.distributed import resolve_device
 from kd_bnn.engine.preflight import check_dataset
-from kd_bnn.engine.trainer import benchmark_train, resolve_device
 
 KD_OVERHEAD_GOAL = 1.4
+
+
+# --------------------------------------------------------------------------------------------
+# Training steps
+# --------------------------------------------------------------------------------------------
+class _StepRunner:
+    """One training-step closure (forward, loss, backward, AdamW step) for benchmarking."""
+
+    def __init__(self, model: nn.Module, batch: Any, distiller: Distiller | None, device: torch.device,
+                 lr: float, amp: bool) -> None:
+        images, targets, ignore, _ = unpack_batch(batch)
+        self.images, self.targets = images.to(device), targets.to(device)
+        self.ignore = [t.to(device) for t in ignore] if ignore is not None else None
+        self.model = unwrap_model(model).to(device).train()
+        self.distiller = distiller
+        params = list(self.model.parameters())
+        if distiller is not None:
+            distiller.to(device).train()
+            params += distiller.trainable_parameters()
+        self.opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr)
+        self.amp = amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.device = device
+
+    def __call__(self) -> None:
+        ctx = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
+        with ctx:
+            if self.distiller is not None:
+                _, loss, _ = self.distiller(self.images, self.targets, self.ignore)
+            else:
+                loss, _ = self.model.loss(self.model(self.images), self.targets, self.ignore)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+
+    def timed(self, steps: int) -> float:
+        """Seconds for `steps` steps (synchronised on CUDA)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    except Exception:  # pragma: no cover
+        return float("nan")
+
+
+def benchmark_train_step(model: nn.Module, batch: Any, distiller: Distiller | None = None,
+                         steps: int = 10, warmup: int = 2, device: str | torch.device = "auto",
+                         lr: float = 1e-3, amp: bool = False, rounds: int = 1) -> dict[str, float]:
+    """Images/s and peak memory of full training steps (forward, loss, backward, AdamW step).
+
+    With `distiller` the step is a KD step (teacher forward + taps + adapters + KD terms). The
+    fastest of `rounds` timings of `steps` steps is reported. Peak memory: CUDA
+    ``max_memory_allocated`` during the timed steps; on CPU the process's peak RSS (a
+    high-water mark over the whole process).
+    """
+    device = resolve_device(device)
+    run = _StepRunner(model, batch, distiller, device, lr, amp)
+    for _ in range(max(warmup, 0)):
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    dt = min(run.timed(steps) for _ in range(max(rounds, 1)))
+    n = int(run.images.shape[0]) * steps
+    return {"images_per_s": n / dt, "step_ms": 1000.0 * dt / steps, "peak_memory_mb": _peak_memory_mb(device),
+            "batch_size": int(run.images.shape[0]), "steps": steps}
+
+
+def benchmark_train(teacher: nn.Module, student: nn.Module, batch: Any, terms: Sequence[Any],
+                    steps: int = 10, warmup: int = 2, device: str | torch.device = "auto",
+                    amp: bool = False, rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Teacher step, plain student step and KD student step, plus ``kd_overhead`` =
+    KD step time / plain student step time (the issue's goal: at most 1.4).
+
+    The three modes are timed in interleaved rounds (fastest round kept), so a machine whose
+    load drifts affects them alike. Peak memory is measured per mode on CUDA; on CPU it is the
+    process's RSS high-water mark.
+    """
+    device = resolve_device(device)
+    s_kd = copy.deepcopy(student)
+    runners = {
+        "teacher": _StepRunner(copy.deepcopy(teacher), batch, None, device, 1e-3, amp),
+        "student": _StepRunner(copy.deepcopy(student), batch, None, device, 1e-3, amp),
+        "kd": _StepRunner(s_kd, batch, Distiller(copy.deepcopy(teacher), s_kd, list(terms)), device, 1e-3, amp),
+    }
+    best = {k: math.inf for k in runners}
+    peak = {k: float("nan") for k in runners}
+    for name, run in runners.items():
+        for _ in range(max(warmup, 0)):
+            run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            run()
+            torch.cuda.synchronize(device)
+        peak[name] = _peak_memory_mb(device)
+    for _ in range(max(rounds, 1)):
+        for name, run in runners.items():
+            best[name] = min(best[name], run.timed(steps))
+    out: dict[str, dict[str, float]] = {}
+    for name, run in runners.items():
+        bs = int(run.images.shape[0])
+        out[name] = {"images_per_s": bs * steps / best[name], "step_ms": 1000.0 * best[name] / steps,
+                     "peak_memory_mb": peak[name], "batch_size": bs, "steps": steps}
+    out["kd_overhead"] = {"ratio": out["kd"]["step_ms"] / out["student"]["step_ms"]}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# A config's teacher, student and KD student
+# --------------------------------------------------------------------------------------------
 
 
 def random_batch(batch_size: int, input_size: tuple[int, int], num_classes: int, boxes_per_image: int = 4,
@@ -120,4 +253,5 @@ def _mb(v: float) -> str:
     return "nan" if v is None or not np.isfinite(v) else f"{v:.0f}"
 
 
-__all__ = ["KD_OVERHEAD_GOAL", "dataset_batch", "format_train_benchmark", "random_batch", "train_benchmark"]
+__all__ = ["KD_OVERHEAD_GOAL", "benchmark_train", "benchmark_train_step", "dataset_batch", "format_train_benchmark",
+           "random_batch", "train_benchmark"]

@@ -59,7 +59,7 @@ def _measure(kind: str, model_path: str, teacher_config: str | None, threads: in
     import kd_bnn.models  # noqa: F401
 
     if teacher_config:
-        import kd_bnn.engine.experiment  # noqa: F401
+        import kd_bnn.engine.build  # noqa: F401
     torch.nn.functional.conv2d(x, torch.ones(4, 3, 3, 3), padding=1)  # torch's lazy one-time setup
     reset = _reset_peak()
     rss0 = _status_bytes("VmRSS")
@@ -73,7 +73,7 @@ def _measure(kind: str, model_path: str, teacher_config: str | None, threads: in
     else:
         if teacher_config:
             from kd_bnn.config import load_config
-            from kd_bnn.engine.experiment import build_model
+            from kd_bnn.engine.build import build_model
 
             cfg = load_config(teacher_config)
             has_w = cfg.teacher.weights is not None and Path(cfg.teacher.weights).is_file()

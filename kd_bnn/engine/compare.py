@@ -18,7 +18,9 @@ import torch
 
 from kd_bnn.config import ExperimentConfig, load_config
 from kd_bnn.deploy.runtime import Runtime
-from kd_bnn.engine.experiment import evaluate_model, load_student, model_size, run_experiment
+from kd_bnn.engine.build import load_student
+from kd_bnn.engine.evaluate import evaluate_model
+from kd_bnn.engine.experiment import model_size, run_experiment
 from kd_bnn.engine.export import export_checkpoint
 from kd_bnn.io import atomic_write_text
 

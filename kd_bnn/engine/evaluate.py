@@ -1,5 +1,15 @@
-"""Evaluate a trained model from its config and checkpoint (what ``tools/eval.py --config`` runs).
+"""Evaluation: `evaluate_model`, the one way to score a model, and the report of a config's
+checkpoints.
 
+`evaluate_model(model, cfg | loader)`: predictions on a config's validation split (or any loader of
+`Batch`es with meta), mapped back through the letterbox to original image pixels and scored
+with the official KITTI 2D protocol; flat metrics (``Car/moderate/R40``, ``mAP/moderate/R40``)
+and the full `KittiEvalResult`. The trainer's per-epoch evaluation, the ablation table and the
+student comparison all call it.
+
+`evaluate_config` is not a second way to score a model but the report of a config's checkpoints
+that ``tools/eval.py --config`` prints, on the same predictions (`iter_kitti_predictions`) and
+the same loader / device set-up, scored from the result files it writes:
 config + checkpoint -> detector (a student rebuilt by `load_student`, a teacher by
 `build_model`) -> predictions on the config's validation split, mapped back through the
 letterbox -> KITTI result files (one ``%06d.txt`` per frame, 2D fields) -> the official KITTI
@@ -14,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,22 +35,134 @@ from torch import nn
 from kd_bnn.binary.summary import summary as compression_summary
 from kd_bnn.config import ExperimentConfig
 from kd_bnn.data.dataset import KittiDataset
-from kd_bnn.data.kitti import DIFFICULTIES
-from kd_bnn.data.loader import build_loader
-from kd_bnn.data.transforms import eval_transforms
+from kd_bnn.data.kitti import DIFFICULTIES, FrameLabels
+from kd_bnn.data.loader import build_datasets, build_loader, unpack_batch
+from kd_bnn.data.transforms import eval_transforms, letterbox_to_original
+from kd_bnn.engine.build import build_model, ensure_dataset, load_student
 from kd_bnn.engine.checkpoint import CheckpointError
-from kd_bnn.engine.experiment import build_model, ensure_dataset, load_student
+from kd_bnn.engine.distributed import resolve_device
 from kd_bnn.engine.preflight import check_checkpoint_classes, check_dataset
-from kd_bnn.engine.trainer import iter_kitti_predictions, resolve_device
 from kd_bnn.eval.coco import evaluate_coco
 from kd_bnn.eval.kitti import (
     KittiEvalResult,
+    detections_to_frame,
+    evaluate_kitti,
     evaluate_kitti_dirs,
     load_kitti_dirs,
     write_kitti_results,
 )
 from kd_bnn.eval.report import coco_table, format_report, report_dict
-from kd_bnn.models.detector import Detector
+from kd_bnn.models.detector import Detections, Detector
+
+#: thresholds of `evaluate_model` on a loader when none are given (those of ``EvalConfig``)
+CONF_THRES, IOU_THRES, MAX_DET = 0.005, 0.45, 300
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring a model
+# --------------------------------------------------------------------------------------------
+def flatten_kitti_result(result: Any) -> dict[str, float]:
+    """``{"Car/moderate/R40": AP, ..., "mAP/moderate/R40": mean}`` from a `KittiEvalResult`."""
+    out: dict[str, float] = {}
+    kinds: set[str] = set()
+    diffs: list[str] = []
+    for cls, by_kind in result.ap.items():
+        for kind, by_diff in by_kind.items():
+            kinds.add(kind)
+            for diff, v in by_diff.items():
+                out[f"{cls}/{diff}/{kind}"] = float(v)
+                if diff not in diffs:
+                    diffs.append(diff)
+    for kind in sorted(kinds):
+        for diff in diffs:
+            vals = [out[f"{c}/{diff}/{kind}"] for c in result.ap if f"{c}/{diff}/{kind}" in out]
+            if vals:
+                out[f"mAP/{diff}/{kind}"] = sum(vals) / len(vals)
+    return out
+
+
+@torch.no_grad()
+def iter_kitti_predictions(model: nn.Module, loader: Iterable, class_names: Sequence[str],
+                           conf_thres: float = CONF_THRES, iou_thres: float = IOU_THRES, max_det: int = MAX_DET,
+                           progress: bool = False) -> Iterator[tuple[str, Any]]:
+    """Predict every batch of `loader` and yield ``(image_id, FrameLabels)`` with the boxes mapped
+    back from the letterbox to original image pixels (``Batch.meta``) and clipped to the image:
+    the detections the KITTI evaluator and the result-file writer consume."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
+        images, _, _, meta = unpack_batch(batch)
+        if len(meta) != images.shape[0]:
+            raise ValueError("KITTI evaluation needs Batch.meta (image_id, orig_size, scale, pad) per image")
+        preds = model.predict(model(images.to(device)), conf_thres=conf_thres, iou_thres=iou_thres,
+                              max_det=max_det)
+        for det, m in zip(preds, meta):
+            boxes = letterbox_to_original(det.boxes.detach().float().cpu(), m)
+            det_orig = Detections(torch.as_tensor(boxes, dtype=torch.float32), det.scores.detach().float().cpu(),
+                                  det.labels.detach().cpu())
+            yield str(m["image_id"]), detections_to_frame(det_orig, list(class_names), tuple(m["orig_size"]))
+
+
+def kitti_ground_truth(loader: Iterable) -> dict[str, FrameLabels]:
+    """``{image_id: FrameLabels}`` in original pixels of the `KittiDataset` a loader reads
+    (``dataset.ids`` / ``dataset.frame_labels(i)``): what `evaluate_model` scores against."""
+    ds = getattr(loader, "dataset", None)
+    if ds is None or not hasattr(ds, "frame_labels") or not hasattr(ds, "ids"):
+        raise ValueError("evaluate_model: pass gt= or a loader over a KittiDataset")
+    return {ds.ids[i]: ds.frame_labels(i) for i in range(len(ds))}
+
+
+def _config_loader(model: nn.Module, cfg: ExperimentConfig, dataset: Any,
+                   device: str | torch.device | None) -> tuple[nn.Module, Iterable]:
+    """`model` on the config's (or the given) device in eval mode, and the evaluation loader of
+    `dataset` with the config's batch size, workers and seed."""
+    model = model.to(resolve_device(device if device is not None else cfg.device)).eval()
+    return model, build_loader(dataset, cfg.data.batch_size, shuffle=False, workers=cfg.data.workers, seed=cfg.seed)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, data: ExperimentConfig | Iterable, class_names: Sequence[str] | None = None,
+                   *, conf_thres: float | None = None, iou_thres: float | None = None, max_det: int | None = None,
+                   gt: dict[str, FrameLabels] | None = None, device: str | torch.device | None = None,
+                   progress: bool = False) -> tuple[dict[str, float], KittiEvalResult]:
+    """KITTI 2D AP (official devkit protocol) of `model`: the one evaluation entry point.
+
+    Args:
+        model: a `Detector` (or anything with ``forward`` and ``predict``).
+        data: an `ExperimentConfig`: its validation split, letterboxed to ``data.input_size``
+            (``data.root`` must exist), with the thresholds of ``cfg.eval``; `model` is moved to
+            ``cfg.device`` and put in eval mode. Or a loader of `Batch`es (or (images, targets,
+            ignore, meta) tuples) whose meta has ``image_id``, ``orig_size``, ``scale``, ``pad``:
+            `model` is used as it is (the `Trainer` calls it so on its eval model each epoch,
+            e.g. through ``functools.partial(evaluate_model, data=val_loader, ...)``).
+        class_names: the model's classes in label order (default ``model.class_names``).
+        conf_thres, iou_thres, max_det: prediction thresholds; default those of ``cfg.eval``
+            (a config) or 0.005, 0.45, 300 (a loader).
+        gt: {image_id: FrameLabels} in original pixels; default `kitti_ground_truth` of the
+            loader (read anew on each call: pass it to score one loader repeatedly).
+        device: move `model` there and put it in eval mode (overrides ``cfg.device``).
+
+    Returns:
+        (flat metrics ``{"Car/moderate/R40": AP, ..., "mAP/moderate/R40": mean}``, the
+        `KittiEvalResult` with the precision / recall curves).
+    """
+    if isinstance(data, ExperimentConfig):
+        cfg = data
+        _, val_ds = build_datasets(cfg.data)
+        model, data = _config_loader(model, cfg, val_ds, device)
+        conf_thres = cfg.eval.conf_thres if conf_thres is None else conf_thres
+        iou_thres = cfg.eval.iou_thres if iou_thres is None else iou_thres
+        max_det = cfg.eval.max_det if max_det is None else max_det
+    elif device is not None:
+        model = model.to(resolve_device(device)).eval()
+    names = list(class_names if class_names is not None else model.class_names)
+    gt_frames = kitti_ground_truth(data) if gt is None else gt
+    dets = dict(iter_kitti_predictions(model, data, names, CONF_THRES if conf_thres is None else conf_thres,
+                                       IOU_THRES if iou_thres is None else iou_thres,
+                                       MAX_DET if max_det is None else max_det, progress=progress))
+    result = evaluate_kitti(gt_frames, dets, names)
+    return flatten_kitti_result(result), result
 
 
 @dataclass
@@ -162,7 +284,7 @@ def val_dataset(cfg: ExperimentConfig) -> KittiDataset:
 
 @torch.no_grad()
 def predict_to_result_files(model: nn.Module, loader: Iterable, class_names: Sequence[str], out_dir: str | os.PathLike,
-                            conf_thres: float = 0.005, iou_thres: float = 0.45, max_det: int = 300,
+                            conf_thres: float = CONF_THRES, iou_thres: float = IOU_THRES, max_det: int = MAX_DET,
                             progress: bool = False) -> list[str]:
     """Predict every batch, map boxes back to the original image (``Batch.meta``), clip, and
     write one KITTI result file per frame into `out_dir`; returns the frame ids written."""
@@ -186,9 +308,7 @@ def evaluate_detector(model: Detector, cfg: ExperimentConfig, dataset: KittiData
     the model's size; the scores are read back from the written files."""
     t0 = time.perf_counter()
     size = compression_summary(model, tuple(cfg.data.input_size), print_fn=None)
-    dev = resolve_device(device if device is not None else cfg.device)
-    model = model.to(dev).eval()
-    loader = build_loader(dataset, cfg.data.batch_size, shuffle=False, workers=cfg.data.workers, seed=cfg.seed)
+    model, loader = _config_loader(model, cfg, dataset, device)
     ids = predict_to_result_files(model, loader, list(cfg.data.classes), out_dir, cfg.eval.conf_thres,
                                   cfg.eval.iou_thres, cfg.eval.max_det, progress=progress)
     classes = tuple(cfg.data.classes)
@@ -311,6 +431,7 @@ def format_evaluation(report: EvaluationReport, layers: bool = False) -> str:
 
 
 __all__ = [
-    "EvaluationReport", "ModelEvaluation", "compression_lines", "evaluate_config", "evaluate_detector", "format_evaluation", "load_teacher",
+    "EvaluationReport", "ModelEvaluation", "compression_lines", "evaluate_config", "evaluate_detector", "evaluate_model",
+    "flatten_kitti_result", "format_evaluation", "iter_kitti_predictions", "kitti_ground_truth", "load_teacher",
     "load_trained_student", "predict_to_result_files", "side_by_side", "teacher_weights_of", "val_dataset",
 ]

@@ -1,52 +1,49 @@
 """Whole experiments from a config: data -> teacher -> binary student -> distillation -> report.
 
 This is what ``tools/train.py`` and ``make demo`` run; every step is also callable on its own
-(`build_model`, `build_student`, `train_model`, `evaluate_model`) so that a notebook can do what
-the CLI does. The flow follows Xu et al. (ICRA 2019): a full-precision teacher, a binary-weight
-copy of it initialised from its float weights, trained with the detection loss plus feature
-mimic terms (`cfg.distill.terms`).
+(`build_model`, `build_student` from `kd_bnn.engine.build`, `train_model`, and
+`kd_bnn.engine.evaluate.evaluate_model`) so that a notebook can do what the CLI does. The flow
+follows Xu et al. (ICRA 2019): a full-precision teacher, a binary-weight copy of it initialised
+from its float weights, trained with the detection loss plus feature mimic terms
+(`cfg.distill.terms`).
 """
 
 from __future__ import annotations
 
-import copy
+import functools
 import itertools
 import json
 import os
-import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
-from kd_bnn.binary import binarize
 from kd_bnn.binary.convert import apply_stages
 from kd_bnn.binary.summary import summary as compression_summary
-from kd_bnn.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, config_to_dict
+from kd_bnn.config import ExperimentConfig, TrainConfig, config_to_dict
 from kd_bnn.data.loader import build_datasets, build_loader
 from kd_bnn.distill import Distiller
+from kd_bnn.engine.build import (  # noqa: F401 - load_student: also importable from here, as before
+    build_model,
+    build_student,
+    ensure_dataset,
+    load_student,
+    seed_everything,
+)
 from kd_bnn.engine.checkpoint import (
     eval_state_dict,
     load_checkpoint,
     training_finished,
     training_progress,
 )
-from kd_bnn.engine.trainer import Trainer, dist_info, make_kitti_evaluate_fn, resolve_device
+from kd_bnn.engine.distributed import decide_on_rank0, dist_info
+from kd_bnn.engine.evaluate import evaluate_model, kitti_ground_truth
+from kd_bnn.engine.trainer import Trainer
 from kd_bnn.io import atomic_write_text
-from kd_bnn.models.detector import Detector, build_detector
-
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+from kd_bnn.models.detector import Detector
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -127,22 +124,7 @@ def run_dir_for(cfg: ExperimentConfig, resume: bool = False) -> Path:
 
     Under DDP rank 0 chooses and the other ranks get its choice (or its error).
     """
-    rank, world = dist_info()
-    if world <= 1:
-        return _choose_run_dir(cfg, resume)
-    import torch.distributed as dist
-
-    msg: list[Any] = [None]
-    if rank == 0:
-        try:
-            msg = [("ok", str(_choose_run_dir(cfg, resume)))]
-        except (ValueError, FileNotFoundError) as exc:
-            msg = [(type(exc).__name__, str(exc))]
-    dist.broadcast_object_list(msg, src=0)
-    kind, value = msg[0]
-    if kind == "ok":
-        return Path(value)
-    raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(value)
+    return decide_on_rank0(lambda: _choose_run_dir(cfg, resume), errors=(FileNotFoundError, ValueError))
 
 
 _STALE_TMP = re.compile(r"^\..+\.tmp$")
@@ -159,88 +141,6 @@ def clean_stale_tmp(run_dir: str | os.PathLike) -> list[Path]:
                 p.unlink(missing_ok=True)
                 removed.append(p)
     return removed
-
-
-def ensure_dataset(data_cfg: DataConfig) -> Path:
-    """The dataset root; generates the synthetic KITTI set there first when the config asks for it
-    (``data.synthetic``) and the folder does not hold one yet; a set made with other parameters
-    is an error (`kd_bnn.data.synthetic.check_synthetic`), never silently reused or replaced."""
-    root = Path(data_cfg.root)
-    s = data_cfg.synthetic
-    if s is None:
-        return root
-    from kd_bnn.data.synthetic import check_synthetic, generate
-
-    if not (root / "training" / "label_2").is_dir():
-        print(f"generating synthetic KITTI: {s.num} frames of {s.size[0]}x{s.size[1]} into {root} (seed {s.seed})")
-        generate(root, s.num, s.seed, size=tuple(s.size), val_fraction=s.val_fraction)
-    else:
-        check_synthetic(root, s.num, s.seed, size=tuple(s.size), val_fraction=s.val_fraction)
-    return root
-
-
-def _is_kdbnn_checkpoint(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    if p.suffix not in _CHECKPOINT_SUFFIXES or not p.is_file():
-        return False
-    try:
-        state = load_checkpoint(p)
-    except Exception:
-        return False  # e.g. an Ultralytics .pt (pickled code): left to the family's loader
-    return "model" in state
-
-
-def build_model(model_cfg: ModelConfig, class_names: list[str], input_size: tuple[int, int],
-                load_weights: bool = True) -> Detector:
-    """Build a registered detector family from a `ModelConfig`.
-
-    ``weights`` may be the family's own format (Darknet ``.weights``, Ultralytics ``.pt`` with
-    ``trust``) or a kd_bnn training checkpoint (``runs/<name>/best.pt``), whose EMA/model weights
-    are loaded (weights-only). A binary student checkpoint is loaded by `load_student` instead.
-    """
-    weights = model_cfg.weights if load_weights else None
-    ckpt = None
-    if weights is not None and _is_kdbnn_checkpoint(weights):
-        ckpt, weights = weights, None
-    kwargs: dict[str, Any] = dict(class_names=list(class_names), input_size=tuple(input_size),
-                                  trust=model_cfg.trust, **model_cfg.options)
-    if model_cfg.cfg is not None:
-        kwargs["cfg"] = model_cfg.cfg
-    if weights is not None:
-        kwargs["weights"] = weights
-    model = build_detector(model_cfg.family, **kwargs)
-    if ckpt is not None:
-        model.load_state_dict(eval_state_dict(load_checkpoint(ckpt)))
-    return model
-
-
-def build_student(teacher: Detector, cfg: ExperimentConfig) -> tuple[Detector, Any]:
-    """The binary student: a copy of the teacher initialised from its float weights
-    (``student.init_from_teacher``) or a fresh model of ``student.model``, then `binarize`d."""
-    scfg = cfg.student
-    if scfg is None:
-        raise ValueError("config has no 'student' section: this run trains the teacher only")
-    if scfg.model is not None:
-        student = build_model(scfg.model, teacher.class_names, teacher.input_size, load_weights=False)
-    elif scfg.init_from_teacher:
-        student = copy.deepcopy(teacher)
-    else:
-        student = build_model(cfg.teacher, teacher.class_names, teacher.input_size, load_weights=False)
-    if list(student.class_names) != list(teacher.class_names):
-        raise ValueError(f"teacher classes {teacher.class_names} and student classes "
-                         f"{student.class_names} differ: they must predict the same classes")
-    student, report = binarize(student, scfg.binary)
-    return student, report
-
-
-def load_student(cfg: ExperimentConfig, checkpoint: str | os.PathLike) -> Detector:
-    """Rebuild a trained student from its config and checkpoint (weights-only), stages applied."""
-    teacher = build_model(cfg.teacher, cfg.data.classes, cfg.data.input_size, load_weights=False)
-    student, _ = build_student(teacher, cfg)
-    student.load_state_dict(eval_state_dict(load_checkpoint(checkpoint)))
-    if cfg.student is not None:
-        apply_stages(student, cfg.student.binary, 10**9)
-    return student
 
 
 @dataclass
@@ -278,8 +178,9 @@ def train_model(model: Detector, cfg: ExperimentConfig, train_cfg: TrainConfig, 
     distiller = None
     if teacher is not None and cfg.distill.enabled and cfg.distill.terms:
         distiller = Distiller(teacher, model, cfg.distill.terms)
-    evaluate_fn = make_kitti_evaluate_fn(val_loader, list(model.class_names), cfg.eval.conf_thres,
-                                         cfg.eval.iou_thres, cfg.eval.max_det)
+    evaluate_fn = functools.partial(evaluate_model, data=val_loader, class_names=list(model.class_names),
+                                    conf_thres=cfg.eval.conf_thres, iou_thres=cfg.eval.iou_thres,
+                                    max_det=cfg.eval.max_det, gt=kitti_ground_truth(val_loader))
     trainer = Trainer(model, train_loader, val_loader, train_cfg, run_dir, distiller=distiller,
                       binary_policy=cfg.student.binary if (teacher is not None and cfg.student) else None,
                       evaluate_fn=evaluate_fn, device=cfg.device, config_dict=config_to_dict(cfg),
@@ -296,18 +197,6 @@ def train_model(model: Detector, cfg: ExperimentConfig, train_cfg: TrainConfig, 
     return RunResult(Path(run_dir), best if best.is_file() else None, dict(out.get("metrics") or {}),
                      out.get("status", "completed"), out.get("best_epoch"), int(train_cfg.epochs),
                      int(out.get("epoch", 0)))
-
-
-@torch.no_grad()
-def evaluate_model(model: Detector, cfg: ExperimentConfig) -> tuple[dict[str, float], Any]:
-    """KITTI metrics (flat keys like ``Car/moderate/R40``) of `model` on the config's val split."""
-    _, val_ds = build_datasets(cfg.data)
-    loader = build_loader(val_ds, cfg.data.batch_size, shuffle=False, workers=cfg.data.workers, seed=cfg.seed)
-    fn = make_kitti_evaluate_fn(loader, list(model.class_names), cfg.eval.conf_thres, cfg.eval.iou_thres,
-                                cfg.eval.max_det)
-    device = resolve_device(cfg.device)
-    model = model.to(device).eval()
-    return fn(model)
 
 
 def model_size(model: nn.Module, input_size: tuple[int, int]) -> dict[str, float]:
@@ -394,6 +283,33 @@ def _open_run(cfg: ExperimentConfig, resume: bool, run_dir: str | os.PathLike | 
     return cfg, run_dir, fresh
 
 
+def _build_teacher(cfg: ExperimentConfig) -> Detector:
+    """The teacher a run starts from: seeded with ``cfg.seed``, after making sure of the dataset
+    (the synthetic set is generated first when asked for), with ``teacher.weights`` if any."""
+    seed_everything(cfg.seed)
+    ensure_dataset(cfg.data)
+    return build_model(cfg.teacher, list(cfg.data.classes), tuple(cfg.data.input_size))
+
+
+def _prepare_teacher(teacher: Detector, cfg: ExperimentConfig, run: _Run,
+                     progress: bool | None) -> RunResult | None:
+    """Make `teacher` the one the students learn from: when ``teacher_train`` is set, train it in
+    ``<run>/teacher`` (or resume / reload that phase) and load its best weights; then eval mode,
+    and reseed so that a student starts alike whether or not the teacher trained now. Returns
+    the teacher's training result (None when it was not trained here)."""
+    tres = None
+    if cfg.teacher_train is not None:
+        tdir = run.run_dir / "teacher"
+        ckpt = run.start("teacher", tdir, cfg.teacher_train.epochs)
+        tres = train_model(teacher, cfg, cfg.teacher_train, tdir, progress=progress, resume=ckpt)
+        run.check(tres)
+        if tres.best_checkpoint is not None:
+            teacher.load_state_dict(eval_state_dict(load_checkpoint(tres.best_checkpoint)))
+    teacher.eval()
+    seed_everything(cfg.seed)
+    return tres
+
+
 def run_experiment(cfg: ExperimentConfig, resume: bool | str | os.PathLike | None = False,
                    progress: bool | None = None, run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run a whole config: optionally train the teacher, then train the binary student.
@@ -414,10 +330,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool | str | os.PathLike | Non
     resume = bool(resume)
     if resume and run_dir is None:
         run_dir = run_dir_for(cfg, resume=True)  # a missing run folder fails at once
-    seed_everything(cfg.seed)
-    ensure_dataset(cfg.data)
-    classes, size = list(cfg.data.classes), tuple(cfg.data.input_size)
-    teacher = build_model(cfg.teacher, classes, size)  # bad input fails here, before a folder is made
+    teacher = _build_teacher(cfg)  # bad input fails here, before a folder is made
+    size = tuple(cfg.data.input_size)
     cfg, run_dir, fresh_dir = _open_run(cfg, resume, run_dir)
     results: dict[str, Any] = {"name": cfg.name, "run_dir": str(run_dir)}
     run = _Run(run_dir, results, resume, fresh_dir)
@@ -429,16 +343,9 @@ def run_experiment(cfg: ExperimentConfig, resume: bool | str | os.PathLike | Non
             results["teacher"] = {"checkpoint": str(res.best_checkpoint), "metrics": res.metrics,
                                   **model_size(teacher, size)}
         else:
-            if cfg.teacher_train is not None:
-                tdir = run_dir / "teacher"
-                ckpt = run.start("teacher", tdir, cfg.teacher_train.epochs)
-                tres = train_model(teacher, cfg, cfg.teacher_train, tdir, progress=progress, resume=ckpt)
-                run.check(tres)
-                if tres.best_checkpoint is not None:
-                    teacher.load_state_dict(eval_state_dict(load_checkpoint(tres.best_checkpoint)))
+            tres = _prepare_teacher(teacher, cfg, run, progress)
+            if tres is not None:
                 results["teacher"] = {"checkpoint": str(tres.best_checkpoint), "metrics": tres.metrics}
-            teacher.eval()
-            seed_everything(cfg.seed)  # the student starts alike whether or not the teacher trained now
             student, report = build_student(teacher, cfg)
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "binarize_report.txt", report.table())
@@ -490,22 +397,12 @@ def run_ablation(cfg: ExperimentConfig, progress: bool | None = None, resume: bo
     """
     if cfg.student is None:
         raise ValueError("run_ablation needs a 'student' section in the config")
-    seed_everything(cfg.seed)
-    cfg, base, fresh_dir = _open_run(cfg, resume, run_dir)
+    cfg, base, fresh_dir = _open_run(cfg, resume, run_dir)  # draws no random numbers: seeding comes after
     results: dict[str, Any] = {"name": cfg.name, "run_dir": str(base)}
     run = _Run(base, results, resume, fresh_dir)
     try:
-        ensure_dataset(cfg.data)
-        classes, size = list(cfg.data.classes), tuple(cfg.data.input_size)
-        teacher = build_model(cfg.teacher, classes, size)
-        tres = None
-        if cfg.teacher_train is not None:
-            tdir = base / "teacher"
-            ckpt = run.start("teacher", tdir, cfg.teacher_train.epochs)
-            tres = train_model(teacher, cfg, cfg.teacher_train, tdir, progress=progress, resume=ckpt)
-            run.check(tres)
-            teacher.load_state_dict(eval_state_dict(load_checkpoint(tres.best_checkpoint)))
-        teacher.eval()
+        teacher = _build_teacher(cfg)  # in the try: bad input removes a run folder left empty
+        tres = _prepare_teacher(teacher, cfg, run, progress)
         reuse = tres.metrics if tres is not None and tres.best_is_last_evaluation() else None
         rows = [_ablation_row("teacher (float32)", teacher, cfg, reuse)]
         for label, kd in (("student BWN, no KD", False), ("student BWN + KD", True)):

@@ -78,7 +78,7 @@ def export_checkpoint(config: str | os.PathLike | Any, checkpoint: str | os.Path
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config, overrides or [])
     if checkpoint is None:
         from kd_bnn.binary.convert import apply_stages
-        from kd_bnn.engine.experiment import build_model, build_student
+        from kd_bnn.engine.build import build_model, build_student
 
         teacher = build_model(cfg.teacher, cfg.data.classes, cfg.data.input_size, load_weights=False)
         if cfg.student is None:
@@ -87,8 +87,8 @@ def export_checkpoint(config: str | os.PathLike | Any, checkpoint: str | os.Path
             model, _ = build_student(teacher, cfg)
             apply_stages(model, cfg.student.binary, 10**9)
     else:
+        from kd_bnn.engine.build import load_student
         from kd_bnn.engine.checkpoint import load_checkpoint
-        from kd_bnn.engine.experiment import load_student
 
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")

@@ -127,7 +127,7 @@ def plot_validation_grid(model: torch.nn.Module, loader: Iterable, out: str | os
                          class_names: Sequence[str] = (), device: torch.device | str = "cpu",
                          max_images: int = 8, conf_thres: float = 0.25, iou_thres: float = 0.45) -> Path:
     """Predicted (red, with scores) and true (green, dashed) boxes on the first validation images."""
-    from kd_bnn.engine.trainer import unpack_batch
+    from kd_bnn.data.loader import unpack_batch
 
     plt = _plt()
     images, targets, _, _ = unpack_batch(next(iter(loader)))

@@ -1,21 +1,22 @@
 """One trainer for the teacher (detection loss only) and the student (with a `Distiller`).
 
-SGD / AdamW / Adam with no weight decay on BN parameters, biases and binary scales; linear
-warmup by iterations then cosine / step / constant LR; gradient clipping; EMA; AMP on CUDA;
-latent-weight clipping (BinaryConnect) after each step and staged binarization at each epoch
-start; evaluation every ``eval_interval`` epochs; atomic weights-only checkpoints with exact
-resume; DDP under ``torchrun``.
+The loop: per step the LR of the schedule (`kd_bnn.engine.optim`), forward and loss (AMP on
+CUDA), a NaN / inf check, backward, gradient clipping, the optimizer step, the
+``"optimizer_step"`` callbacks (binary training clips latent weights there:
+`kd_bnn.engine.callbacks.BinaryCallback`), the EMA update (`kd_bnn.engine.ema`); per epoch
+evaluation every ``eval_interval`` epochs, atomic weights-only checkpoints with exact resume,
+and the log row; DDP under ``torchrun`` (`kd_bnn.engine.distributed`). What else runs in the
+loop comes in as callbacks (events: `kd_bnn.engine.callbacks`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,10 @@ from torch import nn
 
 from kd_bnn.binary.layers import BinaryConv2d
 from kd_bnn.config import TrainConfig
+from kd_bnn.data.loader import unpack_batch
 from kd_bnn.distill.distiller import Distiller
-from kd_bnn.distill.taps import remove_tap_hooks, unwrap_model
+from kd_bnn.distill.taps import unwrap_model
+from kd_bnn.engine.callbacks import BinaryCallback, Callback
 from kd_bnn.engine.checkpoint import (
     CheckpointError,
     check_resume_config,
@@ -35,16 +38,10 @@ from kd_bnn.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from kd_bnn.engine.distributed import dist_info, resolve_device
+from kd_bnn.engine.ema import ModelEMA
 from kd_bnn.engine.logging import RunLogger, is_tty
-
-try:  # the binary room is optional for float-only use
-    from kd_bnn.binary.convert import apply_stages as _apply_stages
-    from kd_bnn.binary.layers import BinaryConv2d as _BinaryConv2d
-    from kd_bnn.binary.layers import clip_latent_weights as _clip_latent_weights
-except Exception:  # pragma: no cover - binary room not importable
-    _apply_stages = None
-    _BinaryConv2d = None
-    _clip_latent_weights = None
+from kd_bnn.engine.optim import LRSchedule, build_optimizer, param_groups
 
 CHECKPOINT_FORMAT = "kd_bnn.checkpoint/1"
 
@@ -54,187 +51,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # --------------------------------------------------------------------------------------------
-# Devices and distributed
+# Data order
 # --------------------------------------------------------------------------------------------
-def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` -> the local CUDA device when available (LOCAL_RANK under torchrun), else CPU."""
-    if isinstance(spec, torch.device):
-        return spec
-    if spec in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(spec)
-
-
-def init_distributed(backend: str | None = None) -> tuple[int, int]:
-    """Initialise the process group from torchrun's env when ``WORLD_SIZE > 1``.
-
-    Returns:
-        (rank, world_size); (0, 1) when not distributed.
-    """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size) of an initialised process group, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-# --------------------------------------------------------------------------------------------
-# Optimizer, schedule, EMA
-# --------------------------------------------------------------------------------------------
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
-def param_groups(model: nn.Module, weight_decay: float,
-                 extra: Iterable[nn.Module | nn.Parameter] = ()) -> list[dict[str, Any]]:
-    """Two groups: decayed conv/linear weights, and no decay for norm parameters, biases and
-    binary scale parameters (decaying them shrinks the layer's output, not its complexity).
-
-    `extra` adds modules (e.g. the distiller's adapters) or bare parameters, split alike.
-    """
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    seen: set[int] = set()
-
-    def visit(mod: nn.Module) -> None:
-        for m in mod.modules():
-            for name, p in m.named_parameters(recurse=False):
-                if not p.requires_grad or id(p) in seen:
-                    continue
-                seen.add(id(p))
-                is_binary_extra = _BinaryConv2d is not None and isinstance(m, _BinaryConv2d) and name != "weight"
-                if (isinstance(m, _NORM_TYPES) or name == "bias" or p.ndim <= 1 or "scale" in name
-                        or is_binary_extra):
-                    no_decay.append(p)
-                else:
-                    decay.append(p)
-
-    visit(model)
-    for e in extra:
-        if isinstance(e, nn.Module):
-            visit(e)
-        elif e.requires_grad and id(e) not in seen:
-            seen.add(id(e))
-            (no_decay if e.ndim <= 1 else decay).append(e)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    return [g for g in groups if g["params"]]
-
-
-def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (Nesterov momentum), AdamW or Adam over `groups` at ``cfg.lr``."""
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
-    if cfg.optimizer == "adam":
-        # Adam's L2 penalty goes through the gradient (coupled), as torch.optim.Adam defines it
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
-    raise ValueError(f"train.optimizer: expected sgd, adamw or adam, found {cfg.optimizer!r}")
-
-
-class LRSchedule:
-    """LR multiplier per iteration: linear warmup, then cosine / step / constant.
-
-    * warmup (``warmup_epochs * iters_per_epoch`` iterations): ``(it + 1) / warmup_iters``;
-    * cosine: ``r + (1 - r) * (1 + cos(pi * p)) / 2`` with ``p`` the fraction of the
-      post-warmup iterations done and ``r = min_lr_ratio`` (Loshchilov & Hutter, SGDR, 2017);
-    * step: ``gamma ** (number of milestones (epochs) passed)``;
-    * constant: 1.
-    """
-
-    def __init__(self, cfg: TrainConfig, iters_per_epoch: int, min_lr_ratio: float = 0.01) -> None:
-        self.kind = cfg.scheduler
-        self.iters_per_epoch = max(int(iters_per_epoch), 1)
-        self.total = max(cfg.epochs * self.iters_per_epoch, 1)
-        self.warmup = min(int(round(cfg.warmup_epochs * self.iters_per_epoch)), self.total)
-        self.milestones = sorted(int(m) for m in cfg.step_milestones)
-        self.gamma = float(cfg.step_gamma)
-        self.min_lr_ratio = float(min_lr_ratio)
-
-    def __call__(self, it: int) -> float:
-        if it < self.warmup:
-            return (it + 1) / self.warmup
-        if self.kind == "constant":
-            return 1.0
-        if self.kind == "step":
-            epoch = it // self.iters_per_epoch
-            return self.gamma ** sum(1 for m in self.milestones if epoch >= m)
-        span = max(self.total - self.warmup, 1)
-        p = min((it - self.warmup) / span, 1.0)
-        r = self.min_lr_ratio
-        return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * p))
-
-
-class ModelEMA:
-    """Exponential moving average of a model's weights (Polyak averaging).
-
-    ``ema = d * ema + (1 - d) * w`` with ``d = decay * (1 - exp(-updates / tau))``, a ramp that
-    lets the average follow the fast early changes (as YOLOv5's ModelEMA does). Buffers (BN
-    statistics) are copied. The copy carries no `FeatureTaps` hooks.
-    """
-
-    def __init__(self, model: nn.Module, decay: float = 0.9998, tau: float = 2000.0, updates: int = 0) -> None:
-        self.module = copy.deepcopy(unwrap_model(model)).eval()
-        remove_tap_hooks(self.module)
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-        self.decay = float(decay)
-        self.tau = float(tau)
-        self.updates = int(updates)
-
-    def current_decay(self) -> float:
-        return self.decay * (1.0 - math.exp(-self.updates / self.tau))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        d = self.current_decay()
-        src = unwrap_model(model).state_dict()
-        for k, v in self.module.state_dict().items():
-            s = src[k].detach()
-            if v.dtype.is_floating_point:
-                v.mul_(d).add_(s.to(v.dtype), alpha=1.0 - d)
-            else:
-                v.copy_(s)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"state": self.module.state_dict(), "updates": self.updates, "decay": self.decay}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["state"])
-        self.updates = int(state["updates"])
-
-
-# --------------------------------------------------------------------------------------------
-# Batches
-# --------------------------------------------------------------------------------------------
-def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None, list]:
-    """(images, targets, ignore, meta) of a `kd_bnn.data.loader.Batch` or an (images, targets
-    [, ignore [, meta]]) tuple."""
-    if hasattr(batch, "images") and hasattr(batch, "targets"):
-        return batch.images, batch.targets, getattr(batch, "ignore", None), list(getattr(batch, "meta", []) or [])
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        ignore = batch[2] if len(batch) > 2 else None
-        meta = list(batch[3]) if len(batch) > 3 else []
-        return batch[0], batch[1], ignore, meta
-    raise TypeError(f"a batch must be a Batch or (images, targets[, ignore]) tuple, found {type(batch).__name__}")
-
-
 def _reseed_transforms(dataset: Any, seed: int) -> None:
     """Reseed the dataset's transforms (if they have ``set_seed``) so each epoch's augmentation
     depends only on (seed, epoch): an interrupted run resumes with the same stream."""
@@ -259,9 +77,6 @@ def _generators(loader: Any) -> list[torch.Generator]:
 # --------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------
-Callback = Callable[[str, "Trainer"], None]
-
-
 class Trainer:
     """Train a Detector, optionally against a teacher through a `Distiller`.
 
@@ -271,15 +86,19 @@ class Trainer:
         cfg: the `TrainConfig` (optimizer, schedule, EMA, AMP, eval interval, best metric).
         run_dir: ``runs/<name>``: checkpoints, config.yaml, train.log, metrics.csv, plots.
         distiller: a `Distiller` whose student is `model`; its adapters are optimised too.
-        binary_policy: a `BinaryConfig`; its stages are applied at each epoch start.
+        binary_policy: a `BinaryConfig`: the trainer runs ``BinaryCallback(binary_policy)`` first
+            (its stages applied at each epoch start, latent weights clipped after each optimizer
+            step). Without it a ``BinaryCallback()`` still clips (a no-op on a float model),
+            unless `callbacks` hold a `BinaryCallback` of their own.
         evaluate_fn: ``fn(model) -> {flat metric: value}`` (e.g. "Car/moderate/R40"), or
-            ``(metrics, result)`` where `result` has ``precision`` / ``recall`` for PR plots.
+            ``(metrics, result)`` where `result` has ``precision`` / ``recall`` for PR plots
+            (`kd_bnn.engine.evaluate.evaluate_model` returns both).
         device: "auto", "cpu", "cuda:0", ...
         config_dict: the resolved experiment config saved in checkpoints and config.yaml and
             compared on resume (default: ``cfg``'s dict).
         seed: base seed of the per-epoch augmentation reseeding.
-        callbacks: ``fn(event, trainer)`` for events "train_start", "epoch_start", "step_end",
-            "epoch_end", "train_end".
+        callbacks: ``fn(event, trainer)`` for events "train_start", "epoch_start",
+            "optimizer_step", "step_end", "epoch_end", "train_end" (`kd_bnn.engine.callbacks`).
         progress: tqdm bars; None = only on a TTY.
         resume: a ``last.pt`` to continue from (exactly, on CPU).
         plots: draw loss curves / PR curves / a validation grid at the end of `fit`.
@@ -295,9 +114,9 @@ class Trainer:
     Example:
         >>> student, _ = binarize(copy.deepcopy(teacher), cfg.student.binary)
         >>> d = Distiller(teacher, student, cfg.distill.terms)
+        >>> fn = functools.partial(evaluate_model, data=val_loader, gt=kitti_ground_truth(val_loader))
         >>> t = Trainer(student, train_loader, val_loader, cfg.train, "runs/demo", distiller=d,
-        ...             binary_policy=cfg.student.binary, config_dict=config_to_dict(cfg),
-        ...             evaluate_fn=make_kitti_evaluate_fn(val_loader, student.class_names))
+        ...             binary_policy=cfg.student.binary, config_dict=config_to_dict(cfg), evaluate_fn=fn)
         >>> t.fit()
     """
 
@@ -321,12 +140,16 @@ class Trainer:
             distiller.to(self.device)
         self.distiller = distiller
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.binary_policy = binary_policy
         self.evaluate_fn = evaluate_fn
         self.run_dir = Path(run_dir)
         self.config_dict = config_dict if config_dict is not None else self.cfg.model_dump(mode="json")
         self.seed = int(seed)
-        self.callbacks = list(callbacks)
+        self.callbacks: list[Callback] = list(callbacks)
+        has_binary = any(isinstance(cb, BinaryCallback) for cb in self.callbacks)
+        if binary_policy is not None and has_binary:
+            raise ValueError("Trainer: pass binary_policy or a BinaryCallback in callbacks, not both")
+        if not has_binary:
+            self.callbacks.insert(0, BinaryCallback(binary_policy))
         self.progress = is_tty() if progress is None else bool(progress)
         self.plots = plots
         self.class_names = list(class_names or getattr(self.model, "class_names", []) or [])
@@ -341,8 +164,8 @@ class Trainer:
             elif self.cfg.sync_bn:
                 sync_bn_skipped = True  # SyncBatchNorm needs CUDA; plain per-process BN on CPU
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # staged binarization leaves a disabled layer's learned scale unused in the forward
-            unused = bool(getattr(binary_policy, "stages", None))
+            # e.g. staged binarization leaves a disabled layer's learned scale unused in the forward
+            unused = any(getattr(cb, "leaves_parameters_unused", False) for cb in self.callbacks)
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
                                                            find_unused_parameters=unused)
         self.forward_model: nn.Module = self.ddp if self.ddp is not None else self.model
@@ -553,8 +376,7 @@ class Trainer:
                 self._check_finite(norm.reshape(()), {"grad_norm": norm.detach()})
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if _clip_latent_weights is not None:
-            _clip_latent_weights(self.model)
+        self._event("optimizer_step")  # before the EMA: it averages the weights as callbacks leave them
         if self.ema is not None:
             self.ema.update(self.model)
         self.iteration += 1
@@ -619,14 +441,6 @@ class Trainer:
         self.last_eval_result = result
         return {k: float(v) for k, v in dict(out).items()}
 
-    def _apply_stages(self, epoch: int) -> None:
-        if self.binary_policy is None or _apply_stages is None:
-            return
-        enabled = _apply_stages(self.model, self.binary_policy, epoch)
-        if self.ema is not None:
-            _apply_stages(self.ema.module, self.binary_policy, epoch)
-        self.logger.info(f"epoch {epoch + 1}: {len(enabled)} binary layer(s) enabled")
-
     def fit(self) -> dict[str, Any]:
         """Train from the current epoch to ``cfg.epochs``.
 
@@ -654,7 +468,6 @@ class Trainer:
                     sampler.set_epoch(epoch)
                 _reseed_transforms(getattr(self.train_loader, "dataset", None),
                                    self.seed + 1_000_003 * self.rank + 7919 * epoch)
-                self._apply_stages(epoch)
                 self._event("epoch_start")
                 t0 = time.perf_counter()
                 self._improved = False
@@ -752,207 +565,3 @@ class Trainer:
 
     def close(self) -> None:
         self.logger.close()
-
-
-# --------------------------------------------------------------------------------------------
-# Benchmark
-# --------------------------------------------------------------------------------------------
-
-class _StepRunner:
-    """One training-step closure (forward, loss, backward, AdamW step) for benchmarking."""
-
-    def __init__(self, model: nn.Module, batch: Any, distiller: Distiller | None, device: torch.device,
-                 lr: float, amp: bool) -> None:
-        images, targets, ignore, _ = unpack_batch(batch)
-        self.images, self.targets = images.to(device), targets.to(device)
-        self.ignore = [t.to(device) for t in ignore] if ignore is not None else None
-        self.model = unwrap_model(model).to(device).train()
-        self.distiller = distiller
-        params = list(self.model.parameters())
-        if distiller is not None:
-            distiller.to(device).train()
-            params += distiller.trainable_parameters()
-        self.opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr)
-        self.amp = amp and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.device = device
-
-    def __call__(self) -> None:
-        ctx = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
-        with ctx:
-            if self.distiller is not None:
-                _, loss, _ = self.distiller(self.images, self.targets, self.ignore)
-            else:
-                loss, _ = self.model.loss(self.model(self.images), self.targets, self.ignore)
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt)
-        self.scaler.update()
-
-    def timed(self, steps: int) -> float:
-        """Seconds for `steps` steps (synchronised on CUDA)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            self()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter() - t0
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-    except Exception:  # pragma: no cover
-        return float("nan")
-
-
-def benchmark_train_step(model: nn.Module, batch: Any, distiller: Distiller | None = None,
-                         steps: int = 10, warmup: int = 2, device: str | torch.device = "auto",
-                         lr: float = 1e-3, amp: bool = False, rounds: int = 1) -> dict[str, float]:
-    """Images/s and peak memory of full training steps (forward, loss, backward, AdamW step).
-
-    With `distiller` the step is a KD step (teacher forward + taps + adapters + KD terms). The
-    fastest of `rounds` timings of `steps` steps is reported. Peak memory: CUDA
-    ``max_memory_allocated`` during the timed steps; on CPU the process's peak RSS (a
-    high-water mark over the whole process).
-    """
-    device = resolve_device(device)
-    run = _StepRunner(model, batch, distiller, device, lr, amp)
-    for _ in range(max(warmup, 0)):
-        run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    dt = min(run.timed(steps) for _ in range(max(rounds, 1)))
-    n = int(run.images.shape[0]) * steps
-    return {"images_per_s": n / dt, "step_ms": 1000.0 * dt / steps, "peak_memory_mb": _peak_memory_mb(device),
-            "batch_size": int(run.images.shape[0]), "steps": steps}
-
-
-def benchmark_train(teacher: nn.Module, student: nn.Module, batch: Any, terms: Sequence[Any],
-                    steps: int = 10, warmup: int = 2, device: str | torch.device = "auto",
-                    amp: bool = False, rounds: int = 3) -> dict[str, dict[str, float]]:
-    """Teacher step, plain student step and KD student step, plus ``kd_overhead`` =
-    KD step time / plain student step time (the issue's goal: at most 1.4).
-
-    The three modes are timed in interleaved rounds (fastest round kept), so a machine whose
-    load drifts affects them alike. Peak memory is measured per mode on CUDA; on CPU it is the
-    process's RSS high-water mark.
-    """
-    device = resolve_device(device)
-    s_kd = copy.deepcopy(student)
-    runners = {
-        "teacher": _StepRunner(copy.deepcopy(teacher), batch, None, device, 1e-3, amp),
-        "student": _StepRunner(copy.deepcopy(student), batch, None, device, 1e-3, amp),
-        "kd": _StepRunner(s_kd, batch, Distiller(copy.deepcopy(teacher), s_kd, list(terms)), device, 1e-3, amp),
-    }
-    best = {k: math.inf for k in runners}
-    peak = {k: float("nan") for k in runners}
-    for name, run in runners.items():
-        for _ in range(max(warmup, 0)):
-            run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            run()
-            torch.cuda.synchronize(device)
-        peak[name] = _peak_memory_mb(device)
-    for _ in range(max(rounds, 1)):
-        for name, run in runners.items():
-            best[name] = min(best[name], run.timed(steps))
-    out: dict[str, dict[str, float]] = {}
-    for name, run in runners.items():
-        bs = int(run.images.shape[0])
-        out[name] = {"images_per_s": bs * steps / best[name], "step_ms": 1000.0 * best[name] / steps,
-                     "peak_memory_mb": peak[name], "batch_size": bs, "steps": steps}
-    out["kd_overhead"] = {"ratio": out["kd"]["step_ms"] / out["student"]["step_ms"]}
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# KITTI evaluation hook
-# --------------------------------------------------------------------------------------------
-def flatten_kitti_result(result: Any) -> dict[str, float]:
-    """``{"Car/moderate/R40": AP, ..., "mAP/moderate/R40": mean}`` from a `KittiEvalResult`."""
-    out: dict[str, float] = {}
-    kinds: set[str] = set()
-    diffs: list[str] = []
-    for cls, by_kind in result.ap.items():
-        for kind, by_diff in by_kind.items():
-            kinds.add(kind)
-            for diff, v in by_diff.items():
-                out[f"{cls}/{diff}/{kind}"] = float(v)
-                if diff not in diffs:
-                    diffs.append(diff)
-    for kind in sorted(kinds):
-        for diff in diffs:
-            vals = [out[f"{c}/{diff}/{kind}"] for c in result.ap if f"{c}/{diff}/{kind}" in out]
-            if vals:
-                out[f"mAP/{diff}/{kind}"] = sum(vals) / len(vals)
-    return out
-
-
-@torch.no_grad()
-def iter_kitti_predictions(model: nn.Module, loader: Iterable, class_names: Sequence[str],
-                           conf_thres: float = 0.005, iou_thres: float = 0.45, max_det: int = 300,
-                           progress: bool = False) -> Iterator[tuple[str, Any]]:
-    """Predict every batch of `loader` and yield ``(image_id, FrameLabels)`` with the boxes mapped
-    back from the letterbox to original image pixels (``Batch.meta``) and clipped to the image:
-    the detections the KITTI evaluator and the result-file writer consume."""
-    from tqdm.auto import tqdm
-
-    from kd_bnn.data.transforms import letterbox_to_original
-    from kd_bnn.eval.kitti import detections_to_frame
-    from kd_bnn.models.detector import Detections
-
-    device = next(model.parameters()).device
-    for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
-        images, _, _, meta = unpack_batch(batch)
-        if len(meta) != images.shape[0]:
-            raise ValueError("KITTI evaluation needs Batch.meta (image_id, orig_size, scale, pad) per image")
-        preds = model.predict(model(images.to(device)), conf_thres=conf_thres, iou_thres=iou_thres,
-                              max_det=max_det)
-        for det, m in zip(preds, meta):
-            boxes = letterbox_to_original(det.boxes.detach().float().cpu(), m)
-            det_orig = Detections(torch.as_tensor(boxes, dtype=torch.float32), det.scores.detach().float().cpu(),
-                                  det.labels.detach().cpu())
-            yield str(m["image_id"]), detections_to_frame(det_orig, list(class_names), tuple(m["orig_size"]))
-
-
-def make_kitti_evaluate_fn(val_loader: Iterable, class_names: Sequence[str], conf_thres: float = 0.005,
-                           iou_thres: float = 0.45, max_det: int = 300, gt: dict | None = None
-                           ) -> Callable[[nn.Module], tuple[dict[str, float], Any]]:
-    """An ``evaluate_fn`` for `Trainer`: predict on `val_loader`, map boxes back to the original
-    images (``Batch.meta``), and score with the official KITTI protocol.
-
-    Args:
-        val_loader: loader of `Batch`es whose meta has ``image_id``, ``orig_size``, ``scale``, ``pad``.
-        class_names: the model's classes, in label order.
-        gt: {image_id: FrameLabels} in original pixels; default: the loader's dataset
-            (``dataset.ids`` / ``dataset.frame_labels(i)``).
-
-    Returns:
-        ``fn(model) -> (flat metrics, KittiEvalResult)``.
-    """
-    from kd_bnn.eval.kitti import evaluate_kitti
-
-    if gt is None:
-        ds = getattr(val_loader, "dataset", None)
-        if ds is None or not hasattr(ds, "frame_labels") or not hasattr(ds, "ids"):
-            raise ValueError("make_kitti_evaluate_fn: pass gt= or a loader over a KittiDataset")
-        gt = {ds.ids[i]: ds.frame_labels(i) for i in range(len(ds))}
-    gt_frames = gt
-
-    @torch.no_grad()
-    def evaluate(model: nn.Module) -> tuple[dict[str, float], Any]:
-        dets = dict(iter_kitti_predictions(model, val_loader, class_names, conf_thres, iou_thres, max_det))
-        result = evaluate_kitti(gt_frames, dets, list(class_names))
-        return flatten_kitti_result(result), result
-
-    return evaluate

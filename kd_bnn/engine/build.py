@@ -1,0 +1,115 @@
+"""From a config to what a run works on: the dataset root (the synthetic set generated on first
+use), the teacher of any registered family (its own weights or a kd_bnn checkpoint), the binary
+student made from it, and a trained student rebuilt from its checkpoint; and the seeding a run
+starts from. Used by the experiment runner, the evaluation, the benchmarks and the export."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kd_bnn.binary import binarize
+from kd_bnn.binary.convert import apply_stages
+from kd_bnn.config import DataConfig, ExperimentConfig, ModelConfig
+from kd_bnn.engine.checkpoint import eval_state_dict, load_checkpoint
+from kd_bnn.models.detector import Detector, build_detector
+
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def ensure_dataset(data_cfg: DataConfig) -> Path:
+    """The dataset root; generates the synthetic KITTI set there first when the config asks for it
+    (``data.synthetic``) and the folder does not hold one yet; a set made with other parameters
+    is an error (`kd_bnn.data.synthetic.check_synthetic`), never silently reused or replaced."""
+    root = Path(data_cfg.root)
+    s = data_cfg.synthetic
+    if s is None:
+        return root
+    from kd_bnn.data.synthetic import check_synthetic, generate
+
+    if not (root / "training" / "label_2").is_dir():
+        print(f"generating synthetic KITTI: {s.num} frames of {s.size[0]}x{s.size[1]} into {root} (seed {s.seed})")
+        generate(root, s.num, s.seed, size=tuple(s.size), val_fraction=s.val_fraction)
+    else:
+        check_synthetic(root, s.num, s.seed, size=tuple(s.size), val_fraction=s.val_fraction)
+    return root
+
+
+def _is_kdbnn_checkpoint(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    if p.suffix not in _CHECKPOINT_SUFFIXES or not p.is_file():
+        return False
+    try:
+        state = load_checkpoint(p)
+    except Exception:
+        return False  # e.g. an Ultralytics .pt (pickled code): left to the family's loader
+    return "model" in state
+
+
+def build_model(model_cfg: ModelConfig, class_names: list[str], input_size: tuple[int, int],
+                load_weights: bool = True) -> Detector:
+    """Build a registered detector family from a `ModelConfig`.
+
+    ``weights`` may be the family's own format (Darknet ``.weights``, Ultralytics ``.pt`` with
+    ``trust``) or a kd_bnn training checkpoint (``runs/<name>/best.pt``), whose EMA/model weights
+    are loaded (weights-only). A binary student checkpoint is loaded by `load_student` instead.
+    """
+    weights = model_cfg.weights if load_weights else None
+    ckpt = None
+    if weights is not None and _is_kdbnn_checkpoint(weights):
+        ckpt, weights = weights, None
+    kwargs: dict[str, Any] = dict(class_names=list(class_names), input_size=tuple(input_size),
+                                  trust=model_cfg.trust, **model_cfg.options)
+    if model_cfg.cfg is not None:
+        kwargs["cfg"] = model_cfg.cfg
+    if weights is not None:
+        kwargs["weights"] = weights
+    model = build_detector(model_cfg.family, **kwargs)
+    if ckpt is not None:
+        model.load_state_dict(eval_state_dict(load_checkpoint(ckpt)))
+    return model
+
+
+def build_student(teacher: Detector, cfg: ExperimentConfig) -> tuple[Detector, Any]:
+    """The binary student: a copy of the teacher initialised from its float weights
+    (``student.init_from_teacher``) or a fresh model of ``student.model``, then `binarize`d."""
+    scfg = cfg.student
+    if scfg is None:
+        raise ValueError("config has no 'student' section: this run trains the teacher only")
+    if scfg.model is not None:
+        student = build_model(scfg.model, teacher.class_names, teacher.input_size, load_weights=False)
+    elif scfg.init_from_teacher:
+        student = copy.deepcopy(teacher)
+    else:
+        student = build_model(cfg.teacher, teacher.class_names, teacher.input_size, load_weights=False)
+    if list(student.class_names) != list(teacher.class_names):
+        raise ValueError(f"teacher classes {teacher.class_names} and student classes "
+                         f"{student.class_names} differ: they must predict the same classes")
+    student, report = binarize(student, scfg.binary)
+    return student, report
+
+
+def load_student(cfg: ExperimentConfig, checkpoint: str | os.PathLike) -> Detector:
+    """Rebuild a trained student from its config and checkpoint (weights-only), stages applied."""
+    teacher = build_model(cfg.teacher, cfg.data.classes, cfg.data.input_size, load_weights=False)
+    student, _ = build_student(teacher, cfg)
+    student.load_state_dict(eval_state_dict(load_checkpoint(checkpoint)))
+    if cfg.student is not None:
+        apply_stages(student, cfg.student.binary, 10**9)
+    return student
+
+
+__all__ = ["build_model", "build_student", "ensure_dataset", "load_student", "seed_everything"]
