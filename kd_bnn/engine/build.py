@@ -16,9 +16,9 @@ import torch
 
 from kd_bnn.binary import binarize
 from kd_bnn.binary.convert import apply_stages
-from kd_bnn.config import DataConfig, ExperimentConfig, ModelConfig
+from kd_bnn.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig
 from kd_bnn.engine.checkpoint import eval_state_dict, load_checkpoint
-from kd_bnn.models.detector import Detector, build_detector
+from kd_bnn.models.detector import DETECTORS, Detector, build_detector
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
@@ -83,6 +83,23 @@ def build_model(model_cfg: ModelConfig, class_names: list[str], input_size: tupl
     return model
 
 
+def native_binary_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The ``student.binary`` keys a natively binary family (its factory's ``binary_options``, e.g.
+    BinaryDenseNet-YOLO, Bi-Real-YOLO) is built with: those the config sets; the family's own
+    defaults for the rest. Setting them again under ``student.model.options`` is an error, so a
+    student's binary options have one source (``student.binary``)."""
+    scfg = cfg.student
+    if scfg is None or scfg.model is None:
+        return {}
+    takes = getattr(DETECTORS.get(scfg.model.family), "binary_options", ())
+    twice = sorted(k for k in takes if k in scfg.model.options)
+    if twice:
+        raise ConfigError(
+            f"student.model.options: {', '.join(twice)} of the {scfg.model.family} student are set in "
+            f"student.binary ({', '.join(f'student.binary.{k}' for k in twice)}), not in the model options")
+    return {k: getattr(scfg.binary, k) for k in takes if k in scfg.binary.model_fields_set}
+
+
 def build_student(teacher: Detector, cfg: ExperimentConfig) -> tuple[Detector, Any]:
     """The binary student: a copy of the teacher initialised from its float weights
     (``student.init_from_teacher``) or a fresh model of ``student.model``, then `binarize`d."""
@@ -90,7 +107,8 @@ def build_student(teacher: Detector, cfg: ExperimentConfig) -> tuple[Detector, A
     if scfg is None:
         raise ValueError("config has no 'student' section: this run trains the teacher only")
     if scfg.model is not None:
-        student = build_model(scfg.model, teacher.class_names, teacher.input_size, load_weights=False)
+        model_cfg = scfg.model.model_copy(update={"options": {**scfg.model.options, **native_binary_options(cfg)}})
+        student = build_model(model_cfg, teacher.class_names, teacher.input_size, load_weights=False)
     elif scfg.init_from_teacher:
         student = copy.deepcopy(teacher)
     else:

@@ -81,6 +81,12 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     teacher is not trained first, existing teacher weights predicting ``data.classes``; then the
     images of the train and val splits (the slowest check last)."""
     check_dataset(cfg, images=False)
+    if cfg.student is not None:  # binary policy names against the registries, and one source for them
+        from kd_bnn.binary.convert import as_policy
+        from kd_bnn.engine.build import native_binary_options
+
+        as_policy(cfg.student.binary)
+        native_binary_options(cfg)
     w = cfg.teacher.weights
     if w is not None:
         if not Path(w).is_file():

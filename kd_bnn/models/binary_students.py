@@ -724,3 +724,11 @@ _STUDENT_KINDS = {
 register_skeleton("binary_densenet", {**_STUDENT_KINDS, "blocks": "ints", "growth": "ints",
                                       "reduction": "floats", "round_to": "int"})
 register_skeleton("bireal", {**_STUDENT_KINDS, "widths": "ints", "units": "ints"})
+
+
+#: The binary options these factories take: read from the experiment's ``student.binary``
+#: (`kd_bnn.engine.build.native_binary_options`), never repeated in ``student.model.options``.
+NATIVE_BINARY_OPTIONS = ("mode", "weight_scaling", "weight_quantizer", "input_quantizer", "clip", "pad_value",
+                         "input_scaling")
+build_binary_densenet.binary_options = NATIVE_BINARY_OPTIONS
+build_bireal.binary_options = NATIVE_BINARY_OPTIONS
