@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tinyrun import tiny_config
 from toolload import load_tool
 
 from kd_bnn.config import load_config
@@ -41,20 +42,6 @@ def synth(tmp_path_factory) -> Path:
     return root
 
 
-def _config(tmp_path: Path, root: Path, extra: str = "") -> Path:
-    p = tmp_path / "c.yaml"
-    p.write_text(f"""
-name: tiny
-device: cpu
-output_dir: {tmp_path / 'runs'}
-data: {{root: {root}, input_size: [64, 192], batch_size: 2}}
-teacher: {{family: darknet, cfg: {REPO / 'configs' / 'darknet' / 'yolov2-demo.cfg'}}}
-train: {{epochs: 1, lr: 0.001}}
-{extra}
-""")
-    return p
-
-
 def _train(*args: str) -> int:
     return load_tool("train").main([*args, "--no-progress"])
 
@@ -75,7 +62,7 @@ def _interrupt_at(monkeypatch, event: str, phase_dir: str, epoch: int) -> None:
 # run folders
 # --------------------------------------------------------------------------------------------
 def test_rerun_with_the_same_name_goes_to_a_new_folder(tmp_path, synth, capsys):
-    cfg = _config(tmp_path, synth)
+    cfg = tiny_config(tmp_path, synth)
     runs = tmp_path / "runs"
     assert _train(str(cfg)) == 0
     out = capsys.readouterr().out
@@ -101,7 +88,7 @@ def test_rerun_with_the_same_name_goes_to_a_new_folder(tmp_path, synth, capsys):
 
 
 def test_exist_ok_reuses_the_folder(tmp_path, synth, capsys):
-    cfg = _config(tmp_path, synth)
+    cfg = tiny_config(tmp_path, synth)
     assert _train(str(cfg)) == 0
     assert _train(str(cfg), "exist_ok=true") == 0
     assert f"run folder: {tmp_path / 'runs' / 'tiny'}\n" in capsys.readouterr().out
@@ -109,7 +96,7 @@ def test_exist_ok_reuses_the_folder(tmp_path, synth, capsys):
 
 
 def test_resume_needs_the_run_folder(tmp_path, synth, capsys):
-    rc = _train(str(_config(tmp_path, synth)), "name=nosuch", "--resume")
+    rc = _train(str(tiny_config(tmp_path, synth)), "name=nosuch", "--resume")
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     assert f"error: cannot resume: run folder {tmp_path / 'runs' / 'nosuch'} does not exist" in err
@@ -121,7 +108,7 @@ def test_run_folder_outside_output_dir_is_refused(tmp_path, synth, capsys):
     outside.mkdir()
     (tmp_path / "runs").mkdir()
     os.symlink(outside, tmp_path / "runs" / "tiny")
-    cfg = _config(tmp_path, synth)
+    cfg = tiny_config(tmp_path, synth)
     for extra in (["exist_ok=true"], ["--resume"]):
         rc = _train(str(cfg), *extra)
         err = capsys.readouterr().err
@@ -138,7 +125,7 @@ def test_run_folder_outside_output_dir_is_refused(tmp_path, synth, capsys):
 
 def test_demo_rerun_uses_a_new_folder_and_reports_it(tmp_path, synth, capsys):
     (tmp_path / "runs" / "tiny").mkdir(parents=True)  # an earlier demo run
-    cfg = _config(tmp_path, synth, STUDENT)
+    cfg = tiny_config(tmp_path, synth, STUDENT)
     rc = load_tool("demo").main(["--config", str(cfg), "teacher_train.epochs=1"])
     out = capsys.readouterr().out
     base = tmp_path / "runs" / "tiny-2"
@@ -150,7 +137,7 @@ def test_demo_rerun_uses_a_new_folder_and_reports_it(tmp_path, synth, capsys):
 
 
 def test_unknown_model_family_is_one_error_line(tmp_path, synth, capsys):
-    rc = _train(str(_config(tmp_path, synth)), "teacher.family=nosuch")
+    rc = _train(str(tiny_config(tmp_path, synth)), "teacher.family=nosuch")
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     assert err.startswith("error: ") and "nosuch" in err and len(err.strip().splitlines()) == 1
@@ -165,7 +152,7 @@ def _student_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_ctrl_c_in_teacher_phase_stops_the_run_and_resume_finishes_it(tmp_path, synth, capsys, monkeypatch):
-    cfg = _config(tmp_path, synth, STUDENT)
+    cfg = tiny_config(tmp_path, synth, STUDENT)
     runs = tmp_path / "runs"
     assert _train(str(cfg), "name=full") == 0  # the uninterrupted reference
     capsys.readouterr()
@@ -203,7 +190,7 @@ def test_ctrl_c_in_teacher_phase_stops_the_run_and_resume_finishes_it(tmp_path, 
 
 
 def test_ctrl_c_in_student_phase_resumes_the_student(tmp_path, synth, capsys, monkeypatch):
-    cfg = load_config(_config(tmp_path, synth, STUDENT), ["train.epochs=2"])
+    cfg = load_config(tiny_config(tmp_path, synth, STUDENT), ["train.epochs=2"])
     ref = run_experiment(cfg.model_copy(update={"name": "full"}), progress=False)
 
     _interrupt_at(monkeypatch, "epoch_end", "tiny", 1)  # Ctrl-C after student epoch 1 of 2
@@ -223,7 +210,7 @@ def test_ctrl_c_in_student_phase_resumes_the_student(tmp_path, synth, capsys, mo
 
 
 def test_ctrl_c_during_evaluation_keeps_the_epoch(tmp_path, synth, capsys, monkeypatch):
-    cfg = load_config(_config(tmp_path, synth), ["train.epochs=2", "train.eval_interval=1"])
+    cfg = load_config(tiny_config(tmp_path, synth), ["train.epochs=2", "train.eval_interval=1"])
     ref = run_experiment(cfg.model_copy(update={"name": "full"}), progress=False)
     calls = {"n": 0}
     orig = Trainer.evaluate
@@ -250,7 +237,7 @@ def test_ctrl_c_during_evaluation_keeps_the_epoch(tmp_path, synth, capsys, monke
 
 
 def test_demo_ctrl_c_then_resume_continues_the_phase_in_progress(tmp_path, synth, capsys, monkeypatch):
-    cfg = _config(tmp_path, synth, STUDENT)
+    cfg = tiny_config(tmp_path, synth, STUDENT)
     demo = load_tool("demo").main
     _interrupt_at(monkeypatch, "epoch_start", "student_kd", 0)  # Ctrl-C as the KD student starts
     assert demo(["--config", str(cfg), "teacher_train.epochs=1"]) == 130
@@ -273,7 +260,7 @@ def test_demo_ctrl_c_then_resume_continues_the_phase_in_progress(tmp_path, synth
 def test_export_refuses_the_teacher_phase_checkpoint_of_a_real_run(tmp_path, synth, capsys):
     """Reproduction (safety issue, 10): exporting runs/<name>/teacher/best.pt as the student
     silently binarized the float teacher. The trainer records ``binary_convs`` in every checkpoint."""
-    cfg = _config(tmp_path, synth, STUDENT)
+    cfg = tiny_config(tmp_path, synth, STUDENT)
     assert _train(str(cfg)) == 0
     run = tmp_path / "runs" / "tiny"
     assert load_checkpoint(run / "teacher" / "last.pt")["binary_convs"] == 0
@@ -283,3 +270,13 @@ def test_export_refuses_the_teacher_phase_checkpoint_of_a_real_run(tmp_path, syn
     assert export(["--config", str(cfg), "--checkpoint", str(run / "teacher" / "last.pt"), "--out", str(out)]) == 2
     assert "holds a float model" in capsys.readouterr().err and not out.exists()
     assert export(["--config", str(cfg), "--checkpoint", str(run / "last.pt"), "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize("name", ["../victim", "/abs/victim", "x/../../y", "."])
+def test_run_name_that_escapes_output_dir_is_refused_by_the_train_tool(tmp_path, synth, capsys, name):
+    """Reproduction (safety issue, 2): ``name=../victim`` wrote outside the runs folder."""
+    cfg = tiny_config(tmp_path, synth)
+    rc = _train(str(cfg), f"name={name}")
+    err = capsys.readouterr().err
+    assert rc == 2 and "key 'name'" in err and "single folder name" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # nothing written anywhere

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tinyrun import tiny_config
 from toolload import load_tool
 
 from kd_bnn.config import config_to_dict, load_config
@@ -19,22 +20,8 @@ def _train_cli():
     return load_tool("train")
 
 
-def _config(tmp_path: Path, root: Path, student: str = "") -> Path:
-    p = tmp_path / "c.yaml"
-    p.write_text(f"""
-name: tiny
-device: cpu
-output_dir: {tmp_path / 'runs'}
-data: {{root: {root}, input_size: [64, 192], batch_size: 2}}
-teacher: {{family: darknet, cfg: {REPO / 'configs' / 'darknet' / 'yolov2-demo.cfg'}}}
-train: {{epochs: 1, lr: 0.001}}
-{student}
-""")
-    return p
-
-
 def test_missing_dataset_says_how_to_get_kitti(tmp_path, capsys):
-    rc = _train_cli().main([str(_config(tmp_path, tmp_path / "nowhere")), "--no-progress"])
+    rc = _train_cli().main([str(tiny_config(tmp_path, tmp_path / "nowhere")), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 1 and "KITTI data not found" in err and "tools/make_synthetic.py" in err
     assert "Traceback" not in err
@@ -44,7 +31,7 @@ def test_teacher_weights_missing_or_for_other_classes(tmp_path, capsys):
     root = tmp_path / "synth"
     for d in ("image_2", "label_2"):
         (root / "training" / d).mkdir(parents=True)
-    missing = _config(tmp_path, root, "student: {binary: {mode: bwn}}")
+    missing = tiny_config(tmp_path, root, "student: {binary: {mode: bwn}}")
     rc = _train_cli().main([str(missing), f"teacher.weights={tmp_path / 'none.pt'}", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 1 and "none.pt does not exist" in err
@@ -57,7 +44,7 @@ def test_teacher_weights_missing_or_for_other_classes(tmp_path, capsys):
 def test_resume_with_a_different_config_lists_the_keys(tmp_path, capsys):
     root = tmp_path / "synth"
     generate(root, 2, seed=0, size=(320, 96), val_fraction=0.5)
-    cfg_path = _config(tmp_path, root)
+    cfg_path = tiny_config(tmp_path, root)
     saved = load_config(cfg_path, ["train.lr=0.01", "data.batch_size=1"])
     run = tmp_path / "runs" / "tiny"
     save_checkpoint(run / "last.pt", {"format": CHECKPOINT_FORMAT, "model": {}, "config": config_to_dict(saved)})

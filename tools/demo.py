@@ -15,7 +15,6 @@ rather than replace an earlier one, unless ``exist_ok=true``. Ctrl-C stops it (e
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -23,10 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kd_bnn.config import ConfigError, load_config  # noqa: E402
-from kd_bnn.engine.checkpoint import CheckpointError  # noqa: E402
-from kd_bnn.engine.experiment import RunInterrupted, format_ablation, run_ablation, run_dir_for  # noqa: E402
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+from kd_bnn.engine.cli import run_command  # noqa: E402
+from kd_bnn.engine.experiment import format_ablation, run_ablation, run_dir_for  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,20 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    try:
+
+    def demo():
         run_dir = run_dir_for(cfg, args.resume)
-        rows = run_ablation(cfg, progress=args.progress or None, resume=args.resume, run_dir=run_dir)
-    except RunInterrupted as exc:
-        keep = [o for o in args.overrides if not o.startswith("name=")]
-        again = shlex.join(["--config", args.config, *keep, f"name={exc.run_dir.name}", "--resume"])
-        print(f"interrupted: {exc}\nresume with: python tools/demo.py {again}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print("interrupted (outside a training phase)", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (FileNotFoundError, ValueError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return run_dir, run_ablation(cfg, progress=args.progress or None, resume=args.resume, run_dir=run_dir)
+
+    rc, out = run_command(demo, "demo", ["--config", args.config], args.overrides)
+    if rc:
+        return rc
+    run_dir, rows = out
     minutes = (time.perf_counter() - t0) / 60
     print()
     print(format_ablation(rows))

@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kd_bnn.config import ConfigError, load_config  # noqa: E402
-from kd_bnn.engine.checkpoint import CheckpointError  # noqa: E402
-from kd_bnn.engine.experiment import RunInterrupted, run_experiment  # noqa: E402
+from kd_bnn.engine.cli import run_command  # noqa: E402
+from kd_bnn.engine.experiment import run_experiment  # noqa: E402
 from kd_bnn.engine.preflight import check_experiment  # noqa: E402
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,20 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    try:
+
+    def train():
         check_experiment(cfg)  # missing dataset / teacher weights, class mismatch: fail before any work
-        results = run_experiment(cfg, resume=args.resume, progress=False if args.no_progress else None)
-    except RunInterrupted as exc:
-        keep = [o for o in args.overrides if not o.startswith("name=")]
-        again = shlex.join([args.config, *keep, f"name={exc.run_dir.name}", "--resume"])
-        print(f"interrupted: {exc}\nresume with: python tools/train.py {again}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print("interrupted (outside a training phase)", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (FileNotFoundError, ValueError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return run_experiment(cfg, resume=args.resume, progress=False if args.no_progress else None)
+
+    rc, results = run_command(train, "train", [args.config], args.overrides)
+    if rc:
+        return rc
     print(json.dumps(results, indent=2, default=str))
     return 0
 

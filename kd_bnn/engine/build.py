@@ -17,10 +17,8 @@ import torch
 from kd_bnn.binary import binarize
 from kd_bnn.binary.convert import apply_stages
 from kd_bnn.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig
-from kd_bnn.engine.checkpoint import eval_state_dict, load_checkpoint
+from kd_bnn.engine.checkpoint import eval_state_dict, load_checkpoint, try_load_checkpoint
 from kd_bnn.models.detector import DETECTORS, Detector, build_detector
-
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 def seed_everything(seed: int) -> None:
@@ -48,17 +46,6 @@ def ensure_dataset(data_cfg: DataConfig) -> Path:
     return root
 
 
-def _is_kdbnn_checkpoint(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    if p.suffix not in _CHECKPOINT_SUFFIXES or not p.is_file():
-        return False
-    try:
-        state = load_checkpoint(p)
-    except Exception:
-        return False  # e.g. an Ultralytics .pt (pickled code): left to the family's loader
-    return "model" in state
-
-
 def build_model(model_cfg: ModelConfig, class_names: list[str], input_size: tuple[int, int],
                 load_weights: bool = True) -> Detector:
     """Build a registered detector family from a `ModelConfig`.
@@ -69,7 +56,7 @@ def build_model(model_cfg: ModelConfig, class_names: list[str], input_size: tupl
     """
     weights = model_cfg.weights if load_weights else None
     ckpt = None
-    if weights is not None and _is_kdbnn_checkpoint(weights):
+    if weights is not None and "model" in (try_load_checkpoint(weights) or {}):
         ckpt, weights = weights, None
     kwargs: dict[str, Any] = dict(class_names=list(class_names), input_size=tuple(input_size),
                                   trust=model_cfg.trust, **model_cfg.options)

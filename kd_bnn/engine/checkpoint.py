@@ -70,6 +70,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
+#: Suffixes a kd_bnn training checkpoint may have (others are left to the model family's loader).
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def try_load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The state of a kd_bnn (weights-only) checkpoint, or None for any other file: another suffix,
+    missing, or a pickle that needs code (e.g. an Ultralytics .pt, which the family loads with ``trust``)."""
+    p = Path(path)
+    if p.suffix not in CHECKPOINT_SUFFIXES or not p.is_file():
+        return None
+    try:
+        return load_checkpoint(p)
+    except CheckpointError:
+        return None
+
+
 def training_progress(path: str | os.PathLike) -> dict[str, Any] | None:
     """Where the training that wrote the checkpoint `path` (a ``last.pt``) stopped, or None when
     there is no such file: ``{"epoch": epochs completed, "epoch_complete": False when Ctrl-C

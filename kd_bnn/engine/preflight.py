@@ -9,21 +9,12 @@ from pathlib import Path
 
 from kd_bnn.config import ExperimentConfig
 from kd_bnn.data.dataset import check_images, how_to_get_kitti, split_frames
-from kd_bnn.engine.checkpoint import CheckpointError, load_checkpoint
-
-_KDBNN_SUFFIXES = (".pt", ".pth", ".ckpt")
+from kd_bnn.engine.checkpoint import try_load_checkpoint
 
 
 def checkpoint_classes(path: str | os.PathLike) -> list[str] | None:
     """Class names stored in a kd_bnn training checkpoint (None for other formats / no record)."""
-    p = Path(path)
-    if p.suffix not in _KDBNN_SUFFIXES or not p.is_file():
-        return None
-    try:
-        state = load_checkpoint(p)
-    except CheckpointError:
-        return None  # e.g. a pickled Ultralytics .pt: the family's loader checks it
-    names = state.get("class_names")
+    names = (try_load_checkpoint(path) or {}).get("class_names")
     return [str(c) for c in names] if isinstance(names, (list, tuple)) and names else None
 
 
