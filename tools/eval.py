@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Result-file mode imports neither torch nor matplotlib (a process start in ~0.2 s instead of
 # seconds; tests/test_torch_free_eval.py): keep torch-using imports inside `_model_mode` and
 # matplotlib inside `plot_pr_curves`.
-from kd_bnn.data.kitti import KittiFormatError  # noqa: E402
+from kd_bnn.data.kitti import KittiFormatError, read_split  # noqa: E402
 from kd_bnn.eval.kitti import (  # noqa: E402
     RESULT_MARKER,
     EmptyResultsError,
@@ -39,7 +39,6 @@ from kd_bnn.eval.kitti import (  # noqa: E402
     evaluate_kitti_dirs,
     load_kitti_dirs,
     mark_result_dir,
-    read_split_unique,
 )
 from kd_bnn.eval.report import format_report, plot_pr_curves, save_json  # noqa: E402
 
@@ -114,7 +113,7 @@ def _model_mode(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         split = _val_split_file(cfg)
         if split is not None:  # before any work: a frame listed twice would count twice
-            read_split_unique(split)
+            read_split(split)
         out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name / "eval"
         protected = _dataset_folders(cfg.data.root)
         check_result_dir(out, protected)

@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_bnn.data.kitti import DEFAULT_CLASSES, DIFFICULTIES, FrameLabels
+from kd_bnn.data.kitti import DEFAULT_CLASSES, DIFFICULTIES, FrameLabels, read_split
 from kd_bnn.eval.kitti import (
     KittiEvalResult,
     evaluate_kitti_dirs,
     format_result_lines,
     read_kitti_dir,
-    read_split_unique,
 )
 from kd_bnn.io import atomic_write_text
 
@@ -209,7 +208,7 @@ def benchmark(gt_dir, split_file, seeds: Sequence[int] = (0, 1, 2), devkit: str 
 
     Times are the median (and min) of `repeats` alternating runs, file reading included for both.
     """
-    ids = read_split_unique(split_file)
+    ids = read_split(split_file)
     gflat, _ = read_kitti_dir(gt_dir, ids, results=False)
     gt_frames = gflat.to_frames()
     rows = []

@@ -790,17 +790,6 @@ def _resolve_ids(gt_dir, ids) -> list[str]:
     return out
 
 
-def read_split_unique(path: str | os.PathLike) -> list[str]:
-    """`kd_bnn.data.kitti.read_split` (kept for its callers): it refuses an id listed twice, which
-    would count that frame's objects twice and change the AP.
-
-    Raises:
-        FileNotFoundError / KittiFormatError: as `read_split` (missing, empty, non-numeric id,
-            ``<file>:<line>: frame id '000123' is listed twice (first on line 4)``).
-    """
-    return read_split(path)
-
-
 def load_kitti_dirs(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
                     ids: Sequence[str] | str | os.PathLike | None = None, strict: bool = False,
                     allow_empty: bool = False,
@@ -971,5 +960,5 @@ __all__ = [
     "EmptyResultsError", "KittiEvalResult", "KittiFlat", "MIN_OVERLAP", "N_SAMPLE_PTS", "NEIGHBOUR",
     "RESULT_MARKER", "ResultDirError", "check_not_within", "check_result_dir", "detections_to_frame",
     "evaluate_kitti", "evaluate_kitti_dirs", "format_result_lines", "load_kitti_dirs", "mark_result_dir",
-    "read_kitti_dir", "read_split_unique", "write_kitti_results",
+    "read_kitti_dir", "write_kitti_results",
 ]
