@@ -77,6 +77,21 @@ class ModelConfig(_Section):
     weights: str | None = None  # Darknet .weights / Ultralytics .pt / kd_bnn checkpoint
     trust: bool = False  # allow unpickling a third-party checkpoint (Ultralytics .pt)
     options: dict[str, Any] = Field(default_factory=dict)  # family-specific keyword arguments
+    # A model trained on other classes (README, "Bring your own COCO model"; kd_bnn.models.classmap):
+    names: str | None = None  # the model's own class names: a file, one class per line (Darknet coco.names); default: those the model carries (Ultralytics .pt)
+    class_map: dict[str, str] | None = None  # model class -> data class, e.g. {car: Car, person: Pedestrian, bicycle: Cyclist}; unmapped model classes are ignored
+    reset_head: bool = False  # resize the prediction layers to data.classes (rows from class_map, else same-named classes) to fine-tune; without it a class_map wraps the model as it is
+
+    @field_validator("class_map")
+    @classmethod
+    def _class_map_names(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("expected at least one 'model class: data class' pair, e.g. {car: Car}")
+            blank = [f"{a!r}: {b!r}" for a, b in v.items() if not a.strip() or not b.strip()]
+            if blank:
+                raise ValueError(f"class names must not be blank: {', '.join(blank)}")
+        return v
 
 
 class StageConfig(_Section):

@@ -18,7 +18,15 @@ from kd_bnn.binary import binarize
 from kd_bnn.binary.convert import apply_stages
 from kd_bnn.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig
 from kd_bnn.engine.checkpoint import eval_state_dict, load_checkpoint, try_load_checkpoint
-from kd_bnn.models.detector import DETECTORS, Detector, build_detector
+from kd_bnn.models.classmap import (
+    ClassMapError,
+    adapt_classes,
+    class_options_help,
+    dataset_model,
+    names_hint_for,
+    read_names,
+)
+from kd_bnn.models.detector import DETECTORS, ClassCountError, Detector, build_detector
 
 
 def seed_everything(seed: int) -> None:
@@ -47,24 +55,50 @@ def ensure_dataset(data_cfg: DataConfig) -> Path:
 
 
 def build_model(model_cfg: ModelConfig, class_names: list[str], input_size: tuple[int, int],
-                load_weights: bool = True) -> Detector:
+                load_weights: bool = True, key: str = "teacher") -> Detector:
     """Build a registered detector family from a `ModelConfig`.
 
     ``weights`` may be the family's own format (Darknet ``.weights``, Ultralytics ``.pt`` with
     ``trust``) or a kd_bnn training checkpoint (``runs/<name>/best.pt``), whose EMA/model weights
     are loaded (weights-only). A binary student checkpoint is loaded by `load_student` instead.
+
+    A model of other classes than `class_names` (a COCO-pretrained teacher) is built with its own
+    classes (``names`` file, or those it carries) and then made a detector of `class_names` by
+    ``class_map`` (wrapped, predictions mapped) or ``reset_head`` (head transfer), see
+    `kd_bnn.models.classmap.adapt_classes`; a kd_bnn checkpoint is loaded after that, into the
+    model the config describes. Errors name the config section `key` (``teacher``, ``student.model``).
     """
     weights = model_cfg.weights if load_weights else None
     ckpt = None
     if weights is not None and "model" in (try_load_checkpoint(weights) or {}):
         ckpt, weights = weights, None
-    kwargs: dict[str, Any] = dict(class_names=list(class_names), input_size=tuple(input_size),
-                                  trust=model_cfg.trust, **model_cfg.options)
+    kwargs: dict[str, Any] = dict(input_size=tuple(input_size), trust=model_cfg.trust, **model_cfg.options)
     if model_cfg.cfg is not None:
         kwargs["cfg"] = model_cfg.cfg
     if weights is not None:
         kwargs["weights"] = weights
-    model = build_detector(model_cfg.family, **kwargs)
+    own_classes = model_cfg.names is not None or model_cfg.class_map is not None or model_cfg.reset_head
+    if not own_classes:
+        try:
+            model = build_detector(model_cfg.family, class_names=list(class_names), **kwargs)
+        except ClassCountError as exc:
+            raise ConfigError(class_options_help(key, exc.model_names, exc.model_classes, list(class_names))) from None
+    else:
+        names = read_names(model_cfg.names, f"{key}.names") if model_cfg.names is not None else None
+        if names is not None:
+            kwargs["class_names"] = names
+        try:
+            model = build_detector(model_cfg.family, **kwargs)
+        except ClassCountError as exc:
+            if names is None:
+                raise
+            raise ConfigError(f"{key}.names: {model_cfg.names} lists {len(names)} class names but the model "
+                              f"predicts {exc.model_classes} classes") from None
+        try:
+            model = adapt_classes(model, class_names, model_cfg.class_map, model_cfg.reset_head, key,
+                                  names_hint_for(model.class_names, model_cfg.names, key))
+        except ClassMapError as exc:
+            raise ConfigError(str(exc)) from None
     if ckpt is not None:
         model.load_state_dict(eval_state_dict(load_checkpoint(ckpt)))
     return model
@@ -89,17 +123,25 @@ def native_binary_options(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def build_student(teacher: Detector, cfg: ExperimentConfig) -> tuple[Detector, Any]:
     """The binary student: a copy of the teacher initialised from its float weights
-    (``student.init_from_teacher``) or a fresh model of ``student.model``, then `binarize`d."""
+    (``student.init_from_teacher``) or a fresh model of ``student.model``, then `binarize`d.
+
+    The student of a class-mapped teacher (``teacher.class_map`` without ``reset_head``) predicts
+    the dataset's classes in its own head: the teacher's model with its prediction layers resized
+    (head transfer, each class from its first mapped teacher class; `kd_bnn.models.classmap`)."""
     scfg = cfg.student
     if scfg is None:
         raise ValueError("config has no 'student' section: this run trains the teacher only")
     if scfg.model is not None:
         model_cfg = scfg.model.model_copy(update={"options": {**scfg.model.options, **native_binary_options(cfg)}})
-        student = build_model(model_cfg, teacher.class_names, teacher.input_size, load_weights=False)
+        student = build_model(model_cfg, teacher.class_names, teacher.input_size, load_weights=False,
+                              key="student.model")
     elif scfg.init_from_teacher:
-        student = copy.deepcopy(teacher)
+        student = dataset_model(teacher)
+        if student is teacher:
+            student = copy.deepcopy(teacher)
     else:
         student = build_model(cfg.teacher, teacher.class_names, teacher.input_size, load_weights=False)
+    student = dataset_model(student)
     if list(student.class_names) != list(teacher.class_names):
         raise ValueError(f"teacher classes {teacher.class_names} and student classes "
                          f"{student.class_names} differ: they must predict the same classes")

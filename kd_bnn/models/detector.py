@@ -29,6 +29,21 @@ from kd_bnn.registry import Registry
 DETECTORS = Registry("detector")
 
 
+class ClassCountError(ValueError):
+    """The class names given to a family do not match the number of classes its model predicts
+    (e.g. 3 KITTI names for an 80-class COCO cfg). ``model_classes``: what the model predicts;
+    ``given``: the number of names; ``model_names``: the model's own names when it carries them.
+    `kd_bnn.engine.build` turns it into the config error naming ``names`` / ``class_map`` /
+    ``reset_head``."""
+
+    def __init__(self, message: str, *, model_classes: int, given: int,
+                 model_names: Sequence[str] | None = None):
+        super().__init__(message)
+        self.model_classes = int(model_classes)
+        self.given = int(given)
+        self.model_names = list(model_names) if model_names is not None else None
+
+
 @dataclass
 class Detections:
     """Detections of one image: boxes x1y1x2y2 in input pixels, scores, integer labels."""
@@ -111,6 +126,17 @@ class Detector(nn.Module):
         """Per head, the (B, H, W) objectness probability (max over anchors) of ``raw``: where
         the model sees objects (object-region distillation). None when the family has none."""
         return None
+
+    def with_classes(self, class_names: Sequence[str], sources: Sequence[int | None]) -> Detector:
+        """Head transfer: a new model of this family predicting ``class_names``, every weight
+        copied from this one except the prediction layers' class outputs, which are resized: class
+        ``j`` starts from this model's class ``sources[j]`` (its weights and bias), or fresh when
+        ``sources[j]`` is None; box and objectness outputs are kept. This model is left unchanged.
+        Used by ``reset_head`` and to give the student of a class-mapped teacher the dataset's
+        classes (`kd_bnn.models.classmap`). Default: not offered by the family."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot resize its prediction layers to other classes (head transfer: "
+            "teacher.reset_head, or the student of a class-mapped teacher); families that can: darknet, ultralytics")
 
     def activation_blocks(self) -> list[tuple[str, str | None, str]]:
         """``(conv, bn, act)`` module paths whose output is exactly ``act(bn(conv(x)))`` (``bn``

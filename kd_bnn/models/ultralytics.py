@@ -19,6 +19,7 @@ settings, torch thread count kept). Importing this module does not import Ultral
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -28,7 +29,14 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from kd_bnn.models.detector import DETECTORS, Detections, Detector, SkeletonError, register_skeleton
+from kd_bnn.models.detector import (
+    DETECTORS,
+    ClassCountError,
+    Detections,
+    Detector,
+    SkeletonError,
+    register_skeleton,
+)
 from kd_bnn.models.heads.common import check_input_size as _check_input_size
 from kd_bnn.models.heads.common import check_targets, postprocess
 from kd_bnn.offline import import_ultralytics
@@ -38,7 +46,8 @@ DEFAULT_HYP = {"box": 7.5, "cls": 0.5, "dfl": 1.5, "epochs": 100}
 
 _TRUST_HELP = (
     "An Ultralytics .pt checkpoint is a pickle: loading it runs arbitrary code stored in the file. "
-    "Load only files you trust, and say so with trust=True (config: model.trust: true; CLI: --trust)."
+    "Load only files you trust, and say so: config teacher.trust: true (student.model.trust: true for a "
+    "student's own architecture); command line: the override teacher.trust=true."
 )
 
 
@@ -67,7 +76,7 @@ class UltralyticsDetector(Detector):
     """
 
     def __init__(self, model: nn.Module, class_names: Sequence[str], input_size: tuple[int, int] = (384, 1248),
-                 hyp: dict | None = None):
+                 hyp: dict | None = None, head_classes: int | None = None):
         super().__init__()
         self.model = model
         detect = self.detect
@@ -76,8 +85,12 @@ class UltralyticsDetector(Detector):
                             f"{type(detect).__name__}")
         self.class_names = list(class_names)
         if len(self.class_names) != int(detect.nc):
-            raise ValueError(f"class_names: the model's Detect head predicts {int(detect.nc)} classes, "
-                             f"but {len(self.class_names)} names were given ({self.class_names})")
+            raise ClassCountError(f"class_names: the model's Detect head predicts {int(detect.nc)} classes, "
+                                  f"but {len(self.class_names)} names were given ({self.class_names[:12]})",
+                                  model_classes=int(detect.nc), given=len(self.class_names))
+        #: the class count the architecture was built with (the width of Detect's class branch
+        #: depends on it); differs from ``num_classes`` after a head transfer (`with_classes`)
+        self.head_classes = int(head_classes) if head_classes is not None else int(detect.nc)
         strides = [int(s) for s in detect.stride.tolist()]
         if not all(strides):
             raise ValueError("the Ultralytics model has no strides (was it built by DetectionModel?)")
@@ -146,7 +159,60 @@ class UltralyticsDetector(Detector):
                     f"this Ultralytics model was built from {yaml_file or 'an unnamed architecture'}; a .kdbnn "
                     "rebuilds an Ultralytics architecture only from the name of a yaml shipped with Ultralytics "
                     "(e.g. yolov8n.yaml), because a user's yaml names Python modules to build")
-        return {"family": "ultralytics", "options": {"cfg": name}}
+        options: dict = {"cfg": name}
+        if self.head_classes != self.num_classes:
+            options["head_classes"] = self.head_classes
+        return {"family": "ultralytics", "options": options}
+
+    def with_classes(self, class_names: Sequence[str], sources: Sequence[int | None]) -> UltralyticsDetector:
+        """Head transfer (:meth:`Detector.with_classes`): a copy whose Detect head predicts
+        ``class_names``: the last conv of every class branch (``cv3``, and ``one2one_cv3`` of an
+        end-to-end head) gets ``len(class_names)`` output channels, channel ``j`` copied from this
+        model's class ``sources[j]``; a class with no source starts with zero weights and
+        Ultralytics' class-bias prior ``log(5 / nc / (640 / stride)^2)``. The box branches and
+        everything else are copied unchanged, so the new model's score of class ``j`` equals this
+        model's score of class ``sources[j]`` exactly."""
+        import copy
+
+        names = [str(n) for n in class_names]
+        if not names or len(sources) != len(names):
+            raise ValueError(f"with_classes: expected one source per class name ({len(names)}), found {len(sources)}")
+        c_old, c_new = self.num_classes, len(names)
+        for name, src in zip(names, sources):
+            if src is not None and not (isinstance(src, int) and 0 <= src < c_old):
+                raise ValueError(f"with_classes: source of class {name!r} must be None or a class index in "
+                                 f"[0, {c_old - 1}], found {src!r}")
+        model = copy.deepcopy(self.model)
+        detect = model.model[-1]
+        strides = [float(v) for v in detect.stride.tolist()]
+        idx = torch.tensor([-1 if v is None else v for v in sources])
+        have = idx >= 0
+        with torch.no_grad():
+            for branch in ("cv3", "one2one_cv3"):
+                seqs = getattr(detect, branch, None)
+                if seqs is None:
+                    continue
+                for i, seq in enumerate(seqs):
+                    path = [n for n, m in seq.named_modules() if isinstance(m, nn.Conv2d)][-1]
+                    parent_path, _, leaf = path.rpartition(".")
+                    parent = seq.get_submodule(parent_path) if parent_path else seq
+                    old = getattr(parent, leaf)
+                    conv = nn.Conv2d(old.in_channels, c_new, old.kernel_size, old.stride, old.padding,
+                                     old.dilation, old.groups, bias=old.bias is not None).to(old.weight)
+                    w = torch.zeros_like(conv.weight)
+                    w[have] = old.weight[idx[have]]
+                    conv.weight.copy_(w)
+                    if conv.bias is not None:
+                        b = torch.full_like(conv.bias, math.log(5 / c_new / (640 / strides[i]) ** 2))
+                        b[have] = old.bias[idx[have]]
+                        conv.bias.copy_(b)
+                    setattr(parent, leaf, conv)
+        detect.nc = c_new
+        detect.no = c_new + 4 * int(detect.reg_max)
+        if isinstance(getattr(model, "yaml", None), dict):
+            model.yaml["nc"] = c_new
+        new = UltralyticsDetector(model, names, self.input_size, head_classes=self.head_classes)
+        return new.train(self.training)
 
     # -- forward and format conversion -------------------------------------------------------
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -335,13 +401,13 @@ def build_ultralytics(cfg: str | os.PathLike = "yolov8n.yaml", class_names: Sequ
         raise ValueError(f"model.weights: the ultralytics family loads trained .pt files, found {weights!r}")
     nc = len(class_names) if class_names is not None else None
     model, stored_names = build_ultralytics_model(source, nc, trust)
-    if class_names is None:
-        if stored_names is None:
-            raise ValueError("class_names: needed to build an Ultralytics model from a yaml")
-        class_names = stored_names
+    if class_names is None:  # the model's own classes: a checkpoint's names, else the yaml's nc
+        class_names = stored_names if stored_names is not None else [f"class{i}" for i in range(int(model.yaml["nc"]))]
     elif stored_names is not None and len(stored_names) != len(class_names):
-        raise ValueError(f"{source}: the checkpoint predicts {len(stored_names)} classes {list(stored_names)}, "
-                         f"but the data config names {len(class_names)}: {list(class_names)}")
+        raise ClassCountError(f"{source}: the checkpoint predicts {len(stored_names)} classes "
+                              f"({', '.join(map(str, list(stored_names)[:12]))}{', ...' if len(stored_names) > 12 else ''}), "
+                              f"but {len(class_names)} class names were given: {list(class_names)}",
+                              model_classes=len(stored_names), given=len(class_names), model_names=stored_names)
     return UltralyticsDetector(model, class_names, input_size, hyp)
 
 
@@ -373,13 +439,27 @@ def shipped_model_yaml(name: str) -> dict:
                         f"{getattr(ultralytics, '__version__', '')}")
 
 
+#: the largest ``head_classes`` a ``.kdbnn`` skeleton may ask to build (LVIS has 1203 classes)
+MAX_HEAD_CLASSES = 4096
+
+
 def _build_skeleton(class_names: list[str], input_size: tuple[int, int], opts: dict) -> UltralyticsDetector:
     from ultralytics.nn.tasks import DetectionModel
 
     d = shipped_model_yaml(opts.get("cfg", "yolov8n.yaml"))
-    return UltralyticsDetector(DetectionModel(d, ch=3, nc=len(class_names), verbose=False), class_names, input_size)
+    head = opts.get("head_classes")
+    if head is None or head == len(class_names):
+        return UltralyticsDetector(DetectionModel(d, ch=3, nc=len(class_names), verbose=False), class_names, input_size)
+    if not 1 <= head <= MAX_HEAD_CLASSES:
+        raise SkeletonError(f"ultralytics skeleton head_classes: expected a class count in [1, {MAX_HEAD_CLASSES}], "
+                            f"found {head}")
+    # a head-transferred model (with_classes): built with `head` classes, then resized
+    base = UltralyticsDetector(DetectionModel(d, ch=3, nc=head, verbose=False), [f"class{i}" for i in range(head)],
+                               input_size)
+    return base.with_classes(class_names, [None] * len(class_names))
 
 
 # A .kdbnn rebuilds only architectures shipped with Ultralytics, by name (a user's yaml or .pt
-# names code to run: its modules by name, its pickle by reference).
-register_skeleton("ultralytics", {"cfg": "name"}, _build_skeleton)
+# names code to run: its modules by name, its pickle by reference). ``head_classes``: the class
+# count a head-transferred model was built with (the width of Detect's class branch follows it).
+register_skeleton("ultralytics", {"cfg": "name", "head_classes": "int?"}, _build_skeleton)

@@ -35,7 +35,13 @@ from kd_bnn.models.darknet.weights import (
     read_weights,
     write_weights,
 )
-from kd_bnn.models.detector import DETECTORS, Detections, Detector, register_skeleton
+from kd_bnn.models.detector import (
+    DETECTORS,
+    ClassCountError,
+    Detections,
+    Detector,
+    register_skeleton,
+)
 from kd_bnn.models.heads import AnchorHeadsMixin, RegionHead, YoloHead, heads_loss, predict_heads
 from kd_bnn.models.state_dict import load_state_dict_file
 
@@ -258,6 +264,10 @@ class DetectionLayer(nn.Module):
         return f"kind={self.kind}, head={self.head_index}"
 
 
+class DarknetClassCountError(ClassCountError, CfgError):
+    """A cfg whose ``classes`` differs from the number of class names given (a `CfgError` too)."""
+
+
 # --------------------------------------------------------------------------------------------
 # Building the graph
 # --------------------------------------------------------------------------------------------
@@ -313,8 +323,10 @@ class DarknetDetector(AnchorHeadsMixin, Detector):
         class_names = [str(n) for n in class_names]
         if len(class_names) != num_classes:
             sec = sections[1 + self.head_layers[0]]
-            raise CfgError(f"{sec.where('classes')}: the cfg has classes={num_classes} but "
-                           f"{len(class_names)} class names were given ({', '.join(class_names)})")
+            raise DarknetClassCountError(
+                f"{sec.where('classes')}: the cfg has classes={num_classes} but {len(class_names)} class "
+                f"names were given ({', '.join(class_names[:12])}{', ...' if len(class_names) > 12 else ''})",
+                model_classes=num_classes, given=len(class_names))
         self.class_names = class_names
         self.taps = self._choose_taps()
 
@@ -615,6 +627,46 @@ class DarknetDetector(AnchorHeadsMixin, Detector):
             header = WeightsHeader(0, 2, 0, header.seen)
         write_weights(path, header, layers)
 
+    def with_classes(self, class_names: Sequence[str], sources: Sequence[int | None]) -> DarknetDetector:
+        """Head transfer (:meth:`Detector.with_classes`): the same cfg with ``classes`` of every
+        ``[yolo]`` / ``[region]`` set to ``len(class_names)`` and the ``filters`` of the conv
+        before it to ``anchors x (5 + classes)``; every other layer's weights copied. In each
+        prediction conv, per anchor, the 4 box rows and the objectness row are copied, class row
+        ``j`` comes from this model's class ``sources[j]``; a class with no source starts with zero
+        weights and the mean class bias of that anchor (a prior that is neither confident nor
+        silent). For a ``[yolo]`` head (independent sigmoids) the new model's score of class ``j``
+        equals this model's score of class ``sources[j]`` exactly."""
+        names = [str(n) for n in class_names]
+        srcs = _check_sources(names, sources, self.num_classes)
+        c_new, c_old = len(names), self.num_classes
+        sections = copy.deepcopy(self.sections)
+        for hl, head in zip(self.head_layers, self.heads):
+            sections[1 + hl].options["classes"] = str(c_new)
+            sections[hl].options["filters"] = str(head.num_anchors * (5 + c_new))  # the conv at layer hl - 1
+        new = DarknetDetector(sections, class_names=names, input_size=self.input_size)
+        pred = {hl - 1 for hl in self.head_layers}
+        old_sd = self.state_dict()
+        state = {}
+        for key in new.state_dict():
+            if int(key.split(".")[1]) not in pred:
+                state[key] = old_sd[key]
+        new.load_state_dict(state, strict=False)
+        with torch.no_grad():
+            for hl, head in zip(self.head_layers, self.heads):
+                a_n = head.num_anchors
+                rows: list[int | None] = []
+                for a in range(a_n):
+                    rows += [a * (5 + c_old) + k for k in range(5)]
+                    rows += [None if s is None else a * (5 + c_old) + 5 + s for s in srcs]
+                class_rows = [[a * (5 + c_old) + 5 + k for k in range(c_old)] for a in range(a_n)]
+                fresh_bias = [a for a in range(a_n) for _ in range(5 + c_new)]
+                _copy_rows(self.layers[hl - 1], new.layers[hl - 1], rows, class_rows, fresh_bias)
+        new.weights_header = self.weights_header
+        p = next(self.parameters(), None)
+        if p is not None:
+            new.to(p.device)
+        return new.train(self.training)
+
     def cfg_text(self) -> str:
         """The cfg of this model (``[net]`` width/height = ``input_size``)."""
         return format_cfg(self.sections)
@@ -639,6 +691,44 @@ class DarknetDetector(AnchorHeadsMixin, Detector):
     def skeleton(self) -> dict[str, Any]:
         """A Darknet model is rebuilt from its own cfg text (no file is named)."""
         return {"family": "darknet", "options": {"cfg_text": self.cfg_text()}}
+
+
+def _check_sources(names: list[str], sources: Sequence[int | None], num_old: int) -> list[int | None]:
+    if not names:
+        raise ValueError("with_classes: expected at least one class name")
+    if len(sources) != len(names):
+        raise ValueError(f"with_classes: {len(names)} class names but {len(sources)} sources")
+    out: list[int | None] = []
+    for name, s in zip(names, sources):
+        if s is not None and not (isinstance(s, int) and 0 <= s < num_old):
+            raise ValueError(f"with_classes: source of class {name!r} must be None or a class index in "
+                             f"[0, {num_old - 1}], found {s!r}")
+        out.append(s)
+    return out
+
+
+def _copy_rows(old: DarknetConv, new: DarknetConv, rows: list[int | None], class_rows: list[list[int]],
+               fresh_anchor: list[int]) -> None:
+    """Row ``r`` of every per-output-channel tensor of ``new`` (conv weight / bias, BN vectors)
+    from row ``rows[r]`` of ``old``; a None row: zero weights, BN identity, and as bias the mean
+    of ``old``'s class biases of anchor ``fresh_anchor[r]``."""
+    idx = torch.tensor([-1 if r is None else r for r in rows])
+    have = idx >= 0
+    w = torch.zeros_like(new.conv.weight)
+    w[have] = old.conv.weight.detach()[idx[have]].to(w)
+    new.conv.weight.copy_(w)
+    if new.conv.bias is not None:
+        ob = old.conv.bias.detach()
+        prior = torch.stack([ob[r].mean() for r in class_rows])
+        b = prior[torch.tensor(fresh_anchor)].to(ob)
+        b[have] = ob[idx[have]]
+        new.conv.bias.copy_(b)
+    if new.bn is not None and old.bn is not None:
+        for name, fresh in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+            src = getattr(old.bn, name).detach()
+            v = torch.full_like(getattr(new.bn, name), fresh)
+            v[have] = src[idx[have]].to(v)
+            getattr(new.bn, name).copy_(v)
 
 
 # --------------------------------------------------------------------------------------------
