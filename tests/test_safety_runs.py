@@ -280,3 +280,17 @@ def test_run_name_that_escapes_output_dir_is_refused_by_the_train_tool(tmp_path,
     err = capsys.readouterr().err
     assert rc == 2 and "key 'name'" in err and "single folder name" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # nothing written anywhere
+
+
+def test_resume_may_extend_the_schedule(tmp_path, synth, capsys):
+    """A longer schedule is the usual reason to resume: train.epochs may grow on --resume (and only
+    grow: fewer epochs than are done is refused)."""
+    cfg = tiny_config(tmp_path, synth)
+    assert _train(str(cfg)) == 0
+    run = tmp_path / "runs" / "tiny"
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert _train(str(cfg), "train.epochs=2", "--resume") == 0
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+    capsys.readouterr()
+    assert _train(str(cfg), "train.epochs=1", "--resume") != 0
+    assert "2 epochs are done, more than the 1 now configured" in capsys.readouterr().err

@@ -11,7 +11,9 @@ warning with the number of frames skipped, since those frames got no predictions
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +145,41 @@ class KittiLoader(DataLoader):
                        f"{skipped[ids[0]]['path']}", stacklevel=2, all_ranks=True)
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else the count)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):
+        return max(os.cpu_count() or 1, 1)
+
+
+_WORKER_NOTES: set[tuple[int, int]] = set()
+
+
+def loader_workers(requested: int) -> int:
+    """The loader processes to start for ``data.workers = requested``: at most the CPUs this
+    process may use, shared among the processes of a torchrun node (``LOCAL_WORLD_SIZE``), less
+    one left to the training process itself (0: load in the main process). ``workers`` is an
+    upper bound, so one config runs on a laptop and on a 64-core server; when it is lowered,
+    one line says so (once per process and value, on rank 0)."""
+    if requested <= 0:
+        return 0
+    try:
+        local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    except ValueError:
+        local = 1
+    cpus = available_cpus()
+    per_rank = max(cpus // local, 1)
+    used = min(requested, per_rank - 1)
+    if used < requested and (requested, used) not in _WORKER_NOTES:
+        _WORKER_NOTES.add((requested, used))
+        if os.environ.get("RANK", "0") in ("", "0"):
+            shared = f", shared by {local} processes of this node" if local > 1 else ""
+            print(f"data.workers={requested}: using {used} loader process(es) ({cpus} CPU(s) available"
+                  f"{shared}; one is left to the training process)", file=sys.stderr, flush=True)
+    return used
+
+
 def _seed_worker(worker_id: int) -> None:
     """Worker init: distinct, reproducible seeds per worker and epoch (from the loader's generator)."""
     seed = torch.initial_seed() % 2**32
@@ -162,10 +199,16 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int 
         dataset: e.g. a `KittiDataset`.
         batch_size: images per batch (per process when distributed).
         shuffle: shuffle each epoch (training); also the default of `drop_last`.
-        workers: loader processes; 0 loads in the main process.
+        workers: at most this many loader processes (`loader_workers`: no more than the
+            machine's CPUs allow); 0 loads in the main process.
         seed: seeds the shuffling generator, the workers and the dataset's transforms (in the
             main process when `workers` is 0; from the generator, per epoch, in each worker).
-        distributed: use a `DistributedSampler` (call `loader.sampler.set_epoch(epoch)` each epoch).
+        distributed: use a `DistributedSampler` (call `loader.sampler.set_epoch(epoch)` each
+            epoch): each of the W ranks gets ``ceil(N / W)`` of the N samples (the sampler
+            repeats a few to even the shards), so ``len(loader)`` per rank is
+            ``ceil(N / W) // batch_size`` with `drop_last` (training), else
+            ``ceil(ceil(N / W) / batch_size)``. The shuffling is the sampler's (seed, epoch);
+            the generator that seeds the workers' augmentation is seeded per rank.
         drop_last: drop the last incomplete batch; default `shuffle` (training), and never when
             that would leave no batch at all.
         pin_memory: page-locked batches for faster host-to-GPU copies.
@@ -187,17 +230,20 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int 
         rank, world = dist.get_rank(), dist.get_world_size()
     if drop_last is None:
         drop_last = shuffle
-    if drop_last and len(dataset) // world < batch_size:
+    if drop_last and -(-len(dataset) // world) < batch_size:
         drop_last = False  # a split smaller than one batch would otherwise yield nothing
-    generator = torch.Generator().manual_seed(seed)
+    workers = loader_workers(workers)
+    generator = torch.Generator().manual_seed(seed + 1_000_003 * rank)
     if workers == 0:
         _seed_transforms(dataset, seed + 1_000_003 * rank)
     elif hasattr(_base_dataset(dataset), "report_skips_in_loader"):
         _base_dataset(dataset).report_skips_in_loader = True  # workers leave the warning to us
     sampler = None
     if distributed:
+        # drop_last=False: the shards are padded to ceil(N / W) samples each, so every sample is
+        # used each epoch; the loader below drops the last incomplete batch of a shard
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle,
-                                     seed=seed, drop_last=drop_last)
+                                     seed=seed, drop_last=False)
     return KittiLoader(
         dataset, evaluation=not shuffle, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
         sampler=sampler,

@@ -6,6 +6,12 @@ This is what ``tools/train.py`` and ``make demo`` run; every step is also callab
 follows Xu et al. (ICRA 2019): a full-precision teacher, a binary-weight copy of it initialised
 from its float weights, trained with the detection loss plus feature mimic terms
 (`cfg.distill.terms`).
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) `run_experiment` and `run_ablation` initialise the process
+group (`kd_bnn.engine.distributed.distributed_session`) and every rank runs the same phases: rank
+0 chooses the run folder, generates a synthetic set first, writes every file and evaluates; the
+training loaders are sharded (a `DistributedSampler` per phase); every checkpoint a phase loads
+(the teacher's best weights, a phase's ``last.pt`` to resume) is read by rank 0 and broadcast.
 """
 
 from __future__ import annotations
@@ -34,12 +40,19 @@ from kd_bnn.engine.build import (  # noqa: F401 - load_student: also importable 
     seed_everything,
 )
 from kd_bnn.engine.checkpoint import (
+    CheckpointError,
     eval_state_dict,
     load_checkpoint,
     training_finished,
     training_progress,
 )
-from kd_bnn.engine.distributed import decide_on_rank0, dist_info
+from kd_bnn.engine.distributed import (
+    barrier,
+    decide_on_rank0,
+    dist_info,
+    distributed_session,
+    is_main_process,
+)
 from kd_bnn.engine.evaluate import evaluate_model, kitti_ground_truth
 from kd_bnn.engine.trainer import Trainer
 from kd_bnn.io import atomic_write_text
@@ -154,10 +167,21 @@ class RunResult:
     best_epoch: int | None = None  # the epoch ``best_checkpoint`` holds, when it was evaluated
     epochs: int = 0
     epochs_done: int = 0
+    iterations_per_epoch: int = 0  # per rank under DDP
+    world_size: int = 1
+    last_checkpoint: Path | None = None
+    best_metric: float | None = None  # the value of ``metric_name`` at ``best_epoch``
+    metric_name: str = ""  # ``train.best_metric``
 
     def best_is_last_evaluation(self) -> bool:
         """True when ``metrics`` (the last evaluation) are those of ``best_checkpoint``."""
         return bool(self.metrics) and self.status == "completed" and self.best_epoch == self.epochs
+
+
+#: Config keys a resumed run may change: a longer schedule is the usual reason to resume (the LR
+#: schedule then spans the new length, so the rate rises again from where it was); exist_ok only
+#: chose the folder.
+RESUME_MAY_CHANGE = ("exist_ok", "train.epochs", "teacher_train.epochs")
 
 
 def train_model(model: Detector, cfg: ExperimentConfig, train_cfg: TrainConfig, run_dir: Path,
@@ -167,10 +191,12 @@ def train_model(model: Detector, cfg: ExperimentConfig, train_cfg: TrainConfig, 
 
     ``best_checkpoint`` is this training's ``best.pt`` (a stale one from an earlier run in a
     reused folder is never reported), else its ``last.pt``."""
+    rank, world = dist_info()
     train_ds, val_ds = build_datasets(cfg.data) if loaders is None else (None, None)
     if loaders is None:
+        # DDP: each rank trains on its shard; rank 0 alone evaluates, on the whole val split
         train_loader = build_loader(train_ds, cfg.data.batch_size, shuffle=True, workers=cfg.data.workers,
-                                    seed=cfg.seed)
+                                    seed=cfg.seed, distributed=world > 1)
         val_loader = build_loader(val_ds, cfg.data.batch_size, shuffle=False, workers=cfg.data.workers,
                                   seed=cfg.seed)
     else:
@@ -180,23 +206,47 @@ def train_model(model: Detector, cfg: ExperimentConfig, train_cfg: TrainConfig, 
         distiller = Distiller(teacher, model, cfg.distill.terms)
     evaluate_fn = functools.partial(evaluate_model, data=val_loader, class_names=list(model.class_names),
                                     conf_thres=cfg.eval.conf_thres, iou_thres=cfg.eval.iou_thres,
-                                    max_det=cfg.eval.max_det, gt=kitti_ground_truth(val_loader))
+                                    max_det=cfg.eval.max_det, gt=kitti_ground_truth(val_loader) if rank == 0 else {})
     trainer = Trainer(model, train_loader, val_loader, train_cfg, run_dir, distiller=distiller,
                       binary_policy=cfg.student.binary if (teacher is not None and cfg.student) else None,
                       evaluate_fn=evaluate_fn, device=cfg.device, config_dict=config_to_dict(cfg),
-                      seed=cfg.seed, progress=progress, resume=resume, resume_ignore=("exist_ok",))
+                      seed=cfg.seed, progress=progress, resume=resume, resume_ignore=RESUME_MAY_CHANGE)
     try:
         out = trainer.fit()
     finally:
         if distiller is not None:
             distiller.remove_taps()
         trainer.close()
-    best = Path(run_dir) / "best.pt"
-    if out.get("best_epoch") is None or not best.is_file():
-        best = Path(run_dir) / "last.pt"
-    return RunResult(Path(run_dir), best if best.is_file() else None, dict(out.get("metrics") or {}),
+    find = functools.partial(_checkpoints_of, Path(run_dir), out.get("best_epoch") is not None)
+    # rank 0 wrote them; an interrupted run makes no collective call (other ranks may be anywhere)
+    best, last = decide_on_rank0(find) if out.get("status") == "completed" else find()
+    return RunResult(Path(run_dir), best, dict(out.get("metrics") or {}),
                      out.get("status", "completed"), out.get("best_epoch"), int(train_cfg.epochs),
-                     int(out.get("epoch", 0)))
+                     int(out.get("epoch", 0)), int(out.get("iterations_per_epoch", 0)),
+                     int(out.get("world_size", world)), last, out.get("best_metric"),
+                     train_cfg.best_metric)
+
+
+def _checkpoints_of(run_dir: Path, evaluated: bool) -> tuple[Path | None, Path | None]:
+    """(best checkpoint: ``best.pt`` of this training, else ``last.pt``; ``last.pt``), None when absent."""
+    last = run_dir / "last.pt"
+    last = last if last.is_file() else None
+    best = run_dir / "best.pt"
+    return (best if evaluated and best.is_file() else last), last
+
+
+def _load_weights(path: Path) -> dict[str, Any]:
+    """The weights to use of a checkpoint (`eval_state_dict`), read on rank 0 and given to every
+    rank (the other nodes of a multi-node run need not see rank 0's run folder)."""
+    return decide_on_rank0(lambda: eval_state_dict(load_checkpoint(path)), errors=(CheckpointError,))
+
+
+def _phase_results(res: RunResult) -> dict[str, Any]:
+    """What ``results.json`` records of a trained phase."""
+    return {"checkpoint": str(res.best_checkpoint), "metrics": res.metrics, "best_epoch": res.best_epoch,
+            "best_metric": res.best_metric, "best_metric_name": res.metric_name, "epochs": res.epochs,
+            "iterations_per_epoch": res.iterations_per_epoch,
+            "last_checkpoint": None if res.last_checkpoint is None else str(res.last_checkpoint)}
 
 
 def model_size(model: nn.Module, input_size: tuple[int, int]) -> dict[str, float]:
@@ -229,17 +279,19 @@ class _Run:
         if self.restart:
             return None
         last = self.phase_dir / "last.pt"
-        if training_finished(last, epochs):
+        finished, exists = decide_on_rank0(lambda: (training_finished(last, epochs), last.is_file()),
+                                           errors=(CheckpointError,))
+        if finished:
             return last  # finished: reloaded (fit has nothing left to do)
         self.restart = True
-        return last if last.is_file() else None
+        return last if exists else None
 
     def check(self, res: RunResult) -> None:
         if res.status != "completed":
             raise KeyboardInterrupt  # e.g. "interrupted": the trainer saved last.pt and returned
 
     def write_results(self) -> None:
-        if dist_info()[0] == 0:
+        if is_main_process():
             atomic_write_text(self.run_dir / "results.json", json.dumps(self.results, indent=2, default=str))
 
     def stopped(self, exc: BaseException) -> None:
@@ -283,11 +335,28 @@ def _open_run(cfg: ExperimentConfig, resume: bool, run_dir: str | os.PathLike | 
     return cfg, run_dir, fresh
 
 
+def _ensure_dataset_in_turn(cfg: ExperimentConfig) -> None:
+    """`ensure_dataset` under DDP: rank 0 first (it generates a synthetic set when asked for; its
+    errors are raised on every rank), then the first rank of each node (which finds that set, or
+    generates its own copy on a node that does not share rank 0's file system), then the rest."""
+    rank, world = dist_info()
+    if world <= 1:
+        ensure_dataset(cfg.data)
+        return
+    barrier()  # every rank is done reading the data folder (e.g. its preflight) before rank 0 writes there
+    decide_on_rank0(lambda: ensure_dataset(cfg.data), errors=(FileNotFoundError, ValueError, OSError))
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    for turn in (1, 2):
+        if rank != 0 and turn == (1 if local == 0 else 2):
+            ensure_dataset(cfg.data)
+        barrier()
+
+
 def _build_teacher(cfg: ExperimentConfig) -> Detector:
     """The teacher a run starts from: seeded with ``cfg.seed``, after making sure of the dataset
     (the synthetic set is generated first when asked for), with ``teacher.weights`` if any."""
+    _ensure_dataset_in_turn(cfg)
     seed_everything(cfg.seed)
-    ensure_dataset(cfg.data)
     return build_model(cfg.teacher, list(cfg.data.classes), tuple(cfg.data.input_size))
 
 
@@ -304,7 +373,7 @@ def _prepare_teacher(teacher: Detector, cfg: ExperimentConfig, run: _Run,
         tres = train_model(teacher, cfg, cfg.teacher_train, tdir, progress=progress, resume=ckpt)
         run.check(tres)
         if tres.best_checkpoint is not None:
-            teacher.load_state_dict(eval_state_dict(load_checkpoint(tres.best_checkpoint)))
+            teacher.load_state_dict(_load_weights(tres.best_checkpoint))
     teacher.eval()
     seed_everything(cfg.seed)
     return tres
@@ -323,40 +392,49 @@ def run_experiment(cfg: ExperimentConfig, resume: bool | str | os.PathLike | Non
     existing ``<output_dir>/<name>/``: an unfinished teacher phase is resumed and the student
     then trained from scratch; with the teacher finished the student is resumed (or started).
 
+    Under torchrun (``WORLD_SIZE > 1``) the process group is initialised here unless it already
+    is (`distributed_session`); ``results.json`` records ``world_size`` and each phase's
+    ``iterations_per_epoch`` (per rank).
+
     Raises:
         RunInterrupted: a phase stopped early (Ctrl-C); its ``last.pt`` is saved and
             ``results.json`` says ``"interrupted": true`` and which ``"phase"``.
     """
-    resume = bool(resume)
+    with distributed_session(cfg.device):
+        return _run_experiment(cfg, bool(resume), progress, run_dir)
+
+
+def _run_experiment(cfg: ExperimentConfig, resume: bool, progress: bool | None,
+                    run_dir: str | os.PathLike | None) -> dict[str, Any]:
     if resume and run_dir is None:
         run_dir = run_dir_for(cfg, resume=True)  # a missing run folder fails at once
     teacher = _build_teacher(cfg)  # bad input fails here, before a folder is made
     size = tuple(cfg.data.input_size)
     cfg, run_dir, fresh_dir = _open_run(cfg, resume, run_dir)
-    results: dict[str, Any] = {"name": cfg.name, "run_dir": str(run_dir)}
+    results: dict[str, Any] = {"name": cfg.name, "run_dir": str(run_dir), "world_size": dist_info()[1]}
     run = _Run(run_dir, results, resume, fresh_dir)
     try:
         if cfg.student is None:  # teacher-only run
             ckpt = run.start("teacher", run_dir, cfg.train.epochs)
             res = train_model(teacher, cfg, cfg.train, run_dir, resume=ckpt, progress=progress)
             run.check(res)
-            results["teacher"] = {"checkpoint": str(res.best_checkpoint), "metrics": res.metrics,
-                                  **model_size(teacher, size)}
+            results["teacher"] = {**_phase_results(res), **model_size(teacher, size)}
         else:
             tres = _prepare_teacher(teacher, cfg, run, progress)
             if tres is not None:
-                results["teacher"] = {"checkpoint": str(tres.best_checkpoint), "metrics": tres.metrics}
+                results["teacher"] = _phase_results(tres)
             student, report = build_student(teacher, cfg)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "binarize_report.txt", report.table())
+            if is_main_process():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(run_dir / "binarize_report.txt", report.table())
             ckpt = run.start("student", run_dir, cfg.train.epochs)
             sres = train_model(student, cfg, cfg.train, run_dir, teacher=teacher, resume=ckpt, progress=progress)
             run.check(sres)
             reusable = False
             if sres.best_checkpoint is not None:
-                student.load_state_dict(eval_state_dict(load_checkpoint(sres.best_checkpoint)))
+                student.load_state_dict(_load_weights(sres.best_checkpoint))
                 reusable = _metrics_of_final_student(sres, student, cfg)
-            results["student"] = {"checkpoint": str(sres.best_checkpoint), "metrics": sres.metrics,
+            results["student"] = {**_phase_results(sres),
                                    "metrics_of_checkpoint": reusable,
                                    "distilled": bool(cfg.distill.enabled and cfg.distill.terms),
                                    **model_size(student, size)}
@@ -370,6 +448,50 @@ def run_experiment(cfg: ExperimentConfig, resume: bool | str | os.PathLike | Non
 
 
 ABLATION_CLASSES = ("Car", "Pedestrian", "Cyclist")
+
+
+def _ap(metrics: dict[str, Any], key: str) -> str:
+    v = metrics.get(key)
+    return "n/a" if not isinstance(v, (int, float)) or v != v else f"{float(v):.2f}"
+
+
+def format_run_summary(results: dict[str, Any], metric: str = "moderate/R40") -> str:
+    """The few lines ``tools/train.py`` ends with: the run folder, each trained phase (epochs,
+    best epoch, the AP of ``<class>/moderate/R40`` of its last evaluation for Car, Pedestrian and
+    Cyclist, or the classes it has; its checkpoints), iterations per epoch per rank under DDP,
+    and where ``results.json`` is. The whole record is ``results.json`` (``--json`` prints it)."""
+    run_dir = Path(str(results.get("run_dir", ".")))
+    world = int(results.get("world_size", 1) or 1)
+    lines = [f"run folder: {run_dir}" + (f" (world size {world})" if world > 1 else "")]
+    for phase, res in results.items():
+        if not isinstance(res, dict) or "checkpoint" not in res or "metrics" not in res:
+            continue
+        metrics = res.get("metrics") or {}
+        classes = [c for c in ABLATION_CLASSES if f"{c}/{metric}" in metrics] or [
+            k[: -len(metric) - 1] for k in metrics if k.endswith("/" + metric) and not k.startswith("mAP/")]
+        label = phase + (" (distilled)" if res.get("distilled") else "")
+        head = f"{label}: {res.get('epochs', '?')} epoch(s)"
+        if res.get("best_epoch") is not None:
+            best = res.get("best_metric")
+            name = res.get("best_metric_name") or "best metric"
+            head += f", best epoch {res['best_epoch']}"
+            if isinstance(best, (int, float)):
+                head += f" ({name} {best:.2f})"
+        if world > 1 and res.get("iterations_per_epoch"):
+            head += f", {res['iterations_per_epoch']} it/epoch per rank"
+        lines.append(head)
+        if classes:
+            aps = "  ".join(f"{c} {_ap(metrics, f'{c}/{metric}')}" for c in classes)
+            diff, kind = metric.split("/")
+            lines.append(f"  AP_{kind} {diff}, epoch {res.get('epochs', '?')}: {aps}")
+        ckpts = [f"{res['checkpoint']}"]
+        if res.get("last_checkpoint") and res["last_checkpoint"] != res["checkpoint"]:
+            ckpts.append(f"{res['last_checkpoint']} (resume)")
+        lines.append(f"  checkpoints: {', '.join(ckpts)}")
+    if results.get("interrupted"):
+        lines.append(f"interrupted in the {results.get('phase')} phase")
+    lines.append(f"results: {run_dir / 'results.json'}")
+    return "\n".join(lines)
 
 
 def _metrics_of_final_student(res: RunResult, student: Detector, cfg: ExperimentConfig) -> bool:
@@ -397,12 +519,20 @@ def run_ablation(cfg: ExperimentConfig, progress: bool | None = None, resume: bo
     """
     if cfg.student is None:
         raise ValueError("run_ablation needs a 'student' section in the config")
+    with distributed_session(cfg.device):
+        return _run_ablation(cfg, progress, resume, run_dir)
+
+
+def _run_ablation(cfg: ExperimentConfig, progress: bool | None, resume: bool,
+                  run_dir: str | os.PathLike | None) -> list[dict[str, Any]]:
     cfg, base, fresh_dir = _open_run(cfg, resume, run_dir)  # draws no random numbers: seeding comes after
-    results: dict[str, Any] = {"name": cfg.name, "run_dir": str(base)}
+    results: dict[str, Any] = {"name": cfg.name, "run_dir": str(base), "world_size": dist_info()[1]}
     run = _Run(base, results, resume, fresh_dir)
     try:
         teacher = _build_teacher(cfg)  # in the try: bad input removes a run folder left empty
         tres = _prepare_teacher(teacher, cfg, run, progress)
+        if tres is not None:
+            results["teacher"] = _phase_results(tres)
         reuse = tres.metrics if tres is not None and tres.best_is_last_evaluation() else None
         rows = [_ablation_row("teacher (float32)", teacher, cfg, reuse)]
         for label, kd in (("student BWN, no KD", False), ("student BWN + KD", True)):
@@ -415,14 +545,16 @@ def run_ablation(cfg: ExperimentConfig, progress: bool | None = None, resume: bo
             res = train_model(student, scfg, scfg.train, base / phase, teacher=teacher, progress=progress,
                               resume=ckpt)
             run.check(res)
-            student.load_state_dict(eval_state_dict(load_checkpoint(res.best_checkpoint)))
+            student.load_state_dict(_load_weights(res.best_checkpoint))
+            results[phase] = _phase_results(res)
             rows.append(_ablation_row(label, student, scfg,
                                       res.metrics if _metrics_of_final_student(res, student, scfg) else None))
     except BaseException as exc:
         run.stopped(exc)
         raise
-    atomic_write_text(base / "ablation.json", json.dumps(rows, indent=2, default=str))
-    atomic_write_text(base / "ablation.txt", format_ablation(rows))
+    if is_main_process():
+        atomic_write_text(base / "ablation.json", json.dumps(rows, indent=2, default=str))
+        atomic_write_text(base / "ablation.txt", format_ablation(rows))
     results.update(interrupted=False, table=str(base / "ablation.txt"))
     run.write_results()
     return rows
@@ -432,8 +564,8 @@ def _ablation_row(label: str, model: Detector, cfg: ExperimentConfig,
                   metrics: dict[str, float] | None = None) -> dict[str, Any]:
     """A table row; `metrics` are the trainer's final evaluation of this very state when it has
     one (same val split and thresholds), else the model is evaluated here."""
-    if metrics is None:
-        metrics, _ = evaluate_model(model, cfg)
+    if metrics is None:  # rank 0 evaluates (its device), every rank gets the metrics
+        metrics = decide_on_rank0(lambda: evaluate_model(model, cfg)[0])
     row: dict[str, Any] = {"model": label, **model_size(model, tuple(cfg.data.input_size))}
     row["ap_r40"] = {c: {d: metrics.get(f"{c}/{d}/R40", float("nan")) for d in ("easy", "moderate", "hard")}
                      for c in cfg.data.classes}

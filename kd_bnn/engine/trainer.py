@@ -7,6 +7,18 @@ CUDA), a NaN / inf check, backward, gradient clipping, the optimizer step, the
 evaluation every ``eval_interval`` epochs, atomic weights-only checkpoints with exact resume,
 and the log row; DDP under ``torchrun`` (`kd_bnn.engine.distributed`). What else runs in the
 loop comes in as callbacks (events: `kd_bnn.engine.callbacks`).
+
+Checkpoints: ``last.pt`` holds everything a resume needs (weights, optimizer, schedule, EMA,
+RNG states of every rank, config, metrics); ``best.pt`` only the weights to use (the EMA's when
+enabled), the config and the metrics (`Trainer.weights_state`).
+
+Under DDP (a process group initialised, e.g. by `kd_bnn.engine.distributed.distributed_session`)
+the model is wrapped in `DistributedDataParallel` (BatchNorm made synchronous with
+``train.sync_bn`` on CUDA), a distillation teacher stays unwrapped (frozen, eval mode, rank 0's
+weights broadcast to all), the training loader should shard with a `DistributedSampler`
+(`kd_bnn.data.loader.build_loader(distributed=True)`); rank 0 alone evaluates (the whole
+validation set, so the metrics equal a single-process evaluation), writes files and logs, and
+gives its metrics to the other ranks; a resume reads the checkpoint on rank 0 and broadcasts it.
 """
 
 from __future__ import annotations
@@ -38,12 +50,22 @@ from kd_bnn.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from kd_bnn.engine.distributed import dist_info, resolve_device
+from kd_bnn.engine.distributed import (
+    all_gather,
+    any_rank,
+    broadcast_module,
+    convert_sync_batchnorm,
+    decide_on_rank0,
+    dist_info,
+    resolve_device,
+)
 from kd_bnn.engine.ema import ModelEMA
 from kd_bnn.engine.logging import RunLogger, is_tty
 from kd_bnn.engine.optim import LRSchedule, build_optimizer, param_groups
 
 CHECKPOINT_FORMAT = "kd_bnn.checkpoint/1"
+#: ``best.pt``: weights, config and metrics only (no optimizer, schedule or RNG state)
+WEIGHTS_FORMAT = "kd_bnn.weights/1"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -160,7 +182,7 @@ class Trainer:
         sync_bn_skipped = False
         if self.world > 1:
             if self.cfg.sync_bn and self.device.type == "cuda":
-                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+                self.model = convert_sync_batchnorm(self.model)  # keeps the distiller's taps
             elif self.cfg.sync_bn:
                 sync_bn_skipped = True  # SyncBatchNorm needs CUDA; plain per-process BN on CPU
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -169,10 +191,12 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
                                                            find_unused_parameters=unused)
         self.forward_model: nn.Module = self.ddp if self.ddp is not None else self.model
-        if self.world > 1 and distiller is not None:  # adapters live outside DDP: start them equal
-            with torch.no_grad():
-                for t in list(distiller.adapters.parameters()) + list(distiller.adapters.buffers()):
-                    dist.broadcast(t, 0)
+        if self.world > 1 and distiller is not None:
+            # adapters live outside DDP: start them equal; the frozen teacher is not wrapped (no
+            # gradients to reduce): every rank distils from rank 0's weights
+            broadcast_module(distiller.adapters, distiller.teacher)
+        sampler = getattr(train_loader, "sampler", None)
+        unsharded = self.world > 1 and not isinstance(sampler, torch.utils.data.DistributedSampler)
 
         extra = [distiller.adapters] if distiller is not None else []
         self.optimizer = build_optimizer(param_groups(self.model, self.cfg.weight_decay, extra), self.cfg)
@@ -203,12 +227,15 @@ class Trainer:
                                 tensorboard=tensorboard, console=console, keep_rows=resume is not None)
         if sync_bn_skipped:
             self.logger.warning("train.sync_bn ignored: SyncBatchNorm works on CUDA devices only")
+        if unsharded:
+            self.logger.warning(f"world size {self.world} but the training loader has no DistributedSampler: "
+                                "every rank iterates the whole dataset (build_loader(distributed=True) shards it)")
         if resume is not None:
             self.resume(resume)
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a checkpoint holds (weights-only types)."""
+    def rng_state(self) -> dict[str, Any]:
+        """This process's RNG states: torch, numpy, Python and the loaders' generators."""
         gens = _generators(self.train_loader)
         rng = get_rng_state(gens[0] if gens else None)
         if len(gens) > 1:
@@ -216,6 +243,12 @@ class Trainer:
         vgens = _generators(self.val_loader) if self.val_loader is not None else []
         if vgens:
             rng["val_loader"] = [g.get_state() for g in vgens]
+        return rng
+
+    def state_dict(self, rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything ``last.pt`` holds (weights-only types). `rng_ranks`: every rank's
+        `rng_state` (DDP), stored beside this process's ``rng`` so each rank resumes its own."""
+        rng = self.rng_state()
         return {
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
@@ -228,6 +261,8 @@ class Trainer:
             "epoch_complete": self.epoch_complete,
             "iteration": self.iteration,
             "rng": rng,
+            "rng_ranks": list(rng_ranks or []),
+            "world_size": self.world,
             "config": self.config_dict,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
@@ -240,19 +275,46 @@ class Trainer:
             "binary_convs": sum(isinstance(m, BinaryConv2d) for m in unwrap_model(self.model).modules()),
         }
 
-    def save(self, name: str = "last.pt") -> Path | None:
-        """Write a checkpoint into the run folder (rank 0 only); refuses non-finite weights so
-        the last good checkpoint is never overwritten by a diverged model."""
-        if not self.is_main:
+    def weights_state(self) -> dict[str, Any]:
+        """What ``best.pt`` holds: the weights to evaluate and export (`eval_model`: the EMA's
+        when enabled) as ``model``, the config and the metrics; no optimizer, schedule, RNG or
+        adapter state (a resume reads ``last.pt``)."""
+        return {
+            "format": WEIGHTS_FORMAT,
+            "model": self.eval_model().state_dict(),
+            "weights": "ema" if self.ema is not None else "model",
+            "epoch": self.epoch,
+            "config": self.config_dict,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "metric_name": self.cfg.best_metric,
+            "metrics": dict(self.last_metrics),
+            "class_names": list(self.class_names),
+            "input_size": list(getattr(self.model, "input_size", []) or []),
+            "binary_convs": sum(isinstance(m, BinaryConv2d) for m in unwrap_model(self.model).modules()),
+        }
+
+    def save(self, name: str = "last.pt", collective: bool = True) -> Path | None:
+        """Write a checkpoint into the run folder: ``best.pt`` = `weights_state`, any other name
+        = `state_dict`. Rank 0 writes; under DDP every rank calls it (`collective`: with the
+        other ranks, which give their RNG states; False where they may not, as after a Ctrl-C).
+        Refuses non-finite weights, so the last good checkpoint is never overwritten by a
+        diverged model."""
+        if not (self.is_main or collective):
             return None
         bad = [k for k, v in self.model.state_dict().items()
                if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            msg = (f"not saving {name}: non-finite weights in {', '.join(bad[:5])}"
+        if any_rank(bool(bad), self.device) if (collective and self.world > 1) else bad:
+            msg = (f"not saving {name}: non-finite weights in {', '.join(bad[:5]) or 'another rank'}"
                    f"{' ...' if len(bad) > 5 else ''}; the last good checkpoint is kept")
             self.logger.error(msg)
             raise NonFiniteLossError(msg)
-        return save_checkpoint(self.run_dir / name, self.state_dict())
+        if name == "best.pt":
+            return save_checkpoint(self.run_dir / name, self.weights_state()) if self.is_main else None
+        ranks = all_gather(self.rng_state()) if (collective and self.world > 1) else None
+        if not self.is_main:
+            return None
+        return save_checkpoint(self.run_dir / name, self.state_dict(ranks))
 
     def resume(self, path: str | os.PathLike) -> None:
         """Restore model, optimizer, schedule, EMA, epoch, iteration, RNG states from `path`.
@@ -260,10 +322,17 @@ class Trainer:
         Raises:
             CheckpointError: unreadable file, or a config that differs (listing the keys).
         """
-        state = load_checkpoint(path, map_location="cpu")
+        # rank 0 reads it (the other ranks' nodes need not see the run folder) and gives it to all
+        state = decide_on_rank0(lambda: load_checkpoint(path, map_location="cpu"), errors=(CheckpointError,))
+        if state.get("format") == WEIGHTS_FORMAT:
+            raise CheckpointError(f"{path}: holds weights only (a best.pt); resume from the run's last.pt")
         if state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path}: not a kd_bnn training checkpoint (format {state.get('format')!r})")
         check_resume_config(state.get("config"), self.config_dict, path, ignore=self.resume_ignore)
+        if int(state.get("epoch", 0)) > self.cfg.epochs:
+            raise CheckpointError(
+                f"cannot resume from {path}: {int(state['epoch'])} epochs are done, more than the {self.cfg.epochs} "
+                "now configured (train.epochs / teacher_train.epochs); resume with at least that many, or start a new run")
         self.model.load_state_dict(state["model"])
         if self.distiller is not None and state.get("adapters"):
             self.distiller.adapters.load_state_dict(state["adapters"])
@@ -281,7 +350,17 @@ class Trainer:
         pending = state.get("pending_eval")
         self.pending_eval = dict(pending) if isinstance(pending, dict) and self.epoch_complete else None
         self.logger.truncate(self.epoch - (1 if self.pending_eval is not None else 0))
+        saved_world = int(state.get("world_size", 1) or 1)
+        saved_ipe = int((state.get("scheduler") or {}).get("iters_per_epoch") or self.iters_per_epoch)
+        if saved_ipe != self.iters_per_epoch:  # another world size or batch: continue the schedule by epochs
+            self.iteration = round(self.iteration * self.iters_per_epoch / saved_ipe)
+            self.logger.warning(f"{path} was written with {saved_ipe} iterations per epoch (world size "
+                                f"{saved_world}), now {self.iters_per_epoch} (world size {self.world}): the "
+                                "schedule continues at the same epoch, but the run is not an exact continuation")
         rng = state["rng"]
+        ranks = state.get("rng_ranks") or []
+        if len(ranks) == self.world and saved_world == self.world:
+            rng = ranks[self.rank]  # each rank its own stream
         gens = _generators(self.train_loader)
         set_rng_state(rng, gens[0] if gens else None)
         for g, s in zip(gens[1:], rng.get("loader_extra", [])):
@@ -424,9 +503,13 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def evaluate(self) -> dict[str, float]:
-        """Run `evaluate_fn` on the eval model (eval mode, no grad); flat metrics."""
+        """Run `evaluate_fn` on the eval model (eval mode, no grad); flat metrics. Under DDP
+        rank 0 evaluates (the whole validation set) and every rank gets its metrics."""
         if self.evaluate_fn is None:
             return {}
+        return decide_on_rank0(self._evaluate_here)
+
+    def _evaluate_here(self) -> dict[str, float]:
         m = self.eval_model()
         was = m.training
         m.eval()
@@ -446,7 +529,7 @@ class Trainer:
 
         Returns:
             {"status": "completed" | "interrupted" | "stopped", "epoch", "iteration", "best_metric",
-            "best_epoch", "metrics", "run_dir"}.
+            "best_epoch", "metrics", "run_dir", "world_size", "iterations_per_epoch" (per rank)}.
 
         Raises:
             NonFiniteLossError: a NaN/inf loss (the message names the term).
@@ -454,7 +537,7 @@ class Trainer:
         status = "completed"
         self._event("train_start")
         self.logger.info(f"training {type(self.model).__name__} for {self.cfg.epochs} epochs "
-                         f"({self.iters_per_epoch} it/epoch) on {self.device}"
+                         f"({self.iters_per_epoch} it/epoch{' per rank' if self.world > 1 else ''}) on {self.device}"
                          + (f", distilling {', '.join(self.distiller.term_keys())}" if self.distiller else "")
                          + (f", world size {self.world}" if self.world > 1 else ""))
         try:
@@ -482,7 +565,7 @@ class Trainer:
                 self._end_epoch(row)
         except KeyboardInterrupt:
             status = "interrupted"
-            self.save("last.pt")
+            self.save("last.pt", collective=False)  # the other ranks may be anywhere
             state = (f"evaluation of epoch {self.epoch} pending" if self.pending_eval is not None
                      else f"{self.epoch}/{self.cfg.epochs} epochs done"
                      + ("" if self.epoch_complete else f", epoch {self.epoch + 1} in progress"))
@@ -495,7 +578,8 @@ class Trainer:
         self._event("train_end")
         return {"status": status, "epoch": self.epoch, "iteration": self.iteration,
                 "best_metric": self.best_metric, "best_epoch": self.best_epoch,
-                "metrics": dict(self.last_metrics), "run_dir": str(self.run_dir)}
+                "metrics": dict(self.last_metrics), "run_dir": str(self.run_dir),
+                "world_size": self.world, "iterations_per_epoch": self.iters_per_epoch}
 
     _improved = False
     _epoch_steps = 0
