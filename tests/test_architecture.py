@@ -14,6 +14,7 @@ TIERS = {
     "eval": 1, "models": 1,
     "distill": 2, "deploy": 2,
     "engine": 3,
+    "cli": 4,  # the kd-bnn commands: argument parsing and printing over every other room
 }
 
 

@@ -1,50 +1,18 @@
-"""Anchors by k-means (IoU distance, YOLOv2) on KITTI labels at a given network input size.
+"""Anchors by k-means (IoU distance, YOLOv2) on KITTI labels.
 
-Example:
-    python tools/anchors.py --labels ../shared/kitti/labels_trainval/label_2 --k 5 \
-        --input-size 384x1248 --grid-units 32
+The same as ``kd-bnn anchors`` (kd_bnn/cli/anchors.py): ``python tools/anchors.py --help``.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd_bnn.models.anchors import anchors_from_kitti  # noqa: E402
+from kd_bnn.cli.anchors import main  # noqa: E402
 
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 384x1248, found {text!r}") from None
-    return h, w
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--labels", required=True, help="KITTI label_2 folder")
-    ap.add_argument("--k", type=int, default=5, help="number of anchors")
-    ap.add_argument("--input-size", type=_size, default=(384, 1248), help="network input HEIGHTxWIDTH")
-    ap.add_argument("--grid-units", type=int, default=None, metavar="STRIDE",
-                    help="also print the anchors divided by this stride (YOLOv2 [region] units)")
-    ap.add_argument("--classes", default="Car,Pedestrian,Cyclist", help="comma-separated KITTI types")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    classes = [c for c in args.classes.split(",") if c]
-    anchors, miou = anchors_from_kitti(args.labels, classes, args.input_size, args.k, seed=args.seed)
-    h, w = args.input_size
-    print(f"input {h}x{w}, k={args.k}, classes {','.join(classes)}")
-    print("pixels:     " + ",  ".join(f"{a[0]:.0f},{a[1]:.0f}" for a in anchors))
-    if args.grid_units:
-        g = anchors / args.grid_units
-        print(f"grid/{args.grid_units}:   " + ", ".join(f"{a[0]:.4f},{a[1]:.4f}" for a in g))
-    print(f"mean IoU:   {miou:.4f}")
-    return 0
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,52 +1,19 @@
 #!/usr/bin/env python
-"""Generate a synthetic KITTI set in the official layout (see kd_bnn.data.synthetic).
+"""Generate a synthetic KITTI set in the official layout.
 
-    python tools/make_synthetic.py --out data/synthetic   # the make-demo set: 1000 frames, 300 train / 700 val
-    python tools/make_synthetic.py --fit-stats ../shared/kitti/labels_trainval/label_2
-    python tools/make_synthetic.py --describe data/synthetic/training/label_2
+The same as ``kd-bnn make-synthetic`` (kd_bnn/cli/make_synthetic.py): ``python tools/make_synthetic.py --help``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd_bnn.data.synthetic import describe_labels, fit_kitti_statistics, generate, statistics_source  # noqa: E402
+from kd_bnn.cli.make_synthetic import main  # noqa: E402
 
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", help="output folder (gets training/{image_2,label_2,calib} and ImageSets)")
-    ap.add_argument("--num", type=int, default=1000, help="number of frames (default 1000, as configs/demo.yaml)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    ap.add_argument("--size", default="1242x375", help="WIDTHxHEIGHT (default 1242x375)")
-    ap.add_argument("--val-fraction", type=float, default=0.7,
-                    help="share of frames in val (default 0.7, as configs/demo.yaml)")
-    ap.add_argument("--overwrite", action="store_true", help="replace images/labels already in --out")
-    ap.add_argument("--fit-stats", metavar="LABEL_DIR",
-                    help="print the KITTI_STATS constant fitted to a KITTI label_2 folder and exit")
-    ap.add_argument("--describe", metavar="LABEL_DIR", help="print per-class label statistics as JSON and exit")
-    args = ap.parse_args(argv)
-    try:
-        if args.fit_stats:
-            print(statistics_source(fit_kitti_statistics(args.fit_stats)), end="")
-            return 0
-        if args.describe:
-            print(json.dumps(describe_labels(args.describe), indent=1))
-            return 0
-        if not args.out:
-            ap.error("--out is required (or use --fit-stats / --describe)")
-        summary = generate(args.out, args.num, args.seed, args.size, args.val_fraction, args.overwrite)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=1))
-    return 0
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
