@@ -362,16 +362,16 @@ class Runtime:
 # ----------------------------------------------------------------------------- folders of images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-_COLOURS = ((0, 200, 0), (0, 0, 255), (255, 128, 0), (255, 0, 255), (0, 255, 255), (255, 255, 0))
-
-
 def draw_detections(image_rgb, boxes, scores, labels, class_names) -> Any:
-    """A BGR copy of an RGB image with boxes and ``class score`` captions drawn (cv2)."""
+    """A BGR copy of an RGB image with boxes and ``class score`` captions drawn (cv2), one colour per
+    class (:data:`kd_bnn.eval.report.CLASS_COLOURS`, as the training run's validation grid)."""
     import cv2
+
+    from kd_bnn.eval.report import class_colour
 
     out = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
     for (x1, y1, x2, y2), s, c in zip(boxes, scores, labels):
-        col = _COLOURS[int(c) % len(_COLOURS)]
+        col = class_colour(int(c))[::-1]  # RGB -> BGR
         p1, p2 = (int(round(x1)), int(round(y1))), (int(round(x2)), int(round(y2)))
         cv2.rectangle(out, p1, p2, col, 2)
         name = class_names[int(c)] if int(c) < len(class_names) else str(int(c))

@@ -52,13 +52,14 @@ def read_metrics_csv(path: str | os.PathLike) -> dict[str, list[float]]:
 
 
 def plot_loss_curves(metrics_csv: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Loss parts per epoch (left), LR (middle) and eval metrics (right) from metrics.csv."""
+    """Loss parts per epoch (left), LR (middle) and the validation AP_R40 moderate per class and
+    mAP (right) from metrics.csv; legends beside the panels, never over the curves."""
     plt = _plt()
     cols = read_metrics_csv(metrics_csv)
     epochs = cols.get("epoch", [])
     loss_keys = [k for k in cols if k == "loss" or k.startswith(("det/", "kd/"))]
-    metric_keys = [k for k in cols if "/" in k and not k.startswith(("det/", "kd/"))]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    metric_keys = [k for k in cols if k.endswith("/moderate/R40") and not k.startswith(("det/", "kd/"))]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5), gridspec_kw={"wspace": 0.55})
     for k in loss_keys:
         axes[0].plot(epochs, cols[k], marker=".", label=k)
     axes[0].set_title("training loss")
@@ -72,12 +73,15 @@ def plot_loss_curves(metrics_csv: str | os.PathLike, out: str | os.PathLike) -> 
     for k in metric_keys:
         xs = [e for e, v in zip(epochs, cols[k]) if math.isfinite(v)]
         ys = [v for v in cols[k] if math.isfinite(v)]
-        axes[2].plot(xs, ys, marker="o", label=k)
-    axes[2].set_title("validation metrics")
+        axes[2].plot(xs, ys, marker="o", markersize=6, label=k.split("/")[0])
+    axes[2].set_title("validation AP_R40, moderate")
     axes[2].set_xlabel("epoch")
+    finite = [e for e in epochs if math.isfinite(e)]
+    if finite:  # the whole run's epochs: a single evaluation sits at its epoch, not mid-panel
+        axes[2].set_xlim(min(finite) - 0.5, max(finite) + 0.5)
     for ax in (axes[0], axes[2]):
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return _save(fig, out)
 
 
@@ -110,23 +114,30 @@ def plot_pr_curves(result: Any, out: str | os.PathLike) -> Path:
 
 
 def draw_boxes(ax: Any, boxes: np.ndarray, labels: Sequence[int], class_names: Sequence[str],
-               color: str, scores: Sequence[float] | None = None, dashed: bool = False) -> None:
+               scores: Sequence[float] | None = None, truth: bool = False) -> None:
+    """Boxes in their class colour (`kd_bnn.eval.report.CLASS_COLOURS`, as `kd-bnn predict` draws
+    them): predictions solid with ``class score``, ground truth dashed with its class name."""
     import matplotlib.patches as patches
+
+    from kd_bnn.eval.report import class_colour
 
     for i, (b, lab) in enumerate(zip(boxes, labels)):
         x1, y1, x2, y2 = (float(v) for v in b)
+        color = tuple(c / 255.0 for c in class_colour(int(lab)))
         ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color,
-                                       linewidth=1.2, linestyle="--" if dashed else "-"))
+                                       linewidth=1.0 if truth else 1.6, linestyle="--" if truth else "-"))
         name = class_names[int(lab)] if 0 <= int(lab) < len(class_names) else str(int(lab))
         text = name if scores is None else f"{name} {float(scores[i]):.2f}"
-        ax.text(x1, y1 - 2, text, color=color, fontsize=6)
+        ax.text(x1, y2 + 9 if truth else y1 - 3, text, color=color, fontsize=8,
+                bbox={"facecolor": "black", "alpha": 0.45, "pad": 0.6, "linewidth": 0})
 
 
 @torch.no_grad()
 def plot_validation_grid(model: torch.nn.Module, loader: Iterable, out: str | os.PathLike,
                          class_names: Sequence[str] = (), device: torch.device | str = "cpu",
-                         max_images: int = 8, conf_thres: float = 0.25, iou_thres: float = 0.45) -> Path:
-    """Predicted (red, with scores) and true (green, dashed) boxes on the first validation images."""
+                         max_images: int = 6, conf_thres: float = 0.25, iou_thres: float = 0.45) -> Path:
+    """Predicted (solid, with scores) and true (dashed) boxes in their class colours on the first
+    validation images, two wide tiles a row (KITTI frames are ~3.3:1), large enough to read."""
     from kd_bnn.data.loader import unpack_batch
 
     plt = _plt()
@@ -139,11 +150,11 @@ def plot_validation_grid(model: torch.nn.Module, loader: Iterable, out: str | os
     finally:
         model.train(was)
     n = images.shape[0]
-    cols = min(n, 4)
-    rows = math.ceil(n / cols)
     h, w = images.shape[-2:]
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols * w / max(h, w) + 1, 4 * rows * h / max(h, w) + 1),
-                             squeeze=False)
+    cols = min(n, 2 if w >= 2 * h else 3)
+    rows = math.ceil(n / cols)
+    tile_w = 8.0 if w >= 2 * h else 5.0
+    fig, axes = plt.subplots(rows, cols, figsize=(tile_w * cols, tile_w * h / w * rows + 0.6), squeeze=False)
     for i in range(rows * cols):
         ax = axes[i // cols][i % cols]
         ax.axis("off")
@@ -151,7 +162,10 @@ def plot_validation_grid(model: torch.nn.Module, loader: Iterable, out: str | os
             continue
         ax.imshow(images[i].permute(1, 2, 0).clamp(0, 1).cpu().numpy())
         t = targets[targets[:, 0] == i].cpu()
-        draw_boxes(ax, t[:, 2:6].numpy(), t[:, 1].long().tolist(), class_names, "lime", dashed=True)
+        draw_boxes(ax, t[:, 2:6].numpy(), t[:, 1].long().tolist(), class_names, truth=True)
         d = dets[i]
-        draw_boxes(ax, d.boxes.cpu().numpy(), d.labels.cpu().tolist(), class_names, "red", d.scores.cpu().tolist())
+        draw_boxes(ax, d.boxes.cpu().numpy(), d.labels.cpu().tolist(), class_names, d.scores.cpu().tolist())
+    fig.suptitle("validation: predictions solid (class score), ground truth dashed; one colour per class",
+                 fontsize=10)
+    fig.tight_layout()
     return _save(fig, out)

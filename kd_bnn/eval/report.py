@@ -16,6 +16,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from kd_bnn.eval.kitti import KittiEvalResult
 
 
+#: One colour per class index (RGB, 0-255), shared by every drawing of boxes (`kd-bnn predict`'s
+#: images, the training run's validation grid): Car green, Pedestrian red, Cyclist blue, then more.
+CLASS_COLOURS = ((0, 200, 0), (230, 30, 30), (30, 120, 255), (255, 150, 0), (200, 0, 200), (0, 200, 200))
+
+
+def class_colour(index: int) -> tuple[int, int, int]:
+    """The RGB colour of class `index` (:data:`CLASS_COLOURS`, cycling)."""
+    return CLASS_COLOURS[int(index) % len(CLASS_COLOURS)]
+
+
 def _fmt(v: float) -> str:
     return "   nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:6.2f}"
 
@@ -124,4 +134,4 @@ def plot_pr_curves(result: KittiEvalResult, out_dir: str | os.PathLike) -> list[
     return paths
 
 
-__all__ = ["coco_table", "format_report", "kitti_table", "plot_pr_curves", "report_dict", "save_json"]
+__all__ = ["CLASS_COLOURS", "class_colour", "coco_table", "format_report", "kitti_table", "plot_pr_curves", "report_dict", "save_json"]
