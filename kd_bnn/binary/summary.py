@@ -217,8 +217,11 @@ def summary(model: nn.Module, input_size: tuple[int, int], print_fn: Callable[[s
         t = info.get(id(m), {"shape": None, "macs": 0})
         xnor = r["binary"] and r["mode"] == "xnor"
         has_w = isinstance(getattr(m, "weight", None), torch.Tensor)
+        conv = isinstance(m, nn.Conv2d)
         rows.append(dict(
             r,
+            float_conv=conv and not r["binary"],
+            depthwise=conv and m.groups > 1 and m.groups == m.in_channels,
             input_bits=1 if xnor else 32,
             weight_bits=(1 if r["binary"] else 32) if has_w else None,
             output_shape=list(t["shape"]) if t["shape"] is not None else None,
@@ -236,6 +239,15 @@ def summary(model: nn.Module, input_size: tuple[int, int], print_fn: Callable[[s
     tot["packed_mb"] = tot["packed_bytes"] / 2**20
     tot["binary_mac_fraction"] = tot["macs_binary"] / tot["macs"] if tot["macs"] else 0.0
     tot["num_binary_layers"] = sum(1 for r in rows if r["binary"])
+    # where the packed bytes go: what stays float bounds the compression whatever binarization does
+    parts = {"binary": [r for r in rows if r["binary"]],
+             "depthwise": [r for r in rows if r["float_conv"] and r["depthwise"]],
+             "float_conv": [r for r in rows if r["float_conv"] and not r["depthwise"]]}
+    tot["packed_bytes_by_part"] = {k: sum(r["packed_bytes"] for r in v) for k, v in parts.items()}
+    tot["packed_bytes_by_part"]["other"] = tot["packed_bytes"] - sum(tot["packed_bytes_by_part"].values())
+    tot["layers_by_part"] = {k: len(v) for k, v in parts.items()}
+    float_part = tot["packed_bytes"] - tot["packed_bytes_by_part"]["binary"]
+    tot["compression_cap"] = tot["float32_bytes"] / float_part if float_part else float("inf")
     result = {"rows": rows, "totals": tot, "input_size": list(input_size)}
     if print_fn is not None:
         print_fn(format_summary(result, title=type(model).__name__))
@@ -277,4 +289,14 @@ def format_summary(result: dict[str, Any], title: str = "model") -> str:
     out.append(f"Compression:  {t['compression']:.1f}x")
     out.append(f"MACs: {t['macs']:,} total, {100 * t['binary_mac_fraction']:.1f}% binary "
                f"({t['macs_xnor']:,} xnor)")
+    by, n = t.get("packed_bytes_by_part"), t.get("layers_by_part")
+    if by and t["packed_bytes"]:
+        def pct(k: str) -> str:
+            return f"{100 * by[k] / t['packed_bytes']:.1f}%"
+
+        out.append(f"Packed bytes: {pct('binary')} in {n['binary']} binary convs, {pct('float_conv')} in "
+                   f"{n['float_conv']} float convs, {pct('depthwise')} in {n['depthwise']} depthwise convs "
+                   f"(kept float: the packed kernels are dense), {pct('other')} other (BN, biases, ...)")
+        out.append(f"Float parts alone cap the compression at {t['compression_cap']:.1f}x "
+                   "(what stays float - first/prediction/depthwise convs - is 32x larger per weight)")
     return "\n".join(out)
