@@ -295,9 +295,27 @@ def validate(data: dict, source: str = "<config>") -> ExperimentConfig:
         raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines)) from None
 
 
+#: The experiment configs shipped in the package (``kd-bnn train demo`` works from a pip install).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config(path: str | os.PathLike) -> Path:
+    """A config file path, or the name of a shipped config (``demo``, ``kitti/darknet_yolov2_bwn_kt``,
+    with or without ``.yaml``; ``configs/demo.yaml`` also finds the shipped file outside a checkout)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = str(path)[len("configs/"):] if str(path).startswith("configs/") else str(path)
+    for cand in (SHIPPED_CONFIGS / name, SHIPPED_CONFIGS / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    shipped = sorted(str(q.relative_to(SHIPPED_CONFIGS).with_suffix("")) for q in SHIPPED_CONFIGS.rglob("*.yaml"))
+    raise ConfigError(f"config file {path} does not exist (nor is it a shipped config: {', '.join(shipped)})")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load, inherit, override and validate an experiment config."""
-    data = load_yaml_with_base(path) if path is not None else {}
+    """Load, inherit, override and validate an experiment config (a file, or a shipped config's name)."""
+    data = load_yaml_with_base(resolve_config(path)) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     return validate(data, str(path) if path else "<defaults>")
 

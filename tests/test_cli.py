@@ -278,3 +278,18 @@ train: {{epochs: 1}}
     assert main(["train", str(cfg), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "refusing to load" in err and "Traceback" not in err
+
+
+def test_shipped_configs_work_outside_the_checkout(tmp_path, monkeypatch):
+    """`kd-bnn train demo` / `kitti/darknet_yolov2_bwn_kt` from any folder: configs and Darknet cfgs
+    ship inside the package (and a config's `configs/darknet/X.cfg` finds the shipped cfg)."""
+    from kd_bnn.config import ConfigError, load_config
+    from kd_bnn.engine.build import build_model
+
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    for name in ("demo", "kitti/darknet_yolov2_bwn_kt", "configs/demo.yaml", "demo.yaml"):
+        cfg = load_config(name, ["data.input_size=[64,192]"])
+        model = build_model(cfg.teacher, cfg.data.classes, tuple(cfg.data.input_size), load_weights=False)
+        assert model.input_size == (64, 192)
+    with pytest.raises(ConfigError, match=r"nor is it a shipped config: .*demo.*kitti/darknet_yolov2_bwn_kt"):
+        load_config("no_such_config")

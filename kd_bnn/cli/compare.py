@@ -9,7 +9,7 @@ and BWN versions of the two students, for a like-for-like comparison per binariz
 
     kd-bnn compare --teacher runs/demo/teacher/best.pt --epochs 10 \\
         configs/demo.yaml@student.binary.mode=xnor \\
-        configs/demo_binary_densenet.yaml@student.binary.mode=bwn@student.model.options.mode=bwn
+        configs/demo_binary_densenet.yaml@student.binary.mode=bwn
 
 Rows already measured in OUT/compare_students.json are kept (an interrupted run resumes).
 (python tools/compare_students.py takes the same arguments.)

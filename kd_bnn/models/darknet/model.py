@@ -764,12 +764,15 @@ def save_darknet(model: DarknetDetector, path: str | os.PathLike,
 
 
 def _resolve_cfg(cfg: str | os.PathLike) -> Path:
-    """A cfg path, or the name of a shipped cfg (``"yolov2-kitti"`` -> configs/darknet/...)."""
+    """A cfg path, or a cfg shipped in the package (``kd_bnn/configs/darknet/``) named by its name
+    (``"yolov2-kitti"``) or by a path that does not exist here but ends in a shipped cfg's file name
+    (the shipped configs write ``configs/darknet/yolov2-demo.cfg``, which a pip install has no
+    ``configs/`` folder for)."""
     p = Path(cfg)
     if p.is_file():
         return p
-    shipped = Path(__file__).resolve().parents[3] / "configs" / "darknet"
-    for cand in (shipped / str(cfg), shipped / f"{cfg}.cfg"):
+    shipped = Path(__file__).resolve().parents[2] / "configs" / "darknet"
+    for cand in (shipped / str(cfg), shipped / f"{cfg}.cfg", shipped / p.name):
         if cand.is_file():
             return cand
     names = sorted(q.stem for q in shipped.glob("*.cfg")) if shipped.is_dir() else []
