@@ -196,6 +196,54 @@ def test_xnor_chaining_packed_layers(isa):
     assert torch.equal(y2, y)
 
 
+# ---------------------------------------------------------------- BWN: rounding bound
+# The BWN kernels sum the same +-x terms as conv2d in another order, so they are checked against a
+# float64 reference with a rounding bound per output rather than a global tolerance:
+#
+#     |y - ref| <= (d + 6) * u * (|alpha| * sum|x| + |bias|),   u = 2**-24,
+#
+# sum|x| over the output's receptive field (zero padding adds nothing), d the most additions any
+# one term goes through: the lookup-table paths (avx2, avx512; kd_bnn/deploy/kernels/bwn_lut.h)
+# add table entries (sums of <= 6 inputs, 3 additions deep) once per (tap, group of g >= 4
+# channels), so d = KH*KW*ceil(C/4) + 3; the portable direct conv (scalar, popcnt) accumulates all
+# K = C*KH*KW products in one sum, d = K. The 6 extra units cover the epilogue's roundings
+# (alpha * sum + bias in one FMA, the leaky slope, the tables' sign flips are exact). A dropped,
+# doubled or mis-signed term costs about sum|x| / K, far above the bound.
+U_EPS = 2.0**-24
+
+
+def _bwn_reference(x, w, alpha, bias, stride, padding, act):
+    """float64 conv2d(x, alpha*sign(W)) + bias -> activation, and sum |alpha| * |x| per output."""
+    signs = torch.where(w >= 0, 1.0, -1.0).double()
+    a = alpha.double().view(-1, 1, 1, 1)
+    ref = F.conv2d(x.double(), signs * a, None if bias is None else bias.double(), stride, padding)
+    ref = {"none": ref, "relu": torch.relu(ref), "leaky": F.leaky_relu(ref, 0.1)}[act]
+    mag = F.conv2d(x.double().abs(), signs.abs() * a.abs(), None, stride, padding)
+    if bias is not None:
+        mag = mag + bias.double().abs().view(1, -1, 1, 1)
+    return ref, mag
+
+
+def _bwn_depth(isa: str, c_in: int, kh: int, kw: int) -> int:
+    if isa in ("avx2", "avx512"):
+        return kh * kw * -(-c_in // 4) + 3
+    return c_in * kh * kw
+
+
+def _check_bwn(isa, x, w, alpha, bias, stride, padding, act):
+    k = w.shape[2:]
+    got = K.bwn_conv2d(
+        x, pack_signs(w), alpha, tuple(k), stride, padding, bias=bias, activation=act, isa=isa
+    )
+    ref, mag = _bwn_reference(x, w, alpha, bias, stride, padding, act)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    bound = (_bwn_depth(isa, x.shape[1], *k) + 6) * U_EPS * mag
+    err = (got.double() - ref).abs()
+    worst = (err / bound.clamp_min(1e-300)).max().item()
+    assert bool((err <= bound).all()), f"rounding bound exceeded: max err/bound = {worst:.3f}"
+    return worst
+
+
 @pytest.mark.parametrize("isa", K.ISAS)
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
 def test_bwn_matches_conv2d(isa, shape):
@@ -204,47 +252,88 @@ def test_bwn_matches_conv2d(isa, shape):
     x, w = _case(shape, seed=1)
     alpha = w.abs().mean(dim=(1, 2, 3))
     bias = torch.randn(co, generator=torch.Generator().manual_seed(9))
-    ref = F.leaky_relu(
-        F.conv2d(x, torch.where(w >= 0, 1.0, -1.0) * alpha.view(-1, 1, 1, 1), bias, s, p), 0.1
-    )
-    got = K.bwn_conv2d(x, pack_signs(w), alpha, k, s, p, bias=bias, activation="leaky", isa=isa)
-    assert got.shape == ref.shape
-    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    _check_bwn(isa, x, w, alpha, bias, s, p, "leaky")
 
 
-# (batch, c_in, c_out, size, kernel, stride, padding, activation, bias): tails of the BWN
-# lookup-table kernel - C_out not a multiple of its 6-channel block, C_in not a multiple of 4 or
-# 64, rows narrower than a 16-pixel tile (gathered lanes), tiles across rows and images
-# (blended lanes), stride 2 and 3 (gathered lanes), 1x1, 5x5, padding 0 and 2, batch > 1
+# (batch, c_in, c_out, height, width, kernel, stride, padding, activation, bias): tails and
+# variants of the BWN kernels - C_out not a multiple of the 16/6-channel register blocks or of 8,
+# C_in not a multiple of the 4/5/6-channel groups or of 64, rows narrower than a 16-pixel tile
+# (gathered lanes), tiles across rows and images (masked runs), stride 2 and 3 (gathers), 1x1,
+# 5x5, 1x3, padding 0 and 2, batch > 1; rows >= 48 wide with <= 128 output channels take the
+# kw-sharing r4 kernel, >= 256 output channels the 5-bit tables
 BWN_SHAPES = [
-    (1, 64, 64, 12, 3, 1, 1, "leaky", True),
-    (2, 3, 7, 10, 3, 1, 1, "relu", True),
-    (1, 70, 13, 11, 3, 2, 1, "none", False),
-    (3, 130, 6, 4, 3, 1, 1, "leaky", True),
-    (1, 256, 35, 7, 1, 1, 0, "none", True),
-    (1, 33, 17, 9, 3, 1, 2, "relu", False),
-    (2, 16, 5, 17, 5, 1, 2, "leaky", True),
-    (1, 8, 3, 6, 3, 3, 0, "none", True),
+    (1, 64, 64, 12, 12, 3, 1, 1, "leaky", True),
+    (2, 3, 7, 10, 10, 3, 1, 1, "relu", True),
+    (1, 70, 13, 11, 11, 3, 2, 1, "none", False),
+    (3, 130, 6, 4, 4, 3, 1, 1, "leaky", True),
+    (1, 256, 35, 7, 7, 1, 1, 0, "none", True),
+    (1, 33, 17, 9, 9, 3, 1, 2, "relu", False),
+    (2, 16, 5, 17, 17, 5, 1, 2, "leaky", True),
+    (1, 8, 3, 6, 6, 3, 3, 0, "none", True),
+    (2, 21, 40, 5, 50, 3, 1, 1, "leaky", True),
+    (1, 19, 9, 4, 70, (1, 3), 1, (0, 1), "none", True),
+    (1, 40, 260, 6, 6, 3, 1, 1, "leaky", True),
+    (1, 67, 300, 5, 3, 1, 1, 0, "relu", False),
+    (1, 9, 11, 3, 2, 3, 1, 1, "leaky", True),
 ]
+
+
+def _bwn_case(shape):
+    n, ci, co, h, wd, k, s, p, act, has_bias = shape
+    kh, kw = (k, k) if isinstance(k, int) else k
+    g = torch.Generator().manual_seed(ci * 31 + co + h)
+    x = torch.randn(n, ci, h, wd, generator=g)
+    x[0, 0, 0, :2] = torch.tensor([0.0, -0.0])
+    w = torch.randn(co, ci, kh, kw, generator=g)
+    alpha = torch.rand(co, generator=g) + 0.1
+    bias = torch.randn(co, generator=g) if has_bias else None
+    return x, w, alpha, bias, s, p, act
 
 
 @pytest.mark.parametrize("isa", K.ISAS)
 @pytest.mark.parametrize("shape", BWN_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_bwn_tails_strides_and_activations(isa, shape):
     _isa_or_skip(isa)
-    n, ci, co, size, k, s, p, act, has_bias = shape
-    g = torch.Generator().manual_seed(ci * 31 + co)
-    x = torch.randn(n, ci, size, size, generator=g)
-    w = torch.randn(co, ci, k, k, generator=g)
-    alpha = torch.rand(co, generator=g) + 0.1
-    bias = torch.randn(co, generator=g) if has_bias else None
-    ref = F.conv2d(x, torch.where(w >= 0, 1.0, -1.0) * alpha.view(-1, 1, 1, 1), bias, s, p)
-    ref = {"none": ref, "relu": torch.relu(ref), "leaky": F.leaky_relu(ref, 0.1)}[act]
-    got = K.bwn_conv2d(x, pack_signs(w), alpha, k, s, p, bias=bias, activation=act, isa=isa)
-    assert got.shape == ref.shape
-    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
-    # every element, not just the largest: a dropped tile or lane would show here
-    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    x, w, alpha, bias, s, p, act = _bwn_case(shape)
+    if isinstance(p, tuple):  # asymmetric padding: pad by hand, the kernel gets padding 0
+        x = F.pad(x, (p[1], p[1], p[0], p[0]))
+        p = 0
+    _check_bwn(isa, x, w, alpha, bias, s, p, act)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("g", [4, 5, 6])
+@pytest.mark.parametrize("r4", [0, 1])
+def test_bwn_lookup_table_variants(isa, g, r4, monkeypatch):
+    """Every table size (g = 4, 5, 6 bits) with the r = 1 and the kw-sharing r4 kernel (where it
+    applies: stride 1), forced through the tuning variables KDBNN_BWN_G / _R4 / _PG, on shapes
+    that stress their tails; the same rounding bound."""
+    _isa_or_skip(isa)
+    monkeypatch.setenv("KDBNN_BWN_G", str(g))
+    monkeypatch.setenv("KDBNN_BWN_R4", str(r4))
+    cases = [
+        (2, 23, 37, 6, 53, 3, 1, 1, "leaky", True),  # 2 images, partial last r4 tile
+        (1, 64, 24, 9, 17, 5, 1, 2, "relu", True),  # 5x5: 8 r4 input vectors per row
+        (1, 130, 9, 8, 8, 3, 2, 1, "none", False),  # stride 2: r = 1 (gathers)
+        (1, 70, 20, 5, 48, 1, 1, 0, "none", True),  # 1x1
+    ]
+    for pg in ("", "1", "3"):  # the plan's passes, one table per pass, partial passes
+        if pg:
+            monkeypatch.setenv("KDBNN_BWN_PG", pg)
+        for shape in cases:
+            _check_bwn(isa, *_bwn_case(shape))
+
+
+def test_bwn_rounding_bound_is_tight_enough_to_catch_a_wrong_term():
+    """The bound of _check_bwn rejects a result with one weight sign flipped (a kernel that
+    mis-tabulates or mis-indexes one entry)."""
+    x, w, alpha, bias, s, p, act = _bwn_case((1, 64, 8, 6, 6, 3, 1, 1, "none", True))
+    w_bad = w.clone()
+    w_bad[3, 17, 1, 1] = -w_bad[3, 17, 1, 1]
+    ref, mag = _bwn_reference(x, w, alpha, bias, s, p, act)
+    bad, _ = _bwn_reference(x, w_bad, alpha, bias, s, p, act)
+    bound = (_bwn_depth("avx512", 64, 3, 3) + 6) * U_EPS * mag
+    assert bool(((bad - ref).abs() > bound).any())
 
 
 @pytest.mark.parametrize(
@@ -360,6 +449,27 @@ def test_multithreaded_results_equal_single_thread():
         torch.set_num_threads(old)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_bwn_channel_chunks_for_few_tiles_equal_single_thread(isa):
+    """With fewer than 4 tiles per thread the lookup-table kernels split the output channels into
+    chunks (tables rebuilt per chunk); every output must equal the 1-thread result bit for bit."""
+    _isa_or_skip(isa)
+    old = torch.get_num_threads()
+    cases = [(1, 40, 100, 6, 6, 3, 1, 1, "leaky", True), (1, 30, 300, 4, 5, 1, 1, 0, "none", True)]
+    try:
+        for shape in cases:
+            x, w, alpha, bias, s, p, act = _bwn_case(shape)
+            args = (x, pack_signs(w), alpha, tuple(w.shape[2:]), s, p)
+            torch.set_num_threads(1)
+            one = K.bwn_conv2d(*args, bias=bias, activation=act, isa=isa)
+            torch.set_num_threads(3)
+            many = K.bwn_conv2d(*args, bias=bias, activation=act, isa=isa)
+            assert torch.equal(one, many), shape
+            _check_bwn(isa, x, w, alpha, bias, s, p, act)
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_isa_env_var_forces_a_path(monkeypatch):

@@ -16,16 +16,21 @@ pure-torch path with identical results:
   float test).
 * :func:`bwn_conv2d` - float activations x packed binary weights ``alpha[c]*sign(W)`` (the BWN
   case of Xu et al., ICRA 2019), weights held bit-packed (32x smaller), never a whole layer's
-  float weights. AVX2 path: lookup-table conv (Jeon et al., "BiQGEMM", SC 2020): per tile of 16
-  output pixels and group of 4 input channels at one tap, the 16 sums ``+-x0+-x1+-x2+-x3`` are
-  tabulated once and each output channel adds the entry its 4 weight bits select (one add per
-  4 MACs x 8 pixels instead of 4 FMAs), then ``alpha*sum + bias``. Transient memory per call:
-  a zero-padded NCHW input copy and one offset byte per 4 weights (1/16 of a float copy); per
-  thread 16 KB of tables + ``16*C_out`` floats. The ``avx512`` path runs the same AVX2 code
-  (every AVX-512 CPU has AVX2). ``scalar``/``popcnt`` paths (portable C++): direct conv on an
-  NHWC copy with one 16-channel panel unpacked to floats per thread (``C_in*KH*KW*16``
-  floats). Sums are re-associated, so results match ``F.conv2d`` to float rounding (~1e-6
-  relative), not bit for bit.
+  float weights. ``avx2`` and ``avx512`` paths: lookup-table conv (Jeon et al., "BiQGEMM", SC
+  2020; one source, ``bwn_lut.h``, over a 16-pixel vector: one zmm or two ymm): per tile of 16
+  output pixels and group of g = 4 or 5 input channels at one tap, the 2^g sums
+  ``+-x0+-x1+-...`` are tabulated once and each output channel adds the entry its g weight bits
+  select (``vaddps zmm, zmm, [table + s*64]``: 16 pixels x g MACs per add), then
+  ``alpha*sum + bias`` and the activation in the same pass. A second kernel for stride 1 (rows
+  >= 48 wide, <= 128 output channels) tiles 64 positions as 4 interleaved vectors so the KW taps
+  of one kernel row share their tables. Transient memory per call: one offset byte per g weights
+  (about 1/16 of a float copy), a zero-padded input copy for the kw-sharing kernel only, per
+  thread one pass of tables (16-32 KB) + the accumulators. ``scalar``/``popcnt`` paths
+  (portable C++): direct conv on an NHWC copy with one 16-channel panel unpacked to floats per
+  thread (``C_in*KH*KW*16`` floats). Sums are re-associated, so results match ``F.conv2d`` to
+  float rounding (the tests check a per-output bound, ``tests/test_deploy_kernels.py``), not bit
+  for bit. Tuning: ``KDBNN_BWN_G`` (4..6), ``KDBNN_BWN_R4`` (0/1), ``KDBNN_BWN_PG`` (tables per
+  pass) override the per-layer plan.
 
 ISA paths (``ISAS``): ``avx512`` (AVX-512 VPOPCNTDQ), ``avx2``, ``popcnt``, ``scalar``; the best
 one the CPU has is used unless ``isa=`` or the ``KDBNN_ISA`` environment variable names one.

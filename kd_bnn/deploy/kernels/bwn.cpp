@@ -5,12 +5,14 @@
 // a float copy of a whole layer's weights. Sums are re-associated, so results match F.conv2d to
 // float rounding, not bit for bit.
 //
-// ISAs with a lookup-table kernel (avx2 and avx512: the AVX2 one in bwn_x86.cpp, BiQGEMM-style):
-// for a tile of output pixels and 4 input channels at one tap, the 16 signed sums +-x0+-x1+-x2+-x3
-// are tabulated once and every output channel adds the entry its 4 weight bits select (one add per
-// 4 MACs x 8 pixels). This file prepares its inputs: a zero-padded NCHW copy of the input and the
-// per-call byte offsets (one byte per 4 weights, 1/16 of a float copy); per thread 16 tables of
-// 16 x px floats + c_out x px accumulators.
+// ISAs with a lookup-table kernel (avx2: bwn_x86.cpp, avx512: bwn_avx512.cpp, one source in
+// bwn_lut.h, BiQGEMM-style): per tile of 16 output pixels and group of g = 4..6 input channels at
+// one tap, the 2^g signed sums +-x0+-x1... are tabulated once and every output channel adds the
+// entry its g weight bits select (one add per g MACs x 16 pixels). This file prepares the kernel's
+// inputs: the plan (g, tables per pass, r = 1 or the kw-sharing r4 kernel), the per-call table
+// offsets (one byte per g weights, about 1/16 of a float copy) and, for r4 only, a zero-padded
+// copy of the input (r = 1 reads the input in place); per thread one pass of tables (16-32 KB)
+// plus the accumulators.
 //
 // Other paths (scalar, popcnt; portable C++): direct conv on a zero-padded NHWC float copy; each
 // 16-output-channel weight panel is unpacked from bits to +-alpha floats on the fly into a
@@ -23,6 +25,8 @@
 #include <ATen/ops/empty.h>
 
 #include <climits>
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 namespace kdbnn {
@@ -88,18 +92,39 @@ void ftile_scalar(const FTile& t) {
   std::memcpy(t.out, acc, sizeof(acc));
 }
 
-// ---------------------------------------------------------------- lookup-table kernel inputs
-// Float NCHW input -> zero-padded NCHW copy with channels rounded up to 4 and slack for the
-// 8-wide loads past the last pixel.
-at::Tensor lut_pad_input(const at::Tensor& xf, int64_t pad, int64_t Cp) {
+// ---------------------------------------------------------------- lookup-table kernel set-up
+// Table size and kernel: the ISA's plan, or (tuning) KDBNN_BWN_G (4..6), KDBNN_BWN_PG (>= 1) and
+// KDBNN_BWN_R4 (0/1; where the r4 kernel applies).
+void lut_choose(const BwnLutKernel& k, LutArgs& A) {
+  k.plan(A);
+  const int64_t g0 = A.g;
+  if (const char* e = std::getenv("KDBNN_BWN_G")) {
+    const long v = std::strtol(e, nullptr, 10);
+    if (v >= 4 && v <= 6) A.g = v;
+  }
+  if (const char* e = std::getenv("KDBNN_BWN_R4")) A.r4 = std::strtol(e, nullptr, 10) != 0;
+  if (A.r4 && !lut_r4_ok(A)) A.r4 = 0;
+  if (A.g != g0 || std::getenv("KDBNN_BWN_R4")) {
+    const int64_t table = int64_t(64) << A.g;
+    A.pg = A.r4 ? std::max<int64_t>(1, 24576 / ((4 + A.KW - 1) * table)) : 16;
+  }
+  if (const char* e = std::getenv("KDBNN_BWN_PG")) {
+    const long v = std::strtol(e, nullptr, 10);
+    if (v >= 1 && v <= 256) A.pg = v;
+  }
+}
+
+// r4 kernel input: zero-padded NCHW copy, channels rounded up to Cg (zero planes), kLutR4Slack
+// zero floats after the last plane.
+at::Tensor lut_pad_input(const at::Tensor& xf, int64_t pad, int64_t Cg) {
   const int64_t N = xf.size(0), C = xf.size(1), H = xf.size(2), W = xf.size(3), Hp = H + 2 * pad, Wp = W + 2 * pad;
-  auto xp = at::empty({N * Cp * Hp * Wp + 32}, at::kFloat);
+  auto xp = at::empty({N * Cg * Hp * Wp + kLutR4Slack}, at::kFloat);
   const float* src = xf.data_ptr<float>();
   float* dst = xp.data_ptr<float>();
-  std::memset(dst + N * Cp * Hp * Wp, 0, sizeof(float) * 32);
-  at::parallel_for(0, N * Cp, std::max<int64_t>(1, 65536 / (Hp * Wp)), [&](int64_t b, int64_t e) {
+  std::memset(dst + N * Cg * Hp * Wp, 0, sizeof(float) * kLutR4Slack);
+  at::parallel_for(0, N * Cg, std::max<int64_t>(1, 65536 / (Hp * Wp)), [&](int64_t b, int64_t e) {
     for (int64_t nc = b; nc < e; ++nc) {
-      const int64_t n = nc / Cp, c = nc % Cp;
+      const int64_t n = nc / Cg, c = nc % Cg;
       float* d = dst + nc * Hp * Wp;
       if (c >= C) {
         std::memset(d, 0, sizeof(float) * Hp * Wp);
@@ -116,32 +141,6 @@ at::Tensor lut_pad_input(const at::Tensor& xf, int64_t pad, int64_t Cp) {
     }
   });
   return xp;
-}
-
-// Packed weights (C_out, KK, nw) -> lookup offsets [(kk*nw + wi)][c][16]: nibble j of word
-// (c, kk, wi) times entry_bytes / 8 (the kernel addresses T + offset * 8). Nibble j of a word is
-// the low (j even) or high half of byte j/2: mask, shift and interleave, 16 bytes per word.
-std::vector<uint8_t> lut_indices(const uint64_t* wp, int64_t c_out, int64_t KK, int64_t nw, int entry_bytes) {
-  std::vector<uint8_t> idx(KK * nw * c_out * 16);
-  const int sh = entry_bytes == 64 ? 3 : 2;
-  TORCH_CHECK(entry_bytes == 32 || entry_bytes == 64, "kd_bnn: bad LUT entry size ", entry_bytes);
-  // ~16 bytes written per weight word: serial below 64K words (tens of microseconds)
-  at::parallel_for(0, KK * nw, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, c_out)), [&](int64_t b, int64_t e) {
-    for (int64_t kw = b; kw < e; ++kw) {
-      uint8_t* row = idx.data() + kw * c_out * 16;
-      for (int64_t c = 0; c < c_out; ++c) {
-        const uint64_t w = wp[c * KK * nw + kw];
-#if KDBNN_SSE2
-        const __m128i m = _mm_set1_epi8(0x0f), v = _mm_cvtsi64_si128((long long)w);
-        const __m128i x = _mm_unpacklo_epi8(_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(row + c * 16), _mm_slli_epi16(x, sh));
-#else
-        for (int j = 0; j < 16; ++j) row[c * 16 + j] = (uint8_t)(((w >> (4 * j)) & 15ULL) << sh);
-#endif  // KDBNN_SSE2
-      }
-    }
-  });
-  return idx;
 }
 
 }  // namespace
@@ -164,16 +163,12 @@ at::Tensor bwn_conv(at::Tensor x, at::Tensor wpacked, at::Tensor alpha, c10::opt
   TORCH_CHECK(Hp >= KH && Wp >= KW, "kd_bnn.bwn_conv: padded input smaller than kernel");
   const int64_t OH = (Hp - KH) / stride + 1, OW = (Wp - KW) / stride + 1;
   TORCH_CHECK(isa == ISA_SCALAR || cpu_has(isa), "kd_bnn: this CPU lacks the instructions of ISA path ", isa);
-  // ISAs with a lookup-table kernel (avx2, avx512: the AVX2 one) use it
-  // (gathered lanes use 32-bit offsets: an input over 2^31 floats takes the portable path)
+  // ISAs with a lookup-table kernel (avx2, avx512; bwn_lut.h) use it. It reads the input in place;
+  // gathered lanes use 32-bit offsets, so an input of 2^31 floats or more takes the portable path.
   const BwnLutKernel* lut = isa_kernels(isa).bwn_lut;
-  const int64_t Cp = (C + 3) / 4 * 4;
-  if (lut != nullptr && N * Cp * Hp * Wp + 32 < (int64_t)INT32_MAX) {
-    auto xp = lut_pad_input(x.to(at::kFloat).contiguous(), pad, Cp);
+  if (lut != nullptr && N * C * H * W < (int64_t)INT32_MAX) {
+    auto xf = x.to(at::kFloat).contiguous();
     auto wpk = wpacked.contiguous();
-    const int64_t px = lut->px;  // output pixels per tile; a table entry is px floats
-    const std::vector<uint8_t> idx =
-        lut_indices(reinterpret_cast<const uint64_t*>(wpk.data_ptr<int64_t>()), c_out, KK, nw, (int)(4 * px));
     auto a = alpha.to(at::kFloat).contiguous();
     std::vector<float> bi(c_out, 0.0f);
     if (bias.has_value() && bias->defined()) {
@@ -182,13 +177,37 @@ at::Tensor bwn_conv(at::Tensor x, at::Tensor wpacked, at::Tensor alpha, c10::opt
       std::memcpy(bi.data(), s.data_ptr<float>(), sizeof(float) * c_out);
     }
     auto out = at::empty({N, c_out, OH, OW}, at::kFloat);
-    LutArgs A{xp.data_ptr<float>(), Cp, Hp, Wp, OH, OW, stride, KH, KW, C, nw, c_out, N * OH * OW,
-              idx.data(), a.data_ptr<float>(), bi.data(), act, out.data_ptr<float>()};
-    const int64_t n_tiles = (A.total + px - 1) / px;
-    at::parallel_for(0, n_tiles, 1, [&](int64_t b, int64_t e) {
-      std::vector<float> buf(16 * 16 * px + c_out * px + 16);
-      float* T = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 31) & ~uintptr_t(31));
-      lut->range(A, b, e, T, T + 16 * 16 * px);
+    LutArgs A{};
+    A.X = xf.data_ptr<float>();
+    A.C = C, A.H = H, A.W = W, A.pad = pad, A.stride = stride, A.KH = KH, A.KW = KW, A.OH = OH, A.OW = OW;
+    A.c_out = c_out, A.total = N * OH * OW;
+    lut_choose(*lut, A);
+    A.ngrp = (C + A.g - 1) / A.g;
+    A.co_pad = (c_out + 7) / 8 * 8;
+    at::Tensor xpad;
+    if (A.r4) {
+      xpad = lut_pad_input(xf, pad, A.ngrp * A.g);
+      A.Xp = xpad.data_ptr<float>(), A.Hp = H + 2 * pad, A.Wp = W + 2 * pad;
+    }
+    // table offsets: one byte (g <= 5) or two (g = 6) per g weights, rebuilt per call
+    std::unique_ptr<uint8_t[]> idx(new uint8_t[KK * A.ngrp * A.co_pad * (A.g == 6 ? 2 : 1)]);  // all written
+    A.idx = idx.get();
+    A.alpha = a.data_ptr<float>(), A.bias = bi.data(), A.act = act, A.O = out.data_ptr<float>();
+    const uint64_t* wp = reinterpret_cast<const uint64_t*>(wpk.data_ptr<int64_t>());
+    at::parallel_for(0, KK, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, A.ngrp * A.co_pad)),
+                     [&](int64_t b, int64_t e) { lut->prep_idx(wp, A, nw, b, e, idx.get()); });
+    // work items: tiles, or (tile, output-channel chunk) pairs when there are fewer than 4 tiles
+    // per thread (the tables are then built once per chunk; chunks keep >= 32 channels)
+    const int64_t n_tiles = A.r4 ? N * lut_r4_tiles(A) : (A.total + 15) / 16, threads = at::get_num_threads();
+    int64_t n_chunks = 1;
+    if (threads > 1 && n_tiles < 4 * threads)
+      n_chunks = std::max<int64_t>(1, std::min((4 * threads + n_tiles - 1) / n_tiles, A.co_pad / 32));
+    A.co_chunk = (A.co_pad / n_chunks + 7) / 8 * 8;
+    n_chunks = (A.co_pad + A.co_chunk - 1) / A.co_chunk;
+    at::parallel_for(0, n_tiles * n_chunks, 1, [&](int64_t b, int64_t e) {
+      std::unique_ptr<float[]> buf(new float[lut_work_floats(A)]);  // written before read
+      float* work = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.get()) + 63) & ~uintptr_t(63));
+      lut->range(A, b, e, work);
     });
     return out;
   }

@@ -1,189 +1,146 @@
-// kd_bnn kernels: AVX2 lookup-table BWN conv (the avx2 and avx512 paths of bwn_conv).
+// kd_bnn kernels: AVX2 lookup-table BWN conv (the avx2 path of bwn_conv).
 //
-// BWN conv = float activations x binary weights alpha[c]*sign(W) (Xu et al., ICRA 2019; the BWN
-// case of XNOR-Net). bwn.cpp prepares the zero-padded NCHW input and the per-call weight
-// offsets (LutArgs in common.h) and runs this kernel over tiles of output pixels; weights stay
-// bit-packed, only one offset byte per 4 weights (1/16 of a float copy) is derived per call.
-// Every AVX-512 CPU has AVX2, so the avx512 path runs this code too.
-// The whole file is empty on a non-x86 build.
+// The method (g-bit sign-sum tables, passes, pipelined builds, in-place input) is in bwn_lut.h;
+// this file supplies its 16-pixel vector as two ymm, so a table entry is one 64-byte line read by
+// two `vaddps ymm` per lookup. 6 output channels per register block (12 ymm accumulators of the
+// 16). Input runs use vmaskmovps (no faults on masked lanes), strided inputs vgatherdps.
+// The avx512 path has its own kernel (bwn_avx512.cpp). The whole file is empty on a non-x86 build.
 
 #include "dispatch.h"
 
 #if KDBNN_X86
 
+#include <vector>
+
 namespace kdbnn {
 
 namespace {
 
-// ---------------------------------------------------------------- BWN, AVX2: lookup-table conv
-// With binary weights every output is a signed sum of inputs, so for a group of 4 input values
-// (4 channels at one kernel tap, for a tile of output pixels) all 16 sign patterns are formed
-// once, T[s] = sum_i (bit i of s ? +x_i : -x_i), and each output channel adds the entry its 4
-// weight bits select: one load + one add per 4 MACs and 8 pixels instead of 4 FMAs
-// (lookup-table GEMM for binary-coded weights: Jeon et al., "BiQGEMM", SC 2020). One
-// 64-channel weight word of one tap gives 16 tables (L1-resident), consumed by register blocks
-// of output channels; alpha scales the sum once in the epilogue, then bias and activation.
-// VP = ymm vectors (8 pixels each) per tile; the weight nibbles are pre-scaled to byte offsets.
-// 16-pixel tiles (VP = 2: 6 channels x 2 vectors of accumulators) measured ~20% faster here than
-// 8-pixel tiles (12 x 1): each offset byte then serves two table loads.
-constexpr int kLutVP = 2;
+#define KDBNN_LUT_FN __attribute__((target("avx2,fma")))
+#define KDBNN_LUT_INL __attribute__((target("avx2,fma"), always_inline)) inline
 
-template <int VP, int NB>
-__attribute__((target("avx2,fma"), always_inline)) inline void lut_block(const float* T, int ng, const uint8_t* ir,
-                                                                         int64_t irs, float* accp, bool first) {
-  __m256 a[NB * VP];
-#pragma GCC unroll 16
-  for (int c = 0; c < NB * VP; ++c) a[c] = first ? _mm256_setzero_ps() : _mm256_load_ps(accp + 8 * c);
-  constexpr int64_t kTab = 16 * 8 * VP * sizeof(float);  // bytes per table
-  const char* Tj = reinterpret_cast<const char*>(T);
-  (void)irs;
-  for (int j = 0; j < ng; ++j, Tj += kTab, ++ir) {
-#pragma GCC unroll 16
-    for (int c = 0; c < NB; ++c) {
-      const float* e = reinterpret_cast<const float*>(Tj + (size_t)ir[16 * c] * 8);
+struct V {
+  struct T {
+    __m256 a, b;
+  };
+  struct M {
+    __m256i a, b;
+  };
+  static constexpr int kNB = 6;    // output channels per register block
+  static constexpr int kStep = 2;  // c_out is padded to 8: tail blocks of 2 or 4
+  KDBNN_LUT_INL static M mask(uint32_t bits) {
+    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i lo = _mm256_set1_epi32((int)(bits & 255u)), hi = _mm256_set1_epi32((int)((bits >> 8) & 255u));
+    return {_mm256_cmpeq_epi32(_mm256_and_si256(lo, sel), sel), _mm256_cmpeq_epi32(_mm256_and_si256(hi, sel), sel)};
+  }
+  KDBNN_LUT_INL static T zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  KDBNN_LUT_INL static T load(const float* p) { return {_mm256_load_ps(p), _mm256_load_ps(p + 8)}; }
+  KDBNN_LUT_INL static T loadu(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  KDBNN_LUT_INL static void store(float* p, T v) { _mm256_store_ps(p, v.a), _mm256_store_ps(p + 8, v.b); }
+  KDBNN_LUT_INL static void storeu(float* p, T v) { _mm256_storeu_ps(p, v.a), _mm256_storeu_ps(p + 8, v.b); }
+  KDBNN_LUT_INL static void store_mask(float* p, M m, T v) {
+    _mm256_maskstore_ps(p, m.a, v.a), _mm256_maskstore_ps(p + 8, m.b, v.b);
+  }
+  KDBNN_LUT_INL static T add(T x, T y) { return {_mm256_add_ps(x.a, y.a), _mm256_add_ps(x.b, y.b)}; }
+  KDBNN_LUT_INL static T sub(T x, T y) { return {_mm256_sub_ps(x.a, y.a), _mm256_sub_ps(x.b, y.b)}; }
+  // x + y on the FMA pipes (x * 1 + y: exact, the same value as add)
+  KDBNN_LUT_INL static T add_fma(T x, T y) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    return {_mm256_fmadd_ps(x.a, one, y.a), _mm256_fmadd_ps(x.b, one, y.b)};
+  }
+  KDBNN_LUT_INL static T neg(T x) {
+    const __m256 s = _mm256_set1_ps(-0.0f);
+    return {_mm256_xor_ps(x.a, s), _mm256_xor_ps(x.b, s)};
+  }
+  // lanes of run r from p + base[r] (vmaskmovps reads 0 elsewhere; runs are disjoint, OR merges)
+  KDBNN_LUT_INL static T load_runs(const float* p, const M* m, const int64_t* base, int nr) {
+    T v = {_mm256_maskload_ps(p + base[0], m[0].a), _mm256_maskload_ps(p + base[0] + 8, m[0].b)};
+    for (int r = 1; r < nr; ++r) {
+      v.a = _mm256_or_ps(v.a, _mm256_maskload_ps(p + base[r], m[r].a));
+      v.b = _mm256_or_ps(v.b, _mm256_maskload_ps(p + base[r] + 8, m[r].b));
+    }
+    return v;
+  }
+  KDBNN_LUT_INL static T gather(const float* p, const int32_t* pos, M valid) {
+    const __m256 z = _mm256_setzero_ps();
+    return {_mm256_mask_i32gather_ps(z, p, _mm256_load_si256(reinterpret_cast<const __m256i*>(pos)),
+                                     _mm256_castsi256_ps(valid.a), 4),
+            _mm256_mask_i32gather_ps(z, p, _mm256_load_si256(reinterpret_cast<const __m256i*>(pos + 8)),
+                                     _mm256_castsi256_ps(valid.b), 4)};
+  }
+  // r4 kernel (bwn_lut.h): out[r] lane l = p[4l + r] for r < 4, and out[4 + k] lane l = p[4l + 4 + k]
+  static constexpr int kNB4 = 1;  // channels per register block: 4 accumulators = 8 ymm
+  // 8 lanes (l = 0..7) of the 4 streams of p[0..31]: 4x4 transposes in each 128-bit half
+  KDBNN_LUT_INL static void deint8(const float* p, __m256* v) {
+    const __m256 y0 = _mm256_loadu_ps(p), y1 = _mm256_loadu_ps(p + 8), y2 = _mm256_loadu_ps(p + 16),
+                 y3 = _mm256_loadu_ps(p + 24);
+    const __m256 u0 = _mm256_permute2f128_ps(y0, y2, 0x20), u1 = _mm256_permute2f128_ps(y0, y2, 0x31);
+    const __m256 u2 = _mm256_permute2f128_ps(y1, y3, 0x20), u3 = _mm256_permute2f128_ps(y1, y3, 0x31);
+    const __m256 t0 = _mm256_unpacklo_ps(u0, u1), t1 = _mm256_unpackhi_ps(u0, u1);
+    const __m256 t2 = _mm256_unpacklo_ps(u2, u3), t3 = _mm256_unpackhi_ps(u2, u3);
+    v[0] = _mm256_shuffle_ps(t0, t2, 0x44), v[1] = _mm256_shuffle_ps(t0, t2, 0xEE);
+    v[2] = _mm256_shuffle_ps(t1, t3, 0x44), v[3] = _mm256_shuffle_ps(t1, t3, 0xEE);
+  }
+  template <int NV>
+  KDBNN_LUT_INL static void deint(const float* p, T* out) {
+    __m256 lo[4], hi[4];
+    deint8(p, lo), deint8(p + 32, hi);
 #pragma GCC unroll 4
-      for (int v = 0; v < VP; ++v) a[c * VP + v] = _mm256_add_ps(a[c * VP + v], _mm256_load_ps(e + 8 * v));
-    }
-  }
-#pragma GCC unroll 16
-  for (int c = 0; c < NB * VP; ++c) _mm256_store_ps(accp + 8 * c, a[c]);
-}
-
-using LutBlockFn = void (*)(const float*, int, const uint8_t*, int64_t, float*, bool);
-template <int VP, int NB>
-__attribute__((target("avx2,fma"))) void lut_block_fn(const float* T, int ng, const uint8_t* ir, int64_t irs,
-                                                      float* accp, bool first) {
-  lut_block<VP, NB>(T, ng, ir, irs, accp, first);
-}
-template <int VP>
-LutBlockFn lut_tail(int64_t nb) {
-  switch (nb) {
-    case 1: return lut_block_fn<VP, 1>;
-    case 2: return lut_block_fn<VP, 2>;
-    case 3: return lut_block_fn<VP, 3>;
-    case 4: return lut_block_fn<VP, 4>;
-    case 5: return lut_block_fn<VP, 5>;
-    case 6: return lut_block_fn<VP, 6>;
-    case 7: return lut_block_fn<VP, 7>;
-    case 8: return lut_block_fn<VP, 8>;
-    case 9: return lut_block_fn<VP, 9>;
-    case 10: return lut_block_fn<VP, 10>;
-    default: return lut_block_fn<VP, 11>;
-  }
-}
-
-// Tiles [tb, te) of 8*VP output pixels in flattened (n, oh, ow) order. T: 16 tables of 16 x 8*VP
-// floats (32-byte aligned); acc: c_out x 8*VP floats (32-byte aligned).
-template <int VP>
-__attribute__((target("avx2,fma"))) void bwn_lut_range_avx2(const LutArgs& A, int64_t tb, int64_t te, float* T,
-                                                            float* acc) {
-  constexpr int PX = 8 * VP, NB = 12 / VP;
-  const int64_t plane = A.OH * A.OW, HWp = A.Hp * A.Wp, KK = A.KH * A.KW, c_out = A.c_out;
-  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps(), slope = _mm256_set1_ps(0.1f);
-  const LutBlockFn tail = c_out % NB ? lut_tail<VP>(c_out % NB) : nullptr;
-  alignas(32) int32_t po[PX];
-  int64_t ob[PX];
-  int mode[VP];
-  int64_t baseA[VP], baseB[VP];
-  __m256 bmask[VP];
-  __m256i vidx[VP];
-  for (int64_t t = tb; t < te; ++t) {
-    const int64_t q0 = t * PX, np = std::min<int64_t>(PX, A.total - q0);
-    for (int l = 0; l < PX; ++l) {
-      const int64_t q = q0 + std::min<int64_t>(l, np - 1);
-      const int64_t n = q / plane, rem = q % plane, oh = rem / A.OW, ow = rem % A.OW;
-      po[l] = (int32_t)(n * A.Cp * HWp + oh * A.stride * A.Wp + ow * A.stride);
-      ob[l] = n * c_out * plane + rem;
-    }
-    // input lanes of each vector: one contiguous run (mode 1), two runs blended (2), a gather (3)
-    for (int v = 0; v < VP; ++v) {
-      const int32_t* pv = po + 8 * v;
-      const int nl = (int)std::max<int64_t>(1, std::min<int64_t>(8, np - 8 * v));
-      int m = 1, brk = 8;
-      if (A.stride == 1) {
-        for (int l = 1; l < nl; ++l)
-          if (pv[l] != pv[l - 1] + 1) {
-            if (brk == 8) brk = l, m = 2;
-            else m = 3;
-          }
-      } else if (nl > 1) {
-        m = 3;
-      }
-      mode[v] = m;
-      baseA[v] = pv[0];
-      baseB[v] = m == 2 ? pv[brk] - brk : 0;
-      bmask[v] = _mm256_castsi256_ps(
-          _mm256_cmpgt_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(brk - 1)));
-      vidx[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(pv));
-    }
-#define KDBNN_LUT_LOAD(P, V)                                                                                  \
-  (mode[V] == 1   ? _mm256_loadu_ps((P) + baseA[V])                                                          \
-   : mode[V] == 2 ? _mm256_blendv_ps(_mm256_loadu_ps((P) + baseA[V]), _mm256_loadu_ps((P) + baseB[V]), bmask[V]) \
-                  : _mm256_i32gather_ps((P), vidx[V], 4))
-    for (int64_t kk = 0; kk < KK; ++kk) {
-      const int64_t koff = (kk / A.KW) * A.Wp + (kk % A.KW);
-      for (int64_t wi = 0; wi < A.nw; ++wi) {
-        const int ng = (int)((std::min<int64_t>(64, A.C - wi * 64) + 3) / 4);
-        const float* xb = A.X + wi * 64 * HWp + koff;
-        for (int j = 0; j < ng; ++j, xb += 4 * HWp) {
-          float* Tj = T + j * 16 * PX;
+    for (int r = 0; r < 4; ++r) out[r] = {lo[r], hi[r]};
+    if constexpr (NV > 4) {  // the same streams one row of 4 later
+      deint8(p + 4, lo), deint8(p + 36, hi);
 #pragma GCC unroll 4
-          for (int v = 0; v < VP; ++v) {
-            const __m256 x0 = KDBNN_LUT_LOAD(xb, v), x1 = KDBNN_LUT_LOAD(xb + HWp, v);
-            const __m256 x2 = KDBNN_LUT_LOAD(xb + 2 * HWp, v), x3 = KDBNN_LUT_LOAD(xb + 3 * HWp, v);
-            // pairs: p[i] for bits (b0, b1) of i; q[k] for bits (b2, b3); T[i + 4k] = p[i] + q[k]
-            const __m256 p3 = _mm256_add_ps(x0, x1), p1 = _mm256_sub_ps(x0, x1);
-            const __m256 p0 = _mm256_xor_ps(p3, sign), p2 = _mm256_xor_ps(p1, sign);
-            const __m256 q3 = _mm256_add_ps(x2, x3), q1 = _mm256_sub_ps(x2, x3);
-            const __m256 q0 = _mm256_xor_ps(q3, sign);
-            float* e = Tj + 8 * v;
-            // T[15 - s] = -T[s]: 8 adds, 8 sign flips
-            __m256 y;
-            y = _mm256_add_ps(p0, q0); _mm256_store_ps(e + 0 * PX, y); _mm256_store_ps(e + 15 * PX, _mm256_xor_ps(y, sign));
-            y = _mm256_add_ps(p1, q0); _mm256_store_ps(e + 1 * PX, y); _mm256_store_ps(e + 14 * PX, _mm256_xor_ps(y, sign));
-            y = _mm256_add_ps(p2, q0); _mm256_store_ps(e + 2 * PX, y); _mm256_store_ps(e + 13 * PX, _mm256_xor_ps(y, sign));
-            y = _mm256_add_ps(p3, q0); _mm256_store_ps(e + 3 * PX, y); _mm256_store_ps(e + 12 * PX, _mm256_xor_ps(y, sign));
-            y = _mm256_add_ps(p0, q1); _mm256_store_ps(e + 4 * PX, y); _mm256_store_ps(e + 11 * PX, _mm256_xor_ps(y, sign));
-            y = _mm256_add_ps(p1, q1); _mm256_store_ps(e + 5 * PX, y); _mm256_store_ps(e + 10 * PX, _mm256_xor_ps(y, sign));
-            y = _mm256_add_ps(p2, q1); _mm256_store_ps(e + 6 * PX, y); _mm256_store_ps(e + 9 * PX, _mm256_xor_ps(y, sign));
-            y = _mm256_add_ps(p3, q1); _mm256_store_ps(e + 7 * PX, y); _mm256_store_ps(e + 8 * PX, _mm256_xor_ps(y, sign));
-          }
-        }
-        const uint8_t* ir = A.idx + (kk * A.nw + wi) * c_out * 16;
-        const bool first = kk == 0 && wi == 0;
-        int64_t cb = 0;
-        for (; cb + NB <= c_out; cb += NB) lut_block<VP, NB>(T, ng, ir + cb * 16, 16, acc + cb * PX, first);
-        if (tail) tail(T, ng, ir + cb * 16, 16, acc + cb * PX, first);
-      }
-    }
-#undef KDBNN_LUT_LOAD
-    // epilogue: y = alpha * sum + bias, activation; 8 pixels of one channel per store
-    bool contiguous[VP];
-    for (int v = 0; v < VP; ++v) {
-      contiguous[v] = np >= 8 * (v + 1);
-      for (int l = 1; l < 8 && contiguous[v]; ++l) contiguous[v] = ob[8 * v + l] == ob[8 * v] + l;
-    }
-    for (int64_t c = 0; c < c_out; ++c) {
-      const __m256 al = _mm256_set1_ps(A.alpha[c]), bi = _mm256_set1_ps(A.bias[c]);
-      for (int v = 0; v < VP; ++v) {
-        __m256 y = _mm256_fmadd_ps(_mm256_load_ps(acc + c * PX + 8 * v), al, bi);
-        if (A.act == ACT_RELU) y = _mm256_max_ps(y, zero);
-        else if (A.act == ACT_LEAKY) y = _mm256_add_ps(_mm256_max_ps(y, zero), _mm256_mul_ps(slope, _mm256_min_ps(y, zero)));
-        if (contiguous[v]) {
-          _mm256_storeu_ps(A.O + ob[8 * v] + c * plane, y);
-        } else {
-          alignas(32) float tmp[8];
-          _mm256_store_ps(tmp, y);
-          for (int64_t l = 8 * v; l < std::min<int64_t>(np, 8 * v + 8); ++l) A.O[ob[l] + c * plane] = tmp[l - 8 * v];
-        }
-      }
+      for (int k = 0; k < NV - 4; ++k) out[4 + k] = {lo[k], hi[k]};
     }
   }
+  // 8 positions-rows l of a[0..3] -> positions 4l..4l+3 (w[l] holds rows l and l + 4 of the half)
+  KDBNN_LUT_INL static void inter(const T* a, T* y) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const __m256 a0 = h ? a[0].b : a[0].a, a1 = h ? a[1].b : a[1].a, a2 = h ? a[2].b : a[2].a,
+                   a3 = h ? a[3].b : a[3].a;
+      const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
+      const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
+      const __m256 w0 = _mm256_shuffle_ps(t0, t2, 0x44), w1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 w2 = _mm256_shuffle_ps(t1, t3, 0x44), w3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      y[2 * h] = {_mm256_permute2f128_ps(w0, w1, 0x20), _mm256_permute2f128_ps(w2, w3, 0x20)};
+      y[2 * h + 1] = {_mm256_permute2f128_ps(w0, w1, 0x31), _mm256_permute2f128_ps(w2, w3, 0x31)};
+    }
+  }
+  // alpha * acc + bias, then the activation (leaky: max(y, 0) + 0.1 * min(y, 0))
+  KDBNN_LUT_INL static __m256 epi1(__m256 acc, __m256 al, __m256 bi, int64_t act) {
+    __m256 y = _mm256_fmadd_ps(acc, al, bi);
+    const __m256 z = _mm256_setzero_ps();
+    if (act == ACT_RELU) y = _mm256_max_ps(y, z);
+    else if (act == ACT_LEAKY) y = _mm256_add_ps(_mm256_max_ps(y, z), _mm256_mul_ps(_mm256_set1_ps(0.1f), _mm256_min_ps(y, z)));
+    return y;
+  }
+  KDBNN_LUT_INL static T epi(T acc, float alpha, float bias, int64_t act) {
+    const __m256 al = _mm256_set1_ps(alpha), bi = _mm256_set1_ps(bias);
+    return {epi1(acc.a, al, bi, act), epi1(acc.b, al, bi, act)};
+  }
+};
+
+#include "bwn_lut.h"
+
+#undef KDBNN_LUT_INL
+#undef KDBNN_LUT_FN
+
+// Per layer (measured on Zen 5, 1 thread): g = 5 for wide layers (>= 256 output channels amortize
+// the 32-entry tables), else 4. The r4 kernel (kw-sharing) where its 4 accumulator vectors per
+// channel stay L1-sized (<= 128 output channels), the kernel is wider than 1 and rows are wide
+// enough (>= 48) that junk columns and tile tails cost little; elsewhere it lost to r = 1.
+// pg: 16 tables per pass (r = 1: 16 KB for g = 4, 32 KB for g = 5) or about 24 KB of units (r4).
+void plan_avx2(LutArgs& A) {
+  A.g = A.c_out >= 256 ? 5 : 4;
+  A.r4 = lut_r4_ok(A) && A.KW >= 2 && A.c_out <= 128 && A.OW >= 48;
+  const int64_t table = int64_t(64) << A.g;
+  A.pg = A.r4 ? std::max<int64_t>(1, 24576 / ((4 + A.KW - 1) * table)) : 16;
 }
 
 }  // namespace
 
-const BwnLutKernel kBwnLutAvx2 = {bwn_lut_range_avx2<kLutVP>, 8 * kLutVP};
+const BwnLutKernel kBwnLutAvx2 = {lut_range, lut_prep_idx, plan_avx2};
 
 }  // namespace kdbnn
 

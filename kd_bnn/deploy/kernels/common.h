@@ -13,14 +13,17 @@
 //   xnor_x86.cpp          POPCNT, AVX2 and AVX-512 VPOPCNTDQ XNOR micro-kernels
 //   xnor_epilogue_x86.cpp AVX2 XNOR epilogue (transform, sign masks, transposed stores)
 //   bwn.cpp               BWN conv driver: portable direct conv, lookup-table set-up
-//   bwn_x86.cpp           AVX2 lookup-table BWN kernel
+//   bwn_lut.h             the lookup-table BWN kernel, written once over a 16-pixel vector type
+//   bwn_x86.cpp           AVX2 lookup-table BWN kernel (bwn_lut.h with two ymm per vector)
+//   bwn_avx512.cpp        AVX-512 lookup-table BWN kernel (bwn_lut.h with one zmm per vector)
 //   module.cpp            pybind11 module
 //
 // Kernel translation units include only this header (and dispatch.h), not torch, so they compile
 // in about a second each. Everything x86-specific (<immintrin.h>, __attribute__((target)),
 // __builtin_cpu_supports) is compiled only when KDBNN_X86 is 1, so on other architectures the
 // library builds with the portable paths alone. Adding an ISA (e.g. ARM NEON): a new
-// xnor_<isa>.cpp (and optionally an epilogue / packer / BWN kernel), its declarations in
+// xnor_<isa>.cpp (and optionally an epilogue / packer / BWN kernel: for x86 a struct V of vector
+// operations plus #include "bwn_lut.h", as bwn_avx512.cpp does), its declarations in
 // dispatch.h, an Isa code below, a cpu_has case and a table entry in dispatch.cpp, and its name
 // in ISAS of kernels/__init__.py (names are indexed by code).
 
@@ -107,24 +110,58 @@ struct XnorEpilogue {
 using PackRowFn = void (*)(const float* src, int64_t plane, int64_t C, int64_t W, uint64_t* dst);
 
 // ---------------------------------------------------------------- BWN lookup-table kernel
-// Arguments of the lookup-table BWN conv (bwn.cpp prepares them, see bwn_x86.cpp for the method).
+// Arguments of the lookup-table BWN conv (bwn.cpp prepares them; the method is described in
+// bwn_lut.h, shared by the AVX2 and AVX-512 kernels).
 struct LutArgs {
-  const float* X;       // zero-padded NCHW input: N x Cp x Hp x Wp (+ slack), Cp = C rounded up to 4
-  int64_t Cp, Hp, Wp, OH, OW, stride, KH, KW, C, nw, c_out, total;
-  const uint8_t* idx;   // [(kk*nw + wi)][c][16]: weight nibble j of word (c, kk, wi) * px / 2 (lut_indices)
-  const float* alpha;
+  const float* X;       // float NCHW input (N, C, H, W), read in place (padding reads as 0)
+  int64_t C, H, W, pad, stride, KH, KW, OH, OW, c_out;
+  int64_t total;        // N * OH * OW output pixels (tiles of 16 in flattened (n, oh, ow) order)
+  int64_t g;            // weight bits per table: 4, 5 or 6 (2^g entries of 16 floats)
+  int64_t ngrp;         // groups of g input channels per tap: ceil(C / g)
+  int64_t pg;           // tables per pass (see bwn_lut.h)
+  int64_t co_pad;       // c_out rounded up to 8: the length of an index row
+  int64_t co_chunk;     // output channels per work item (a multiple of 8; co_pad unless there are
+                        // too few tiles for the threads: then items are (tile, channel chunk))
+  const void* idx;      // [kk * ngrp + j][co_pad] table offsets s * 8, uint8 (g <= 5) / uint16 (g = 6);
+                        // r4: rows ordered [kh][j][kw]
+  // kw-sharing variant (r4 = 1; stride 1, KW <= 5, see bwn_lut.h): tiles of 64 output positions
+  // over a zero-padded copy Xp of the input, N x (ngrp * g) x Hp x Wp floats + kLutR4Slack
+  int64_t r4;
+  const float* Xp;
+  int64_t Hp, Wp;
+  const float* alpha;   // per output channel scale, then bias, then the activation
   const float* bias;
   int64_t act;
   float* O;             // (N, c_out, OH, OW)
 };
 
-// Computes tiles [tb, te) of `px` output pixels in flattened (n, oh, ow) order. T: 16 tables of
-// 16 x px floats (32-byte aligned); acc: c_out x px floats (32-byte aligned).
-using BwnLutRangeFn = void (*)(const LutArgs& A, int64_t tb, int64_t te, float* T, float* acc);
+// Floats of per-thread scratch the kernel needs (one pass of tables + the accumulators, 80 floats
+// of skew between them, 16 for 64-byte alignment).
+// r4: a pass unit is (4 + KW - 1) tables and each channel has 4 accumulator vectors.
+inline int64_t lut_work_floats(const LutArgs& A) {
+  const int64_t unit = A.r4 ? 4 + A.KW - 1 : 1, accv = A.r4 ? 4 : 1;
+  return A.pg * unit * (int64_t(16) << A.g) + A.co_pad * 16 * accv + 80 + 16;
+}
+constexpr int64_t kLutR4Slack = 256;  // floats after Xp that tiles of the last image may read
+
+// Whether the r4 kernel handles the layer (stride 1, KW <= 5, g 4 or 5), and its tiles per image:
+// 64 positions of the padded-width output domain, (OH - 1) * Wp + OW of them.
+inline bool lut_r4_ok(const LutArgs& A) { return A.stride == 1 && A.KW <= 5 && (A.g == 4 || A.g == 5); }
+inline int64_t lut_r4_tiles(const LutArgs& A) {
+  const int64_t Wp = A.W + 2 * A.pad;
+  return ((A.OH - 1) * Wp + A.OW + 63) / 64;
+}
 
 struct BwnLutKernel {
-  BwnLutRangeFn range;
-  int px;  // output pixels per tile (a table entry is px floats)
+  // Work items [tb, te): item t is tile t / n_chunks (16 output pixels; r4: 64 positions) for
+  // output channels [c * co_chunk, (c + 1) * co_chunk) with c = t % n_chunks, n_chunks =
+  // ceil(co_pad / co_chunk); work: lut_work_floats(A) floats, 64-byte aligned.
+  void (*range)(const LutArgs& A, int64_t tb, int64_t te, float* work);
+  // Index rows of taps [kb, ke) from packed weights (C_out, KH*KW, nw) into A.idx.
+  void (*prep_idx)(const uint64_t* wp, const LutArgs& A, int64_t nw, int64_t kb, int64_t ke, void* idx);
+  // Table size g, tables (r4: units) per pass pg and the r4 choice for the layer whose geometry
+  // (C .. total) A holds.
+  void (*plan)(LutArgs& A);
 };
 
 // ---------------------------------------------------------------- packed padding helpers

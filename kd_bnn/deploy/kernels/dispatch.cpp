@@ -2,8 +2,8 @@
 //
 // All ISA paths live in one build: the x86 kernels are compiled with function-level target
 // attributes (no -march flag), and the path is picked per call from the CPU's flags:
-//   avx512  AVX-512F/BW + VPOPCNTDQ XNOR micro-kernel; AVX2 epilogue, packing and BWN kernel
-//           (every AVX-512 CPU has AVX2)
+//   avx512  AVX-512F/BW + VPOPCNTDQ XNOR micro-kernel, AVX-512 lookup-table BWN kernel; AVX2
+//           epilogue and packing (every AVX-512 CPU has AVX2)
 //   avx2    PSHUFB nibble-popcount XNOR micro-kernel (W. Mula et al., "Faster Population Counts
 //           Using AVX2 Instructions", 2016), AVX2 epilogue and packing, lookup-table BWN kernel
 //   popcnt  scalar POPCNT XNOR micro-kernel; portable epilogue and BWN direct conv
@@ -54,7 +54,7 @@ IsaKernels make_entry(int64_t isa) {
       if (cpu_has(ISA_AVX2)) {  // always true on real AVX-512 CPUs
         k.xnor_epilogue = &kXnorEpilogueAvx2;
         k.pack_row = pack_row_nchw_avx2;
-        k.bwn_lut = &kBwnLutAvx2;
+        k.bwn_lut = &kBwnLutAvx512;  // AVX-512F/BW (cpu_has above) plus AVX2/FMA
       }
       break;
 #endif

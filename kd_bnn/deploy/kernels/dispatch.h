@@ -25,8 +25,9 @@ extern const XnorKernel kXnorAvx512;  // AVX-512 VPOPCNTDQ
 extern const XnorEpilogue kXnorEpilogueAvx2;
 // pack_x86.cpp
 void pack_row_nchw_avx2(const float* src, int64_t plane, int64_t C, int64_t W, uint64_t* dst);
-// bwn_x86.cpp
+// bwn_x86.cpp, bwn_avx512.cpp (one source, bwn_lut.h)
 extern const BwnLutKernel kBwnLutAvx2;
+extern const BwnLutKernel kBwnLutAvx512;
 #endif
 
 // ---------------------------------------------------------------- dispatch (dispatch.cpp)

@@ -1,0 +1,120 @@
+// kd_bnn kernels: AVX-512 lookup-table BWN conv (the avx512 path of bwn_conv).
+//
+// The method (g-bit sign-sum tables, passes, pipelined builds, in-place input) is in bwn_lut.h;
+// this file supplies its 16-pixel vector: one zmm, so a table entry is one 64-byte line and each
+// lookup is one `vaddps zmm, zmm, [table + s*64]` (16 pixels x g multiply-adds). 16 output
+// channels per register block (16 zmm accumulators). Runs of the input use masked loads, which
+// suppress faults on masked lanes, so row ends and padding need no padded copy.
+// Needs AVX-512F (and the AVX2/FMA every AVX-512 CPU has); dispatch.cpp selects it when the CPU
+// has AVX-512F/BW. The whole file is empty on a non-x86 build.
+
+#include "dispatch.h"
+
+#if KDBNN_X86
+
+#include <climits>
+#include <vector>
+
+namespace kdbnn {
+
+namespace {
+
+#define KDBNN_LUT_FN __attribute__((target("avx512f,avx512bw,avx2,fma")))
+#define KDBNN_LUT_INL __attribute__((target("avx512f,avx512bw,avx2,fma"), always_inline)) inline
+
+struct V {
+  using T = __m512;
+  using M = __mmask16;
+  static constexpr int kNB = 16;   // output channels per register block
+  static constexpr int kStep = 8;  // c_out is padded to 8: tail blocks of 8
+  KDBNN_LUT_INL static M mask(uint32_t bits) { return (M)bits; }
+  KDBNN_LUT_INL static T zero() { return _mm512_setzero_ps(); }
+  KDBNN_LUT_INL static T load(const float* p) { return _mm512_load_ps(p); }
+  KDBNN_LUT_INL static T loadu(const float* p) { return _mm512_loadu_ps(p); }
+  KDBNN_LUT_INL static void store(float* p, T v) { _mm512_store_ps(p, v); }
+  KDBNN_LUT_INL static void storeu(float* p, T v) { _mm512_storeu_ps(p, v); }
+  KDBNN_LUT_INL static void store_mask(float* p, M m, T v) { _mm512_mask_storeu_ps(p, m, v); }
+  KDBNN_LUT_INL static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  KDBNN_LUT_INL static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  // a + b on the FMA pipes (a * 1 + b: exact, the same value as add)
+  KDBNN_LUT_INL static T add_fma(T a, T b) { return _mm512_fmadd_ps(a, _mm512_set1_ps(1.0f), b); }
+  KDBNN_LUT_INL static T neg(T a) {
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT_MIN)));
+  }
+  // lanes of run r from p + base[r] (masked: other lanes are not read), 0 elsewhere
+  KDBNN_LUT_INL static T load_runs(const float* p, const M* m, const int64_t* base, int nr) {
+    T v = _mm512_maskz_loadu_ps(m[0], p + base[0]);
+    for (int r = 1; r < nr; ++r) v = _mm512_mask_loadu_ps(v, m[r], p + base[r]);
+    return v;
+  }
+  KDBNN_LUT_INL static T gather(const float* p, const int32_t* pos, M valid) {
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, _mm512_load_si512(pos), p, 4);
+  }
+  // r4 kernel (bwn_lut.h): out[r] lane l = p[4l + r] for r < 4, and out[4 + k] lane l = p[4l + 4 + k]
+  static constexpr int kNB4 = 4;  // channels per register block: 4 x 4 accumulators
+  template <int NV>
+  KDBNN_LUT_INL static void deint(const float* p, T* out) {
+    const __m512 a0 = _mm512_loadu_ps(p), a1 = _mm512_loadu_ps(p + 16), a2 = _mm512_loadu_ps(p + 32),
+                 a3 = _mm512_loadu_ps(p + 48);
+    const __m512i j0 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+    const __m512i j1 = _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31);
+    const __m512 t0 = _mm512_permutex2var_ps(a0, j0, a1), t1 = _mm512_permutex2var_ps(a0, j1, a1);
+    const __m512 t2 = _mm512_permutex2var_ps(a2, j0, a3), t3 = _mm512_permutex2var_ps(a2, j1, a3);
+    out[0] = _mm512_shuffle_f32x4(t0, t2, 0x44), out[1] = _mm512_shuffle_f32x4(t0, t2, 0xEE);
+    out[2] = _mm512_shuffle_f32x4(t1, t3, 0x44), out[3] = _mm512_shuffle_f32x4(t1, t3, 0xEE);
+    if constexpr (NV > 4) {
+      const __m512i a4 = _mm512_castps_si512(_mm512_loadu_ps(p + 64));
+#pragma GCC unroll 4
+      for (int k = 0; k < NV - 4; ++k) {
+        // lane l: out[k] lane l + 1; lane 15: p[64 + k]
+        const __m512i hi = k == 0 ? a4 : _mm512_alignr_epi32(a4, a4, k);
+        out[4 + k] = _mm512_castsi512_ps(_mm512_alignr_epi32(hi, _mm512_castps_si512(out[k]), 1));
+      }
+    }
+  }
+  // inverse: y[m] lane i = a[i % 4] lane 4m + i / 4 (positions 16m + i)
+  KDBNN_LUT_INL static void inter(const T* a, T* y) {
+    const __m512 t0 = _mm512_shuffle_f32x4(a[0], a[1], 0x44), t1 = _mm512_shuffle_f32x4(a[2], a[3], 0x44);
+    const __m512 t2 = _mm512_shuffle_f32x4(a[0], a[1], 0xEE), t3 = _mm512_shuffle_f32x4(a[2], a[3], 0xEE);
+    const __m512i k0 = _mm512_setr_epi32(0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27);
+    const __m512i k1 = _mm512_add_epi32(k0, _mm512_set1_epi32(4));
+    y[0] = _mm512_permutex2var_ps(t0, k0, t1), y[1] = _mm512_permutex2var_ps(t0, k1, t1);
+    y[2] = _mm512_permutex2var_ps(t2, k0, t3), y[3] = _mm512_permutex2var_ps(t2, k1, t3);
+  }
+  // alpha * acc + bias, then the activation (leaky: max(y, 0) + 0.1 * min(y, 0))
+  KDBNN_LUT_INL static T epi(T acc, float alpha, float bias, int64_t act) {
+    T y = _mm512_fmadd_ps(acc, _mm512_set1_ps(alpha), _mm512_set1_ps(bias));
+    if (act == ACT_RELU) {
+      y = _mm512_max_ps(y, _mm512_setzero_ps());
+    } else if (act == ACT_LEAKY) {
+      const T z = _mm512_setzero_ps();
+      y = _mm512_add_ps(_mm512_max_ps(y, z), _mm512_mul_ps(_mm512_set1_ps(0.1f), _mm512_min_ps(y, z)));
+    }
+    return y;
+  }
+};
+
+#include "bwn_lut.h"
+
+#undef KDBNN_LUT_INL
+#undef KDBNN_LUT_FN
+
+// Per layer (measured on Zen 5, 1 thread): g = 5 for wide layers (>= 256 output channels amortize
+// the 32-entry tables), else 4. The r4 kernel (kw-sharing) where its 4 accumulator vectors per
+// channel stay L1-sized (<= 128 output channels), the kernel is wider than 1 and rows are wide
+// enough (>= 48) that junk columns and tile tails cost little; elsewhere it lost to r = 1.
+// pg: 16 tables per pass (r = 1: 16 KB for g = 4, 32 KB for g = 5) or about 24 KB of units (r4).
+void plan_avx512(LutArgs& A) {
+  A.g = A.c_out >= 256 ? 5 : 4;
+  A.r4 = lut_r4_ok(A) && A.KW >= 2 && A.c_out <= 128 && A.OW >= 48;
+  const int64_t table = int64_t(64) << A.g;
+  A.pg = A.r4 ? std::max<int64_t>(1, 24576 / ((4 + A.KW - 1) * table)) : 16;
+}
+
+}  // namespace
+
+const BwnLutKernel kBwnLutAvx512 = {lut_range, lut_prep_idx, plan_avx512};
+
+}  // namespace kdbnn
+
+#endif  // KDBNN_X86

@@ -1,0 +1,595 @@
+// kd_bnn kernels: the lookup-table BWN conv, written once over a 16-pixel vector type.
+//
+// Included by each x86 ISA file (bwn_x86.cpp: AVX2, bwn_avx512.cpp: AVX-512) inside its own
+// anonymous namespace, after it defines
+//   KDBNN_LUT_FN   the function attributes of that ISA (target)
+//   KDBNN_LUT_INL  the same with always_inline (the whole tile is one function: no calls, whose
+//                  vector-register clobbers and vzeroupper cost more than the builds' stores)
+//   struct V       16 output pixels of fp32 as one value (a zmm, or two ymm) and its operations:
+//                  T, M (lane mask), kNB (channels per register block), kStep (block granularity,
+//                  divides 8 and kNB, kNB <= 4 * kStep), mask(bits), zero, load/loadu/store
+//                  (aligned/unaligned 64-byte), add, neg, load_runs, gather, epi, storeu, store_mask.
+// No torch here (see common.h). Everything is compiled with the includer's target attributes, so
+// the same source gives the AVX2 and the AVX-512 kernel.
+//
+// Method (BiQGEMM-style lookup tables, Jeon et al., SC 2020; the "g-bit table" arithmetic of the
+// kd_bnn kernel issue). With binary weights, output channel o at a tile of 16 output pixels is
+//   alpha[o] * sum_{tap, group j} T_{tap,j}[s_{o,tap,j}] + bias[o],
+// where a group is g consecutive input channels at one kernel tap, s is the g weight bits of
+// channel o for that group (bit i set = +1), and T[s] = sum_i (bit i of s ? +x_i : -x_i) is the
+// 16-pixel vector of one signed sum. A table of 2^g vectors (64 B each) is built once per
+// (tile, tap, group) and every output channel adds the entry its bits select: one
+// `vaddps zmm, zmm, [table + s*64]` does 16 pixels x g multiply-adds, exactly (float adds of
+// +-x, only the order of the sum differs from a direct conv).
+//   build: T[i + 2^a k] = P[i] + Q[k] with P the 2^a sign sums of the low a = ceil(g/2) inputs and
+//          Q those of the high g/2 inputs with the top bit clear; the other half is
+//          T[~s] = -T[s] (sign flip). 2^(g-1) adds (on the FMA pipes, as x*1 + y, leaving the
+//          adders to the lookups) + 2^(g-1) flips + 2^g stores per table.
+//   g:     4, 5 or 6 (the ISA file's plan(): a table costs 2^g stores and saves g-fold lookups,
+//          so wider layers take larger g; measured, g = 6 never won: its 4 KB tables halve the
+//          tables per pass).
+//   passes: the groups of all taps (u = tap * ngrp + j) are consumed in passes of pg tables
+//          (16-32 KB, L1-resident), built at the start of the pass. Output channels run in register
+//          blocks of kNB accumulators (one 16-pixel vector per channel), kept in a per-thread buffer
+//          between passes; the last pass applies alpha, bias and the activation and stores the
+//          output. (Building the next pass's tables between the channel blocks of the current one,
+//          double-buffered, measured no faster: the stores compete with the lookups for L1 either
+//          way.)
+//   indices: per call, lut_prep_idx turns the packed weights into one offset per (u, channel),
+//          s * 8 (the kernel addresses table + offset * 8): uint8 for g <= 5, uint16 for g = 6,
+//          rows of co_pad channels (one offset byte per g weights: 1/16..1/24 of a float copy).
+//   input:  read in place (no padded copy). Tiles are 16 consecutive output pixels in flattened
+//          (n, oh, ow) order; per tile and tap a plan says how to load the 16 input pixels: one
+//          full run (plain load), up to kMaxRuns masked runs (row ends, padding, image ends) or a
+//          masked gather (stride > 1, narrow rows). Padding and lanes past the end read 0.
+//   r4:    a second kernel for stride 1 shares the tables of one kernel row between its KW taps
+//          (64-position tiles in 4 interleaved vectors; see "kw-sharing kernel" below).
+
+constexpr int kLutPx = 16;    // output pixels per tile (one V)
+constexpr int kMaxRuns = 4;   // masked-load runs per tap before falling back to a gather
+constexpr int64_t kLutSkew = 16 * 5;  // floats between the tables and the accumulators
+
+template <int G>
+struct LutIdxT {
+  using type = uint8_t;  // offsets s * 8 <= 248
+};
+template <>
+struct LutIdxT<6> {
+  using type = uint16_t;  // offsets s * 8 <= 504
+};
+
+// How to load the 16 input pixels of one tile at one kernel tap, relative to channel c of image 0
+// (X + c * H * W); lane offsets include n * C * H * W.
+struct alignas(64) LutTapPlan {
+  int32_t pos[kLutPx];     // gather: per-lane offsets (0 for invalid lanes)
+  V::M m[kMaxRuns];        // runs: lanes of each run; gather: m[0] = valid lanes
+  int64_t base[kMaxRuns];  // runs: offset of lane 0 if the run extended to it
+  int kind;                // 0: one run of all 16 lanes, 1: nr masked runs, 2: gather, 3: no lane
+  int nr;
+};
+
+// Where the 16 output pixels of one tile go: runs of consecutive outputs (a tile crosses image
+// boundaries when OH*OW is not a multiple of 16), channel 0 offsets.
+struct LutOutPlan {
+  V::M m[kLutPx];
+  int64_t base[kLutPx];
+  int nr;
+  bool full;  // one run of all 16 lanes
+};
+
+struct LutEpi {
+  const LutArgs* A;
+  const LutOutPlan* op;
+};
+
+// ---------------------------------------------------------------- table build
+template <int K>
+KDBNN_LUT_INL V::T lut_x(const float* p, const LutTapPlan& t) {
+  if constexpr (K == 0) return V::loadu(p + t.base[0]);
+  else if constexpr (K == 1) return V::load_runs(p, t.m, t.base, t.nr);
+  else if constexpr (K == 2) return V::gather(p, t.pos, t.m[0]);
+  else return V::zero();
+}
+
+// The 2^G entries of one table, T[s] = sum_i (bit i of s ? +x_i : -x_i), from its G input vectors.
+template <int G>
+KDBNN_LUT_INL void lut_table(const V::T* x, float* T) {
+  using VT = V::T;
+  constexpr int a = G - G / 2, b = G / 2, E = 1 << G;
+  // P: all sign sums of x[0..a-1] (bit i of the index = +x_i)
+  VT P[1 << a];
+  {
+    const VT p3 = V::add(x[0], x[1]), p1 = V::sub(x[0], x[1]);
+    const VT p[4] = {V::neg(p3), p1, V::neg(p1), p3};
+    if constexpr (a == 2) {
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) P[i] = p[i];
+    } else {
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) P[i] = V::sub(p[i], x[2]), P[i + 4] = V::add(p[i], x[2]);
+    }
+  }
+  // Q: sign sums of x[a..G-1] with the top input negative (the top bit of s clear)
+  VT Q[1 << (b - 1)];
+  if constexpr (b == 2) {
+    Q[0] = V::neg(V::add(x[a], x[a + 1]));
+    Q[1] = V::sub(x[a], x[a + 1]);
+  } else {
+    const VT q3 = V::add(x[a], x[a + 1]), q1 = V::sub(x[a], x[a + 1]);
+    Q[0] = V::sub(V::neg(q3), x[a + 2]);
+    Q[1] = V::sub(q1, x[a + 2]);
+    Q[2] = V::sub(V::neg(q1), x[a + 2]);
+    Q[3] = V::sub(q3, x[a + 2]);
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < (1 << (b - 1)); ++k) {
+#pragma GCC unroll 8
+    for (int i = 0; i < (1 << a); ++i) {
+      const int s = i + (k << a);
+      const VT y = V::add_fma(P[i], Q[k]);  // on the FMA pipes: the lookups keep the adders
+      V::store(T + s * kLutPx, y);
+      V::store(T + (E - 1 - s) * kLutPx, V::neg(y));
+    }
+  }
+}
+
+// One table from the G inputs of channels c0..c0+G-1 at one tap (channels past C read as 0).
+template <int G, int K>
+KDBNN_LUT_INL void lut_build(const float* xc, int64_t HW, int nvalid, const LutTapPlan& t, float* T) {
+  V::T x[G];
+#pragma GCC unroll 8
+  for (int i = 0; i < G; ++i) x[i] = i < nvalid ? lut_x<K>(xc + i * HW, t) : V::zero();
+  lut_table<G>(x, T);
+}
+
+template <int G>
+KDBNN_LUT_INL void lut_build_group(const LutArgs& A, const LutTapPlan* tp, int64_t u, float* T) {
+  const int64_t kk = u / A.ngrp, j = u % A.ngrp, c0 = j * G, HW = A.H * A.W;
+  const int nvalid = (int)std::min<int64_t>(G, A.C - c0);
+  const float* xc = A.X + c0 * HW;
+  const LutTapPlan& t = tp[kk];
+  switch (t.kind) {
+    case 0: lut_build<G, 0>(xc, HW, nvalid, t, T); break;
+    case 1: lut_build<G, 1>(xc, HW, nvalid, t, T); break;
+    case 2: lut_build<G, 2>(xc, HW, nvalid, t, T); break;
+    default: lut_build<G, 3>(xc, HW, nvalid, t, T); break;
+  }
+}
+
+// ---------------------------------------------------------------- lookups
+// NB offsets of one index row (qword loads when the row segment is a whole number of qwords).
+template <int NB, class I>
+KDBNN_LUT_INL void lut_offsets(const I* ir, uint32_t* off) {
+  constexpr int per = 8 / (int)sizeof(I);
+  if constexpr (NB % per == 0) {
+#pragma GCC unroll 8
+    for (int w = 0; w < NB / per; ++w) {
+      uint64_t q;
+      std::memcpy(&q, ir + w * per, 8);
+#pragma GCC unroll 8
+      for (int e = 0; e < per; ++e) off[w * per + e] = (uint32_t)((q >> (8 * sizeof(I) * e)) & ((1u << (8 * sizeof(I))) - 1));
+    }
+  } else {
+#pragma GCC unroll 32
+    for (int c = 0; c < NB; ++c) off[c] = ir[c];
+  }
+}
+
+// One register block of NB output channels over ng tables of a pass: acc (+)= T_j[s], then either
+// back to the accumulator buffer or, in the last pass, alpha * acc + bias, activation, output.
+template <int G, int NB>
+KDBNN_LUT_INL void lut_block(const float* T, int64_t ng, const typename LutIdxT<G>::type* ir, int64_t co_pad,
+                            float* accp, bool first, const LutEpi* epi, int64_t c0) {
+  using VT = V::T;
+  constexpr int64_t kTabBytes = (int64_t(1) << G) * kLutPx * sizeof(float);
+  VT a[NB];
+#pragma GCC unroll 32
+  for (int c = 0; c < NB; ++c) a[c] = first ? V::zero() : V::load(accp + c * kLutPx);
+  const char* Tj = reinterpret_cast<const char*>(T);
+  for (int64_t j = 0; j < ng; ++j, Tj += kTabBytes, ir += co_pad) {
+    uint32_t off[NB];
+    lut_offsets<NB>(ir, off);
+#pragma GCC unroll 32
+    for (int c = 0; c < NB; ++c) {
+      a[c] = V::add(a[c], V::load(reinterpret_cast<const float*>(Tj + (size_t)off[c] * 8)));
+    }
+  }
+  if (epi == nullptr) {
+#pragma GCC unroll 32
+    for (int c = 0; c < NB; ++c) V::store(accp + c * kLutPx, a[c]);
+    return;
+  }
+  const LutArgs& A = *epi->A;
+  const LutOutPlan& op = *epi->op;
+  const int64_t plane = A.OH * A.OW;
+#pragma GCC unroll 32
+  for (int c = 0; c < NB; ++c) {
+    const int64_t o = c0 + c;
+    if (o >= A.c_out) break;
+    const VT y = V::epi(a[c], A.alpha[o], A.bias[o], A.act);
+    float* dst = A.O + o * plane;
+    if (op.full) {
+      V::storeu(dst + op.base[0], y);
+    } else {
+      for (int r = 0; r < op.nr; ++r) V::store_mask(dst + op.base[r], op.m[r], y);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- one tile
+// All passes of one tile: build pass 0, then per pass the channel blocks, each followed by a share
+// of the next pass's builds (double-buffered tables).
+template <int G>
+KDBNN_LUT_FN void lut_tile(const LutArgs& A, const LutTapPlan* tp, const LutOutPlan& op, float* work, int64_t co_b,
+                           int64_t co_e) {
+  constexpr int64_t kTab = (int64_t(1) << G) * kLutPx;  // floats per table
+  constexpr int NB = V::kNB, S = V::kStep;
+  using I = typename LutIdxT<G>::type;
+  const int64_t U = A.KH * A.KW * A.ngrp, pg = A.pg, co_pad = A.co_pad;
+  const int64_t n_pass = (U + pg - 1) / pg;
+  float* tab = work;
+  float* acc = work + pg * kTab + kLutSkew;
+  const I* idx = static_cast<const I*>(A.idx);
+  const int64_t nb_end = co_b + (co_e - co_b) / NB * NB;
+  const LutEpi epi{&A, &op};
+  for (int64_t p = 0; p < n_pass; ++p) {
+    const int64_t u0 = p * pg, ng = std::min(pg, U - u0);
+    for (int64_t i = 0; i < ng; ++i) lut_build_group<G>(A, tp, u0 + i, tab + i * kTab);
+    const bool first = p == 0;
+    const LutEpi* e = p == n_pass - 1 ? &epi : nullptr;
+    const I* ir = idx + u0 * co_pad;
+    int64_t cb = co_b;
+    for (; cb < nb_end; cb += NB) lut_block<G, NB>(tab, ng, ir + cb, co_pad, acc + cb * kLutPx, first, e, cb);
+    if (cb < co_e) {  // tail: a multiple of S below NB
+      const int64_t rest = co_e - cb;
+      if constexpr (NB > S) {
+        if (rest == S) lut_block<G, S>(tab, ng, ir + cb, co_pad, acc + cb * kLutPx, first, e, cb);
+      }
+      if constexpr (NB > 2 * S) {
+        if (rest == 2 * S) lut_block<G, 2 * S>(tab, ng, ir + cb, co_pad, acc + cb * kLutPx, first, e, cb);
+      }
+      if constexpr (NB > 3 * S) {
+        if (rest == 3 * S) lut_block<G, 3 * S>(tab, ng, ir + cb, co_pad, acc + cb * kLutPx, first, e, cb);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- tile plans
+// Lanes [l0, l1) of one output row (image n, row oh, first column ow0).
+struct LutSeg {
+  int l0, l1;
+  int64_t n, oh, ow0;
+};
+
+KDBNN_LUT_FN void lut_plan_tile(const LutArgs& A, int64_t q0, int np, LutTapPlan* tp, LutOutPlan& op) {
+  const int64_t plane = A.OH * A.OW, HW = A.H * A.W, CHW = A.C * HW;
+  // the tile's output rows (incremental (n, oh, ow): one division per tile)
+  LutSeg seg[kLutPx];
+  int ns = 0;
+  {
+    int64_t n = q0 / plane, rem = q0 % plane, oh = rem / A.OW, ow = rem % A.OW;
+    for (int l = 0; l < np;) {
+      const int len = (int)std::min<int64_t>(np - l, A.OW - ow);
+      seg[ns++] = {l, l + len, n, oh, ow};
+      l += len, ow = 0;
+      if (++oh == A.OH) oh = 0, ++n;
+    }
+  }
+  // output runs: rows of one image are contiguous
+  {
+    int nr = 0;
+    int64_t next = -1;
+    uint32_t bits[kLutPx] = {};
+    for (int i = 0; i < ns; ++i) {
+      const LutSeg& g = seg[i];
+      const int64_t o = g.n * A.c_out * plane + g.oh * A.OW + g.ow0;
+      if (nr == 0 || o != next) op.base[nr++] = o - g.l0;
+      bits[nr - 1] |= ((1u << (g.l1 - g.l0)) - 1u) << g.l0;
+      next = o + (g.l1 - g.l0);
+    }
+    op.nr = nr;
+    for (int r = 0; r < nr; ++r) op.m[r] = V::mask(bits[r]);
+    op.full = nr == 1 && np == kLutPx;
+  }
+  for (int64_t kk = 0; kk < A.KH * A.KW; ++kk) {
+    const int64_t kh = kk / A.KW, kw = kk % A.KW;
+    LutTapPlan& t = tp[kk];
+    int nr = 0;
+    uint32_t valid = 0, bits[kLutPx] = {};
+    int64_t rb[kLutPx];
+    if (A.stride == 1) {
+      // per row: the lanes whose input column is inside the image form one run
+      int64_t next = -1;
+      int next_l = -1;
+      for (int i = 0; i < ns; ++i) {
+        const LutSeg& g = seg[i];
+        const int64_t ih = g.oh + kh - A.pad;
+        if (ih < 0 || ih >= A.H) continue;
+        const int64_t d = kw - A.pad;  // iw = ow + d
+        const int64_t owa = std::max(g.ow0, -d), owb = std::min<int64_t>(g.ow0 + (g.l1 - g.l0), A.W - d);
+        if (owa >= owb) continue;
+        const int la = g.l0 + (int)(owa - g.ow0), lb = g.l0 + (int)(owb - g.ow0);
+        const int64_t pos = g.n * CHW + ih * A.W + owa + d;
+        if (nr == 0 || pos != next || la != next_l) rb[nr++] = pos - la;
+        bits[nr - 1] |= ((1u << (lb - la)) - 1u) << la;
+        valid |= ((1u << (lb - la)) - 1u) << la;
+        next = pos + (lb - la), next_l = lb;
+      }
+    }
+    if (A.stride != 1 || nr > kMaxRuns) {
+      // per-lane offsets for a gather
+      nr = kMaxRuns + 1;
+      valid = 0;
+      for (int l = 0; l < kLutPx; ++l) t.pos[l] = 0;
+      for (int i = 0; i < ns; ++i) {
+        const LutSeg& g = seg[i];
+        const int64_t ih = g.oh * A.stride + kh - A.pad;
+        if (ih < 0 || ih >= A.H) continue;
+        for (int l = g.l0; l < g.l1; ++l) {
+          const int64_t iw = (g.ow0 + (l - g.l0)) * A.stride + kw - A.pad;
+          if (iw < 0 || iw >= A.W) continue;
+          t.pos[l] = (int32_t)(g.n * CHW + ih * A.W + iw);
+          valid |= 1u << l;
+        }
+      }
+      if (valid == 0) nr = 0;
+    }
+    t.nr = nr;
+    if (nr == 0) {
+      t.kind = 3;
+    } else if (nr <= kMaxRuns) {
+      t.kind = nr == 1 && valid == 0xFFFFu ? 0 : 1;
+      for (int r = 0; r < nr; ++r) t.base[r] = rb[r], t.m[r] = V::mask(bits[r]);
+    } else {
+      t.kind = 2;
+      t.m[0] = V::mask(valid);
+    }
+  }
+}
+
+// Work items [tb, te) over tiles of 16 output pixels in flattened (n, oh, ow) order (see
+// BwnLutKernel::range for the (tile, channel chunk) items).
+KDBNN_LUT_FN void lut_range1(const LutArgs& A, int64_t tb, int64_t te, float* work) {
+  std::vector<LutTapPlan> tp(A.KH * A.KW);
+  LutOutPlan op;
+  const int64_t n_chunks = (A.co_pad + A.co_chunk - 1) / A.co_chunk;
+  int64_t planned = -1;
+  for (int64_t t = tb; t < te; ++t) {
+    const int64_t tile = t / n_chunks, co_b = t % n_chunks * A.co_chunk;
+    const int64_t co_e = std::min(A.co_pad, co_b + A.co_chunk);
+    if (tile != planned) {
+      const int64_t q0 = tile * kLutPx;
+      lut_plan_tile(A, q0, (int)std::min<int64_t>(kLutPx, A.total - q0), tp.data(), op);
+      planned = tile;
+    }
+    switch (A.g) {
+      case 4: lut_tile<4>(A, tp.data(), op, work, co_b, co_e); break;
+      case 5: lut_tile<5>(A, tp.data(), op, work, co_b, co_e); break;
+      default: lut_tile<6>(A, tp.data(), op, work, co_b, co_e); break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- kw-sharing kernel (r4)
+// Stride 1, KW <= 5. A tile is 64 consecutive positions q of the padded-width output domain
+// (q = oh * Wp + ow, columns ow >= OW are computed and dropped), held as 4 vectors with lane l of
+// vector r = position q0 + 4l + r. Tap (kh, kw) of vector r then reads padded-input positions
+// q0 + kh*Wp + 4l + (r + kw): "input vector" r + kw of the same interleaved layout, so the
+// 4 + KW - 1 input vectors of one kernel row are tabulated once and serve all KW taps (6 tables
+// instead of 12 for 3x3), and each weight index byte selects 4 lookups (one per vector).
+// Input vectors: 64 + 16 contiguous floats de-interleaved by V::deint; the output is
+// re-interleaved by V::inter before the epilogue. A pass unit is (kernel row, group): 4 + KW - 1
+// tables; pg units per pass.
+constexpr int kR = 4;
+
+// Where the 64 positions of one r4 tile go: per output vector m (positions q0 + 16m + [0, 16)),
+// runs of valid positions (ow < OW, oh < OH) of one output row.
+struct LutR4OutPlan {
+  V::M m[kR][kLutPx];
+  int64_t base[kR][kLutPx];
+  int nr[kR];
+  bool full[kR];
+};
+
+// The NV tables of one pass unit: each of the G channels is de-interleaved into its NV input
+// vectors, then table v is built from the v-th vectors.
+template <int G, int NV>
+KDBNN_LUT_INL void r4_build(const float* xc, int64_t plane, float* T) {
+  V::T x[G][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < G; ++i) V::template deint<NV>(xc + i * plane, x[i]);
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    V::T xv[G];
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i) xv[i] = x[i][v];
+    lut_table<G>(xv, T + v * (int64_t(1) << G) * kLutPx);
+  }
+}
+
+template <int G, int NB, int KW>
+KDBNN_LUT_INL void r4_block(const float* T, int64_t nu, const uint8_t* ir, int64_t co_pad, float* accp, bool first,
+                            const LutArgs* epi, const LutR4OutPlan* op, int64_t c0) {
+  using VT = V::T;
+  constexpr int NV = kR + KW - 1;
+  constexpr int64_t kVec = (int64_t(1) << G) * kLutPx;  // floats per table (one input vector)
+  VT a[NB][kR];
+#pragma GCC unroll 32
+  for (int c = 0; c < NB; ++c)
+#pragma GCC unroll 4
+    for (int r = 0; r < kR; ++r) a[c][r] = first ? V::zero() : V::load(accp + (c * kR + r) * kLutPx);
+  for (int64_t u = 0; u < nu; ++u) {
+    const float* Tu = T + u * NV * kVec;
+#pragma GCC unroll 5
+    for (int kw = 0; kw < KW; ++kw) {
+      uint32_t off[NB];
+      lut_offsets<NB>(ir + (u * KW + kw) * co_pad, off);
+#pragma GCC unroll 32
+      for (int c = 0; c < NB; ++c) {
+        const float* e = reinterpret_cast<const float*>(reinterpret_cast<const char*>(Tu + kw * kVec) + (size_t)off[c] * 8);
+#pragma GCC unroll 4
+        for (int r = 0; r < kR; ++r) a[c][r] = V::add(a[c][r], V::load(e + r * kVec));
+      }
+    }
+  }
+  if (epi == nullptr) {
+#pragma GCC unroll 32
+    for (int c = 0; c < NB; ++c)
+#pragma GCC unroll 4
+      for (int r = 0; r < kR; ++r) V::store(accp + (c * kR + r) * kLutPx, a[c][r]);
+    return;
+  }
+  const LutArgs& A = *epi;
+  const int64_t plane = A.OH * A.OW;
+#pragma GCC unroll 32
+  for (int c = 0; c < NB; ++c) {
+    const int64_t o = c0 + c;
+    if (o >= A.c_out) break;
+    VT y[kR];
+    V::inter(a[c], y);
+    float* dst = A.O + o * plane;
+#pragma GCC unroll 4
+    for (int m = 0; m < kR; ++m) {
+      const VT z = V::epi(y[m], A.alpha[o], A.bias[o], A.act);
+      if (op->full[m]) {
+        V::storeu(dst + op->base[m][0], z);
+      } else {
+        for (int r = 0; r < op->nr[m]; ++r) V::store_mask(dst + op->base[m][r], op->m[m][r], z);
+      }
+    }
+  }
+}
+
+template <int G, int KW>
+KDBNN_LUT_FN void r4_tile(const LutArgs& A, const float* xn, int64_t q0, const LutR4OutPlan& op, float* work,
+                          int64_t co_b, int64_t co_e) {
+  constexpr int NV = kR + KW - 1, NB = V::kNB4;
+  constexpr int64_t kUnit = NV * (int64_t(1) << G) * kLutPx;  // floats per pass unit
+  const int64_t U = A.KH * A.ngrp, pg = A.pg, co_pad = A.co_pad, plane = A.Hp * A.Wp;
+  const int64_t n_pass = (U + pg - 1) / pg;
+  float* tab = work;
+  float* acc = work + pg * kUnit + kLutSkew;
+  const uint8_t* idx = static_cast<const uint8_t*>(A.idx);
+  for (int64_t p = 0; p < n_pass; ++p) {
+    const int64_t u0 = p * pg, nu = std::min(pg, U - u0);
+    for (int64_t i = 0; i < nu; ++i) {
+      const int64_t u = u0 + i, kh = u / A.ngrp, j = u % A.ngrp;
+      r4_build<G, NV>(xn + j * G * plane + q0 + kh * A.Wp, plane, tab + i * kUnit);
+    }
+    const bool first = p == 0;
+    const LutArgs* e = p == n_pass - 1 ? &A : nullptr;
+    const uint8_t* ir = idx + u0 * KW * co_pad;
+    for (int64_t cb = co_b; cb < co_e; cb += NB)
+      r4_block<G, NB, KW>(tab, nu, ir + cb, co_pad, acc + cb * kR * kLutPx, first, e, &op, cb);
+  }
+}
+
+KDBNN_LUT_FN void r4_plan_out(const LutArgs& A, int64_t n, int64_t q0, LutR4OutPlan& op) {
+  const int64_t plane = A.OH * A.OW, obase = n * A.c_out * plane;
+  for (int m = 0; m < kR; ++m) {
+    int nr = 0, last_l = -2;
+    int64_t next = -1;
+    uint32_t bits[kLutPx] = {};
+    for (int l = 0; l < kLutPx; ++l) {
+      const int64_t q = q0 + 16 * m + l, oh = q / A.Wp, ow = q % A.Wp;
+      if (oh >= A.OH || ow >= A.OW) continue;
+      const int64_t o = oh * A.OW + ow;
+      if (nr == 0 || o != next || l != last_l + 1) op.base[m][nr++] = obase + o - l;
+      bits[nr - 1] |= 1u << l;
+      next = o + 1, last_l = l;
+    }
+    op.nr[m] = nr;
+    for (int r = 0; r < nr; ++r) op.m[m][r] = V::mask(bits[r]);
+    op.full[m] = nr == 1 && bits[0] == 0xFFFFu;
+  }
+}
+
+// Work items [tb, te) over tiles of 64 padded-domain positions (lut_r4_tiles per image).
+KDBNN_LUT_FN void r4_range(const LutArgs& A, int64_t tb, int64_t te, float* work) {
+  const int64_t per_img = lut_r4_tiles(A), img = A.ngrp * A.g * A.Hp * A.Wp;
+  const int64_t n_chunks = (A.co_pad + A.co_chunk - 1) / A.co_chunk;
+  LutR4OutPlan op;
+  int64_t planned = -1;
+  for (int64_t t = tb; t < te; ++t) {
+    const int64_t tile = t / n_chunks, co_b = t % n_chunks * A.co_chunk;
+    const int64_t co_e = std::min(A.co_pad, co_b + A.co_chunk);
+    const int64_t n = tile / per_img, q0 = (tile % per_img) * kR * kLutPx;
+    if (tile != planned) r4_plan_out(A, n, q0, op), planned = tile;
+    const float* xn = A.Xp + n * img;
+    switch (A.KW * 8 + A.g) {
+      case 1 * 8 + 4: r4_tile<4, 1>(A, xn, q0, op, work, co_b, co_e); break;
+      case 2 * 8 + 4: r4_tile<4, 2>(A, xn, q0, op, work, co_b, co_e); break;
+      case 3 * 8 + 4: r4_tile<4, 3>(A, xn, q0, op, work, co_b, co_e); break;
+      case 4 * 8 + 4: r4_tile<4, 4>(A, xn, q0, op, work, co_b, co_e); break;
+      case 5 * 8 + 4: r4_tile<4, 5>(A, xn, q0, op, work, co_b, co_e); break;
+      case 1 * 8 + 5: r4_tile<5, 1>(A, xn, q0, op, work, co_b, co_e); break;
+      case 2 * 8 + 5: r4_tile<5, 2>(A, xn, q0, op, work, co_b, co_e); break;
+      case 3 * 8 + 5: r4_tile<5, 3>(A, xn, q0, op, work, co_b, co_e); break;
+      case 4 * 8 + 5: r4_tile<5, 4>(A, xn, q0, op, work, co_b, co_e); break;
+      case 5 * 8 + 5: r4_tile<5, 5>(A, xn, q0, op, work, co_b, co_e); break;
+      default: break;  // lut_r4_ok() admits only the cases above
+    }
+  }
+}
+
+KDBNN_LUT_FN void lut_range(const LutArgs& A, int64_t tb, int64_t te, float* work) {
+  if (A.r4) r4_range(A, tb, te, work);
+  else lut_range1(A, tb, te, work);
+}
+
+// ---------------------------------------------------------------- index preparation
+// Offsets of taps [kb, ke): idx[row(kk, j) * co_pad + o] = (bits j*G .. j*G+G-1 of channel o's packed
+// word row at tap kk) * 8; channels o >= c_out get 0. row(kk, j) = kk * ngrp + j, or
+// (kh * ngrp + j) * KW + kw for r4. Eight output channels at a time, as 32-bit lanes of one ymm
+// (AVX2 instructions, which every path of this header has).
+template <int G, class I>
+KDBNN_LUT_INL void lut_fields8(const uint32_t* w32, int64_t nk, int64_t bit, I* dst) {
+  const int64_t k = bit >> 5;
+  const int sh = (int)(bit & 31);
+  __m256i v = _mm256_srl_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w32 + 8 * k)), _mm_cvtsi32_si128(sh));
+  if (sh > 32 - G && k + 1 < nk)
+    v = _mm256_or_si256(v, _mm256_sll_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w32 + 8 * (k + 1))),
+                                            _mm_cvtsi32_si128(32 - sh)));
+  v = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32((1 << G) - 1)), 3);
+  const __m256i p = _mm256_packus_epi32(v, v);  // 16-bit: [v0..v3 v0..v3 | v4..v7 v4..v7]
+  if constexpr (sizeof(I) == 2) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(_mm256_permute4x64_epi64(p, 0x08)));
+  } else {
+    const __m256i q = _mm256_packus_epi16(p, p);  // bytes: [v0..v3 x4 | v4..v7 x4]
+    const __m256i r = _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(r));
+  }
+}
+
+template <int G>
+KDBNN_LUT_FN void lut_prep_idx_t(const uint64_t* wp, const LutArgs& A, int64_t nw, int64_t kb, int64_t ke, void* out) {
+  using I = typename LutIdxT<G>::type;
+  I* idx = static_cast<I*>(out);
+  const int64_t KK = A.KH * A.KW, co_pad = A.co_pad, nk = 2 * nw;
+  std::vector<uint32_t> w32(nk * 8);  // [32-bit word k][8 channels]
+  for (int64_t kk = kb; kk < ke; ++kk) {
+    const int64_t kh = kk / A.KW, kw = kk % A.KW;
+    const int64_t row0 = A.r4 ? kh * A.ngrp * A.KW + kw : kk * A.ngrp, rstep = A.r4 ? A.KW : 1;
+    for (int64_t o0 = 0; o0 < co_pad; o0 += 8) {
+      for (int e = 0; e < 8; ++e) {
+        const uint64_t* src = wp + ((o0 + e) * KK + kk) * nw;
+        const bool ok = o0 + e < A.c_out;
+        for (int64_t wi = 0; wi < nw; ++wi) {
+          const uint64_t w = ok ? src[wi] : 0ULL;
+          w32[(2 * wi) * 8 + e] = (uint32_t)w, w32[(2 * wi + 1) * 8 + e] = (uint32_t)(w >> 32);
+        }
+      }
+      I* dst = idx + row0 * co_pad + o0;
+      for (int64_t j = 0; j < A.ngrp; ++j, dst += rstep * co_pad) lut_fields8<G>(w32.data(), nk, j * G, dst);
+    }
+  }
+}
+
+KDBNN_LUT_FN void lut_prep_idx(const uint64_t* wp, const LutArgs& A, int64_t nw, int64_t kb, int64_t ke, void* out) {
+  switch (A.g) {
+    case 4: lut_prep_idx_t<4>(wp, A, nw, kb, ke, out); break;
+    case 5: lut_prep_idx_t<5>(wp, A, nw, kb, ke, out); break;
+    default: lut_prep_idx_t<6>(wp, A, nw, kb, ke, out); break;
+  }
+}
