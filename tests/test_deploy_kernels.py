@@ -528,3 +528,16 @@ def test_build_cache_key_covers_every_source_by_content(tmp_path, monkeypatch):
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "src").iterdir()}
     K._stage_sources(files, tmp_path / "src")
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "src").iterdir()} == before
+
+
+def test_loading_the_kernels_prints_no_cuda_noise():
+    """A CUDA build of torch on a CPU machine warns "No CUDA runtime is found" when
+    torch.utils.cpp_extension is imported; the CPU kernels' loader keeps that noise out."""
+    import subprocess
+    import sys
+
+    code = "from kd_bnn.deploy.kernels import load_extension; load_extension()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "No CUDA runtime is found" not in out.stderr

@@ -166,6 +166,21 @@ def _warn_once(msg: str) -> None:
         _warned = True
 
 
+def _import_cpp_extension():
+    """``torch.utils.cpp_extension`` without its import-time "No CUDA runtime is found" warning
+    (a CUDA build of torch on a CPU machine: these kernels are CPU-only, the warning is noise)."""
+    import logging
+
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 def load_extension(verbose: bool = False) -> Any | None:
     """Build (first call, ~30 s) or load the cached C++ extension; None when unavailable.
 
@@ -190,8 +205,7 @@ def load_extension(verbose: bool = False) -> Any | None:
             )
             return None
         try:
-            from torch.utils import cpp_extension
-
+            cpp_extension = _import_cpp_extension()
             cpp_extension.verify_ninja_availability()
         except Exception as exc:  # noqa: BLE001 - any failure means: no build tool
             _warn_once(
