@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from kd_bnn.cli.common import is_kdbnn, list_images, one_model, parser, split_model_override
 
 
 class _CheckpointModel:
-    """A checkpoint's model behind the calls `predict_images` makes of a `Runtime`."""
+    """A checkpoint's model behind the calls `kd_bnn.deploy.runtime.predict_images` makes of a `Runtime`."""
 
     backend = "torch"
 
@@ -47,47 +46,6 @@ class _CheckpointModel:
         h, w = self.input_size
         return (f"{type(self.model).__name__}({self.path.name}, input ({h}, {w}), classes {self.class_names}, "
                 f"torch on {self.device})")
-
-
-def predict_images(model: Any, files: list[Path], out: str | Path, conf_thres: float = 0.3,
-                   iou_thres: float = 0.45, max_det: int = 300, draw: bool = True,
-                   progress: bool = False) -> dict[str, Any]:
-    """Detect objects in each image file: KITTI result files in ``out/data/<stem>.txt`` (boxes in
-    original pixels, letterbox inverted) and drawn images in ``out/images/`` (as
-    `kd_bnn.deploy.runtime.infer_directory` does for a folder). `model`: a `Runtime` or anything
-    with ``predict(images, conf_thres, iou_thres, max_det)``, ``input_size``, ``class_names``."""
-    import cv2
-    import numpy as np
-    import torch
-    from tqdm.auto import tqdm
-
-    from kd_bnn.data.transforms import eval_transforms, letterbox_to_original
-    from kd_bnn.deploy.runtime import draw_detections
-    from kd_bnn.eval.kitti import write_kitti_results
-
-    out = Path(out)
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    if draw:
-        (out / "images").mkdir(parents=True, exist_ok=True)
-    tf = eval_transforms(model.input_size)
-    counts: dict[str, int] = {}
-    for path in tqdm(files, desc="predict", disable=not progress, leave=False):
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise OSError(f"{path}: cannot read image (missing, truncated or not an image)")
-        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        sample = tf(rgb, np.zeros((0, 4)), np.zeros(0, dtype=np.int64))
-        x = torch.from_numpy(np.ascontiguousarray(sample["image"].transpose(2, 0, 1))).float().div_(255.0)
-        det = model.predict(x[None], conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)[0]
-        boxes = letterbox_to_original(det.boxes.detach().cpu().double().numpy(), sample["meta"])
-        scores = det.scores.detach().cpu().numpy()
-        labels = det.labels.detach().cpu().numpy()
-        write_kitti_results(out / "data", path.stem, boxes, scores, labels, model.class_names)
-        if draw:
-            cv2.imwrite(str(out / "images" / f"{path.stem}.png"),
-                        draw_detections(rgb, boxes, scores, labels, model.class_names))
-        counts[path.stem] = int(len(scores))
-    return {"images": len(files), "detections": counts, "out": str(out)}
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -144,6 +102,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     print(note)
             model = _CheckpointModel(cfg, model_path, args.device)
         files = list_images(source)
+        from kd_bnn.deploy.runtime import predict_images
+
         res = predict_images(model, files, args.out, args.conf, args.iou, args.max_det, draw=not args.no_draw,
                              progress=not args.no_progress and sys.stderr.isatty())
         if args.json:

@@ -380,43 +380,41 @@ def draw_detections(image_rgb, boxes, scores, labels, class_names) -> Any:
     return out
 
 
-def infer_directory(runtime: Runtime, images: str | os.PathLike, out: str | os.PathLike,
-                    conf_thres: float = 0.3, iou_thres: float = 0.45, max_det: int = 300,
-                    draw: bool = True) -> dict[str, Any]:
-    """Detect objects in every image of a folder: KITTI result files in ``out/data/<stem>.txt``
-    (boxes in original pixels, letterbox inverted) and drawn images in ``out/images/``."""
+def predict_images(model: Any, files: list[Path], out: str | Path, conf_thres: float = 0.3,
+                   iou_thres: float = 0.45, max_det: int = 300, draw: bool = True,
+                   progress: bool = False) -> dict[str, Any]:
+    """Detect objects in each image file: KITTI result files in ``out/data/<stem>.txt`` (boxes in
+    original pixels, letterbox inverted) and drawn images in ``out/images/``. `model`: a `Runtime`
+    or anything with ``predict(images, conf_thres, iou_thres, max_det)``, ``input_size``,
+    ``class_names`` (``kd-bnn predict`` wraps a checkpoint's torch model so)."""
     import cv2
     import numpy as np
+    import torch
+    from tqdm.auto import tqdm
 
     from kd_bnn.data.transforms import eval_transforms, letterbox_to_original
     from kd_bnn.eval.kitti import write_kitti_results
 
-    src = Path(images)
-    if not src.is_dir():
-        raise FileNotFoundError(f"{src}: no such image folder")
-    files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"{src}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     out = Path(out)
     (out / "data").mkdir(parents=True, exist_ok=True)
     if draw:
         (out / "images").mkdir(parents=True, exist_ok=True)
-    tf = eval_transforms(runtime.input_size)
-    counts = {}
-    for path in files:
+    tf = eval_transforms(model.input_size)
+    counts: dict[str, int] = {}
+    for path in tqdm(files, desc="predict", disable=not progress, leave=False):
         bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if bgr is None:
             raise OSError(f"{path}: cannot read image (missing, truncated or not an image)")
         rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         sample = tf(rgb, np.zeros((0, 4)), np.zeros(0, dtype=np.int64))
         x = torch.from_numpy(np.ascontiguousarray(sample["image"].transpose(2, 0, 1))).float().div_(255.0)
-        det = runtime.predict(x[None], conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)[0]
+        det = model.predict(x[None], conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)[0]
         boxes = letterbox_to_original(det.boxes.detach().cpu().double().numpy(), sample["meta"])
         scores = det.scores.detach().cpu().numpy()
         labels = det.labels.detach().cpu().numpy()
-        write_kitti_results(out / "data", path.stem, boxes, scores, labels, runtime.class_names)
+        write_kitti_results(out / "data", path.stem, boxes, scores, labels, model.class_names)
         if draw:
             cv2.imwrite(str(out / "images" / f"{path.stem}.png"),
-                        draw_detections(rgb, boxes, scores, labels, runtime.class_names))
+                        draw_detections(rgb, boxes, scores, labels, model.class_names))
         counts[path.stem] = int(len(scores))
     return {"images": len(files), "detections": counts, "out": str(out)}
