@@ -190,6 +190,18 @@ def backend_line(backend: str | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------ training commands
+def load_config_or_report(config: str, overrides: Sequence[str]) -> Any | None:
+    """The experiment config, or None after printing the config error as one ``error:`` line (the
+    caller exits with status 2)."""
+    from kd_bnn.config import ConfigError, load_config
+
+    try:
+        return load_config(config, list(overrides))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
 #: Exit status of an interrupted run: 128 + SIGINT, as a shell reports a Ctrl-C.
 EXIT_INTERRUPTED = 130
 

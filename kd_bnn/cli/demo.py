@@ -15,10 +15,9 @@ rather than replace an earlier one, unless ``exist_ok=true``. Ctrl-C stops it (e
 from __future__ import annotations
 
 import json
-import sys
 import time
 
-from kd_bnn.cli.common import parser, run_command
+from kd_bnn.cli.common import load_config_or_report, parser, run_command
 
 TOOL = "python tools/demo.py"
 
@@ -35,13 +34,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the ablation rows as JSON to this file")
     args = ap.parse_intermixed_args(argv)  # key=value overrides before or after the flags
 
-    from kd_bnn.config import ConfigError, load_config
     from kd_bnn.engine.experiment import format_ablation, run_ablation, run_dir_for
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    cfg = load_config_or_report(args.config, args.overrides)
+    if cfg is None:
         return 2
     t0 = time.perf_counter()
     show = False if args.no_progress else (args.progress or None)

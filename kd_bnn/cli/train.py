@@ -21,9 +21,8 @@ what resumes it.
 from __future__ import annotations
 
 import json
-import sys
 
-from kd_bnn.cli.common import parser, run_command
+from kd_bnn.cli.common import load_config_or_report, parser, run_command
 
 TOOL = "python tools/train.py"
 
@@ -48,12 +47,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--json", help="also write the results (as runs/<name>/results.json) to this file")
     args = ap.parse_intermixed_args(argv)  # key=value overrides before or after the flags
 
-    from kd_bnn.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    cfg = load_config_or_report(args.config, args.overrides)
+    if cfg is None:
         return 2
 
     rc, results = run_command(

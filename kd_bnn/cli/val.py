@@ -29,6 +29,7 @@ import argparse
 import json
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 # Result-file mode imports neither torch nor matplotlib (a process start in ~0.2 s instead of
@@ -105,6 +106,29 @@ def _remove_if_only_marker(folder: Path | None) -> None:
         folder.rmdir()
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a model evaluation reports as one ``error:`` line (imported late: they pull torch)."""
+    from kd_bnn.config import ConfigError
+    from kd_bnn.data.dataset import KittiDatasetError
+    from kd_bnn.deploy.format import FormatError
+    from kd_bnn.engine.checkpoint import CheckpointError
+
+    return (ConfigError, FileNotFoundError, KittiDatasetError, KittiFormatError, CheckpointError, FormatError,
+            OSError, ValueError)
+
+
+@contextmanager
+def _out_created_here():
+    """``with _out_created_here() as made: ... made[0] = <the --out folder this run created>``: if the
+    block fails, that folder is removed again when it holds nothing but this tool's marker."""
+    made: list[Path | None] = [None]
+    try:
+        yield made
+    except BaseException:
+        _remove_if_only_marker(made[0])
+        raise
+
+
 def _prepare_out(args: argparse.Namespace, cfg) -> tuple[Path, Path | None]:
     """Check the split, --out, --json and --plots of a model evaluation; mark --out as this
     tool's output. Returns (out, the folder when this call created it)."""
@@ -136,30 +160,21 @@ def _checkpoint_config(args: argparse.Namespace, model: str):
 
 
 def _model_mode(args: argparse.Namespace, model: str) -> int:
-    from kd_bnn.config import ConfigError
-    from kd_bnn.data.dataset import KittiDatasetError
-    from kd_bnn.deploy.format import FormatError
-    from kd_bnn.engine.checkpoint import CheckpointError
     from kd_bnn.engine.evaluate import evaluate_config, format_evaluation
     from kd_bnn.io import atomic_write_text
 
     if is_kdbnn(model):
         return _kdbnn_mode(args, model)
-    created: Path | None = None
     try:
-        cfg = _checkpoint_config(args, model)
-        out, created = _prepare_out(args, cfg)
-        report = evaluate_config(cfg, model, out, args.teacher_weights,
-                                 with_teacher=not args.no_teacher, coco=not args.no_coco,
-                                 progress=not args.no_progress and sys.stderr.isatty())
-    except (ConfigError, FileNotFoundError, KittiDatasetError, KittiFormatError, CheckpointError,
-            FormatError, PermissionError, ValueError) as exc:
-        _remove_if_only_marker(created)
+        with _out_created_here() as made:
+            cfg = _checkpoint_config(args, model)
+            out, made[0] = _prepare_out(args, cfg)
+            report = evaluate_config(cfg, model, out, args.teacher_weights,
+                                     with_teacher=not args.no_teacher, coco=not args.no_coco,
+                                     progress=not args.no_progress and sys.stderr.isatty())
+    except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except BaseException:
-        _remove_if_only_marker(created)
-        raise
     print(format_evaluation(report, layers=args.layers))
     if args.json:
         atomic_write_text(args.json, json.dumps(report.to_json(), indent=2) + "\n")
@@ -198,37 +213,28 @@ def _kdbnn_mode(args: argparse.Namespace, model: str) -> int:
     """Score the packed runtime of a .kdbnn on a config's val split: result files, KITTI (and
     COCO) tables read back from them, as the checkpoint mode does."""
     from kd_bnn.cli.common import backend_line
-    from kd_bnn.config import ConfigError
-    from kd_bnn.data.dataset import KittiDatasetError
-    from kd_bnn.deploy.format import FormatError
     from kd_bnn.deploy.runtime import Runtime
-    from kd_bnn.engine.checkpoint import CheckpointError
 
     if args.teacher_weights or args.layers:
         print("error: --teacher-weights and --layers apply to a checkpoint, not a .kdbnn", file=sys.stderr)
         return 2
-    created: Path | None = None
     try:
-        rt = Runtime(model)
-        cfg = _kdbnn_config(args, rt)
-        if list(rt.class_names) != list(cfg.data.classes):
-            raise ValueError(f"{model} detects {rt.class_names}, but the config's data.classes are "
-                             f"{list(cfg.data.classes)}: pass the config it was trained with (--config)")
-        if tuple(cfg.data.input_size) != tuple(rt.input_size):
-            print(f"note: {model} runs at input size {list(rt.input_size)} (height, width); "
-                  f"data.input_size {list(cfg.data.input_size)} is not used")
-            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"input_size": tuple(rt.input_size)})})
-        out, created = _prepare_out(args, cfg)
-        kitti, coco, n = _score_runtime(rt, cfg, out, coco=not args.no_coco,
-                                        progress=not args.no_progress and sys.stderr.isatty())
-    except (ConfigError, FileNotFoundError, KittiDatasetError, KittiFormatError, CheckpointError,
-            FormatError, OSError, ValueError) as exc:
-        _remove_if_only_marker(created)
+        with _out_created_here() as made:
+            rt = Runtime(model)
+            cfg = _kdbnn_config(args, rt)
+            if list(rt.class_names) != list(cfg.data.classes):
+                raise ValueError(f"{model} detects {rt.class_names}, but the config's data.classes are "
+                                 f"{list(cfg.data.classes)}: pass the config it was trained with (--config)")
+            if tuple(cfg.data.input_size) != tuple(rt.input_size):
+                print(f"note: {model} runs at input size {list(rt.input_size)} (height, width); "
+                      f"data.input_size {list(cfg.data.input_size)} is not used")
+                cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"input_size": tuple(rt.input_size)})})
+            out, made[0] = _prepare_out(args, cfg)
+            kitti, coco, n = _score_runtime(rt, cfg, out, coco=not args.no_coco,
+                                            progress=not args.no_progress and sys.stderr.isatty())
+    except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except BaseException:
-        _remove_if_only_marker(created)
-        raise
     print(backend_line(rt.backend))
     print(f"{rt}: {n} frames, {rt.file_bytes:,} B file -> {out}")
     print(format_report(kitti, coco))
