@@ -111,18 +111,27 @@ def _own_tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def owned_tensors(model: nn.Module) -> list[tuple[str, nn.Module, list[tuple[str, torch.Tensor]]]]:
+    """``(path, module, own tensors)`` in ``named_modules`` order, each tensor (parameter or persistent
+    buffer, not ``num_batches_tracked``) at its first owner: what a size count or a file stores once."""
+    seen: set[int] = set()
+    out = []
+    for path, m in model.named_modules():
+        own = []
+        for k, t in _own_tensors(m):
+            if id(t) not in seen:
+                seen.add(id(t))
+                own.append((k, t))
+        out.append((path, m, own))
+    return out
+
+
 def _accounting(model: nn.Module) -> list[dict[str, Any]]:
     """Per-module byte and parameter counts (modules that own tensors, convs and linears)."""
     pairs = conv_bn_pairs(model)
     folded_bns = {v: k for k, v in pairs.items()}
-    seen: set[int] = set()
     rows = []
-    for name, m in model.named_modules():
-        tensors = []
-        for k, t in _own_tensors(m):
-            if id(t) not in seen:
-                seen.add(id(t))
-                tensors.append((k, t))
+    for name, m, tensors in owned_tensors(model):
         if not tensors and not isinstance(m, (nn.Conv2d, nn.Linear)):
             continue
         binary = isinstance(m, BinaryConv2d)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kd_bnn.binary.layers import conv_explicit_padding
-from kd_bnn.binary.summary import conv_bn_pairs
+from kd_bnn.binary.summary import conv_bn_pairs, owned_tensors
 from kd_bnn.deploy.format import FormatError
 from kd_bnn.models.detector import SkeletonError, build_from_skeleton
 
@@ -46,7 +46,6 @@ LAYER_KINDS = ("binary_conv", "float_conv", "bn", "other")
 BINARY_OPTIONS = ("mode", "pad_value", "weight_scaling", "input_scaling")
 BLOB_DTYPES = {"bits": torch.int64, "f32": torch.float32, "i32": torch.int32}
 CONV_KINDS = ("binary_conv", "float_conv")
-_SKIP = ("num_batches_tracked",)
 WORD_BITS = 64
 
 
@@ -92,27 +91,6 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     if bn.bias is not None:
         t = t + bn.bias.detach().double()
     return s, t
-
-
-def _own_tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    out = [(k, v) for k, v in m._parameters.items() if v is not None]
-    out += [(k, v) for k, v in m._buffers.items()
-            if v is not None and k not in m._non_persistent_buffers_set and k not in _SKIP]
-    return out
-
-
-def owned_tensors(model: nn.Module) -> list[tuple[str, nn.Module, list[tuple[str, torch.Tensor]]]]:
-    """``(path, module, own tensors)`` in ``named_modules`` order, each tensor at its first owner."""
-    seen: set[int] = set()
-    out = []
-    for path, m in model.named_modules():
-        own = []
-        for k, t in _own_tensors(m):
-            if id(t) not in seen:
-                seen.add(id(t))
-                own.append((k, t))
-        out.append((path, m, own))
-    return out
 
 
 def is_stored_conv(m: nn.Module, own: list[tuple[str, torch.Tensor]]) -> bool:
