@@ -112,6 +112,8 @@ class BinaryConfig(_Section):
     keep_first: bool = True
     keep_last: bool = True
     keep_depthwise: bool = True
+    keep_pointwise: bool = False  # keep 1x1 convs float (fully binary students: Bi-Real/ReActNet practice)
+    keep_strided: bool = False  # keep stride > 1 convs float (binary downsampling loses most)
     stages: list[StageConfig] = Field(default_factory=list)
 
     @field_validator("pad_value")

@@ -255,3 +255,19 @@ def test_ultralytics_yolov8n(yolov8n):
     y = model(torch.rand(1, 3, 64, 64))
     assert [t.shape for t in y] == [(1, 64 + 3, 64 // s, 64 // s) for s in (8, 16, 32)]
     assert all(torch.isfinite(t).all() for t in y)
+
+
+def test_keep_pointwise_and_strided_policy_options():
+    """Fully binary students keep 1x1 and downsampling convs float (Bi-Real/ReActNet practice);
+    the report names each with its reason, and naming a conv exactly still converts it."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 3, stride=2, padding=1),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 4, 1))
+    _, rep = binarize(copy.deepcopy(model), {"keep_pointwise": True, "keep_strided": True})
+    r = reasons(rep)
+    assert r == {"0": "first conv", "1": "converted", "2": "1x1 (keep_pointwise)",
+                 "3": "stride 2 (keep_strided)", "4": "converted", "5": "prediction conv"}
+    _, rep = binarize(copy.deepcopy(model), {"keep_pointwise": True, "include": ["*", "2"]})
+    assert reasons(rep)["2"] == "converted"  # named exactly: the user's word wins

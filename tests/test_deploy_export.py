@@ -218,6 +218,7 @@ def test_export_cli(tmp_path, capsys):
     assert "compression" in capsys.readouterr().out and out.is_file()
     rep = json.loads(js.read_text())
     assert rep["file_bytes"] == out.stat().st_size and rep["tensor_bytes"] == rep["predicted_packed_bytes"]
+    assert 0.5 < rep["binary_mac_fraction"] < 1.0  # the demo BWN copy: all but the first and prediction convs
     assert tool.main(["--config", str(REPO / "configs" / "demo.yaml"), "--checkpoint", str(tmp_path / "nope.pt"),
                       "--out", str(tmp_path / "n.kdbnn")]) == 2
     assert "nope.pt" in capsys.readouterr().err

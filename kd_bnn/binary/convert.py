@@ -14,11 +14,14 @@ Rules (applied in this order to every conv, in module registration order):
 6. a conv the model's ``fixed_convs()`` hook names (e.g. Ultralytics' DFL conv, fixed weights)
    -> the reason it gives;
 7. ``keep_depthwise`` and depthwise (groups == in_channels > 1) -> "depthwise";
-8. groups != 1 -> "groups unsupported" (the packed kernels of ``kd_bnn.deploy`` are dense; a
+8. ``keep_pointwise`` and a 1x1 conv -> "1x1 (keep_pointwise)"; ``keep_strided`` and stride > 1
+   -> "stride N (keep_strided)" (binary 1x1 and binary downsampling convs cost accuracy most:
+   Bi-Real Net, Liu et al. 2018; ReActNet, Liu et al. 2020; unless named exactly);
+9. groups != 1 -> "groups unsupported" (the packed kernels of ``kd_bnn.deploy`` are dense; a
    depthwise conv with ``keep_depthwise: false`` lands here too);
-9. a padding mode other than zeros -> "padding_mode '<m>' unsupported" (the kernel pads with
+10. a padding mode other than zeros -> "padding_mode '<m>' unsupported" (the kernel pads with
    constants only);
-10. otherwise converted.
+11. otherwise converted.
 
 A pattern "names" a conv, overriding rules 4 and 5, when an ``include`` entry is the conv's
 path (or one of its ancestors' paths) written out exactly, without wildcards. Patterns are
@@ -320,6 +323,10 @@ def binarize(model: nn.Module, policy: PolicyLike = None) -> tuple[nn.Module, Co
             reason = fixed[path]
         elif cfg.keep_depthwise and is_depthwise(m):
             reason = "depthwise"
+        elif cfg.keep_pointwise and tuple(m.kernel_size) == (1, 1) and not named_exactly:
+            reason = "1x1 (keep_pointwise)"
+        elif cfg.keep_strided and max(m.stride) > 1 and not named_exactly:
+            reason = f"stride {max(m.stride)} (keep_strided)"
         elif m.groups != 1:
             reason = "groups unsupported"
         elif m.padding_mode != "zeros":

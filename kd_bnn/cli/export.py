@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     print(f"  compression:            {rep['compression']:.1f}x (float32 / file), "
           f"{rep['predicted_compression']:.1f}x predicted; {rep['num_binary_convs']} binary, "
           f"{rep['num_float_convs']} float convs")
+    print(f"  binary MACs:            {100 * rep['binary_mac_fraction']:.1f}% of all conv MACs at "
+          f"{rep['input_size'][0]}x{rep['input_size'][1]}")
     if "onnx" in rep:
         o = rep["onnx"]
         print(f"  onnx: skipped - {o['skipped']}" if "skipped" in o else f"  onnx: {o['path']} ({o['bytes']:,} B)")

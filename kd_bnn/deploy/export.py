@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kd_bnn.binary.layers import BinaryConv2d
-from kd_bnn.binary.summary import conv_bn_pairs, float32_model_bytes, packed_model_bytes
+from kd_bnn.binary.summary import conv_bn_pairs, float32_model_bytes, packed_model_bytes, summary
 from kd_bnn.deploy.format import FormatError, encode_meta, save_container
 from kd_bnn.deploy.pack import pack_signs
 from kd_bnn.deploy.schema import (
@@ -251,7 +251,8 @@ def export(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int
         ``header_bytes`` (file - tensor bytes: the safetensors header plus the compressed
         metadata tensor), ``meta_bytes`` (that tensor alone), ``float32_bytes``,
         ``predicted_packed_bytes``, ``compression`` (float32 / file), ``size_vs_prediction``
-        (file / predicted), counts of binary / float convs.
+        (file / predicted), counts of binary / float convs, ``binary_mac_fraction`` (binary MACs /
+        all conv MACs at ``input_size``).
     """
     extra = dict(extra_meta or {})
     skeleton = skeleton_of(model, extra)
@@ -287,5 +288,6 @@ def export(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int
         "size_vs_prediction": file_bytes / predicted if predicted else math.nan,
         "num_binary_convs": binary["num_binary_convs"],
         "num_float_convs": sum(1 for e in layers if e["kind"] == "float_conv"),
+        "binary_mac_fraction": summary(model, size, print_fn=None)["totals"]["binary_mac_fraction"],
         "input_size": list(size),
     }
