@@ -294,3 +294,16 @@ def test_resume_may_extend_the_schedule(tmp_path, synth, capsys):
     capsys.readouterr()
     assert _train(str(cfg), "train.epochs=1", "--resume") != 0
     assert "2 epochs are done, more than the 1 now configured" in capsys.readouterr().err
+
+
+def test_resume_of_a_run_from_before_a_new_config_key(tmp_path, synth):
+    """A key added to the toolkit after a run started (its default keeps the old behaviour) does not
+    block resuming that run: the saved config is read through the current schema."""
+    cfg = tiny_config(tmp_path, synth, STUDENT)
+    assert _train(str(cfg), "train.epochs=2") == 0
+    run = tmp_path / "runs" / "tiny"
+    state = load_checkpoint(run / "last.pt")
+    del state["config"]["student"]["binary"]["keep_pointwise"]  # as a checkpoint written before the key
+    torch.save(state, run / "last.pt")
+    assert _train(str(cfg), "train.epochs=3", "--resume") == 0
+    assert load_checkpoint(run / "last.pt")["epoch"] == 3

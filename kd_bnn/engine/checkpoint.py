@@ -153,9 +153,19 @@ def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | Non
 
 def check_resume_config(saved: dict | None, current: dict | None, path: str | os.PathLike = "checkpoint",
                         ignore: tuple[str, ...] = ()) -> None:
-    """Raise `CheckpointError` listing the dotted keys where the configs differ."""
+    """Raise `CheckpointError` listing the dotted keys where the configs differ.
+
+    The saved config is read through the current schema first, so a key added to the toolkit since
+    the checkpoint was written counts as its default (resuming an older run is not refused because
+    a new option exists, only when the run asks for something else than the default)."""
     if saved is None or current is None:
         return
+    from kd_bnn.config import ConfigError, config_to_dict, validate
+
+    try:
+        saved = config_to_dict(validate(saved, str(path)))
+    except ConfigError:
+        pass  # a key the toolkit no longer has: compare as written (the difference is listed)
     keys = [k for k in diff_configs(saved, current) if not any(k == i or k.startswith(i + ".") for i in ignore)]
     if keys:
         lines = []
