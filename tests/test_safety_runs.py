@@ -307,3 +307,30 @@ def test_resume_of_a_run_from_before_a_new_config_key(tmp_path, synth):
     torch.save(state, run / "last.pt")
     assert _train(str(cfg), "train.epochs=3", "--resume") == 0
     assert load_checkpoint(run / "last.pt")["epoch"] == 3
+
+
+def test_sigterm_stops_a_run_like_ctrl_c(tmp_path, synth):
+    """`kill` (SIGTERM, also what a job scheduler sends) stops the run after saving what resumes it,
+    as Ctrl-C does, instead of losing the epoch in progress; --resume then finishes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tiny_config(tmp_path, synth)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "tools" / "train.py"), str(cfg), "train.epochs=200", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    last = tmp_path / "runs" / "tiny" / "last.pt"
+    deadline = time.time() + 240
+    while not last.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert last.is_file(), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted" in err and "--resume" in err
+    results = json.loads((tmp_path / "runs" / "tiny" / "results.json").read_text())
+    assert results["interrupted"] is True and results["phase"] == "teacher"
+    epochs_done = load_checkpoint(last)["epoch"]
+    assert 1 <= epochs_done < 200

@@ -212,12 +212,21 @@ def run_command(fn: Callable[[], Any], prog: str, leading: Sequence[str],
     fixable error (missing file, bad value, unreadable or untrusted checkpoint) is one ``error:``
     line and exit 1; a stopped training phase prints the command that resumes it - the command as
     it was run (`prog`, e.g. ``kd-bnn train``, then `leading` and the overrides) with ``name=<its
-    folder> --resume`` - and exits 130."""
+    folder> --resume`` - and exits 130. A SIGTERM (``kill``, a scheduler ending a job) stops the run
+    the same way as Ctrl-C, saving what resumes it."""
     import shlex
+    import signal
 
     from kd_bnn.engine.checkpoint import CheckpointError
     from kd_bnn.engine.experiment import RunInterrupted
 
+    def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave the handler alone
+        previous = None
     try:
         return 0, fn()
     except RunInterrupted as exc:
@@ -231,3 +240,6 @@ def run_command(fn: Callable[[], Any], prog: str, leading: Sequence[str],
     except (FileNotFoundError, PermissionError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1, None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
