@@ -170,29 +170,21 @@ def test_val_on_a_kdbnn_scores_the_packed_runtime(run, tmp_path, capsys, no_ext)
     model = _export(run, tmp_path / "m.kdbnn", capsys)
     capsys.readouterr()
     js = tmp_path / "ap.json"
-    assert main(["val", "--model", str(model), "--out", str(tmp_path / "e"), "--json", str(js),
-                 "--no-progress"]) == 0, capsys.readouterr().err
+    assert main(["val", "--model", str(model), "--config", str(run["config"]), "--out", str(tmp_path / "e"),
+                 "--json", str(js), "--no-progress"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "packed runtime" in out and "backend: pure-torch fallback (KDBNN_NO_EXT is set)" in out
     assert "KITTI 2D bbox AP" in out and "bbox_2d" in json.loads(js.read_text())
     val_ids = read_split(run["root"] / "ImageSets" / "val.txt")
     assert sorted(p.stem for p in (tmp_path / "e").glob("*.txt")) == sorted(val_ids)
-    # exported from a config alone (no checkpoint): the config file it names is used
-    sized = tmp_path / "sized.kdbnn"
-    assert main(["export", "--config", str(run["config"]), "--out", str(sized)]) == 0
-    capsys.readouterr()
-    assert main(["val", "--model", str(sized), "--out", str(tmp_path / "f"), "--no-coco", "--no-progress"]) == 0
-    capsys.readouterr()
-    # nothing to find the data by: refused, naming what is supported
-    ckpt_copy = tmp_path / "gone.pt"
-    ckpt_copy.write_bytes(run["ckpt"].read_bytes())
+    # a .kdbnn is data: the checkpoint / config paths it records are a hint, never opened
     lost = tmp_path / "lost.kdbnn"
-    assert main(["export", "--model", str(ckpt_copy), "--out", str(lost)]) == 0
-    ckpt_copy.unlink()
+    assert main(["export", "--model", str(run["ckpt"]), "--out", str(lost)]) == 0
     capsys.readouterr()
     assert main(["val", "--model", str(lost), "--out", str(tmp_path / "g")]) == 2
     err = capsys.readouterr().err
     assert "pass --config CONFIG" in err and "--model runs/<name>/best.pt" in err
+    assert f"checkpoint {run['ckpt']}" in err  # named as a hint
     assert not (tmp_path / "g").exists()
     assert main(["val", "--model", str(lost), "--config", str(run["config"]), "--out", str(tmp_path / "g"),
                  "--no-coco", "--no-progress"]) == 0
@@ -293,3 +285,20 @@ def test_shipped_configs_work_outside_the_checkout(tmp_path, monkeypatch):
         assert model.input_size == (64, 192)
     with pytest.raises(ConfigError, match=r"nor is it a shipped config: .*demo.*kitti/darknet_yolov2_bwn_kt"):
         load_config("no_such_config")
+
+
+def test_a_checkpoints_stored_config_never_grants_trust(tmp_path):
+    """A checkpoint is data: its stored config saying teacher.trust: true does not let the toolkit
+    unpickle the .pt it names; only the user's own override does."""
+    import torch
+
+    from kd_bnn.cli.common import config_for_model
+
+    saved = {"teacher": {"family": "ultralytics", "weights": "evil.pt", "trust": True},
+             "student": {"model": {"family": "ultralytics", "trust": True}}}
+    ckpt = tmp_path / "c.pt"
+    torch.save({"model": {}, "config": saved}, ckpt)
+    cfg, _ = config_for_model(None, [], ckpt)
+    assert cfg.teacher.trust is False and cfg.student.model.trust is False
+    cfg, _ = config_for_model(None, ["teacher.trust=true"], ckpt)
+    assert cfg.teacher.trust is True

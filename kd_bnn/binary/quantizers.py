@@ -18,6 +18,8 @@ Example:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -201,7 +203,7 @@ def mean_abs_scale(weight: torch.Tensor) -> torch.Tensor:
     return w.abs().to(torch.float64).flatten(1).mean(dim=1).to(w.dtype)
 
 
-class WeightScaling:
+class WeightScaling(ABC):
     """The per-output-channel alpha of a binary weight ``alpha_c * q(W)``.
 
     ``learned`` classes own a trained (C_out,) parameter (``BinaryConv2d.scale``), initialised by
@@ -214,12 +216,14 @@ class WeightScaling:
     def init(self, weight: torch.Tensor) -> torch.Tensor | None:
         return None
 
-    def alpha(self, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def alpha(self, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """Per-output-channel alpha (C_out,), as the exporter stores it."""
 
+    @abstractmethod
     def effective(self, weight: torch.Tensor, wb: torch.Tensor, scale: torch.Tensor | None,
-                  alpha_grad: str) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+                  alpha_grad: str) -> torch.Tensor:
+        """The float weight ``alpha * q(W)`` the layer trains with (``wb`` = q(W))."""
 
 
 def _channel_shape(weight: torch.Tensor) -> tuple[int, ...]:

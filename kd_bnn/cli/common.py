@@ -123,7 +123,19 @@ def config_for_model(config: str | os.PathLike | None, overrides: Sequence[str],
         raise ConfigError(f"{checkpoint} stores no experiment config (it is not a kd_bnn training "
                           "checkpoint, or an old one): pass --config CONFIG as well")
     source = f"{checkpoint} (stored config)"
-    return validate(apply_overrides(saved, list(overrides)), source), source
+    return validate(apply_overrides(untrusted(saved), list(overrides)), source), source
+
+
+def untrusted(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config read from a file with every ``trust`` switched off: a checkpoint is data and never
+    grants the unpickling of a ``.pt`` it names (say ``teacher.trust=true`` yourself to allow it)."""
+    import copy
+
+    out = copy.deepcopy(saved)
+    for section in (out.get("teacher"), (out.get("student") or {}).get("model")):
+        if isinstance(section, dict) and section.get("trust"):
+            section["trust"] = False
+    return out
 
 
 def teacher_phase_config(cfg: Any, checkpoint: str | os.PathLike) -> tuple[Any, str]:

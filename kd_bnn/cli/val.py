@@ -11,8 +11,8 @@ for a student, the teacher side by side):
         [--teacher-weights CKPT] [--json OUT] [key=value ...]
   --model is a kd_bnn training checkpoint (its stored config is used unless --config is given;
   key=value overrides apply on top of either; a run's teacher/best.pt is evaluated as the
-  teacher), or a .kdbnn: the packed runtime is scored on the val split of --config (default:
-  the config stored in the checkpoint the .kdbnn was exported from). `model=PATH` among the
+  teacher), or a .kdbnn: the packed runtime is scored on the val split of --config (required: a
+  .kdbnn is data, the paths it records are never opened). `model=PATH` among the
   overrides is the same as --model; --weights is its old name (a teacher's Darknet .weights
   needs --config).
   (python tools/eval.py takes the same arguments.)
@@ -188,24 +188,19 @@ def _model_mode(args: argparse.Namespace, model: str) -> int:
 
 
 def _kdbnn_config(args: argparse.Namespace, runtime):
-    """The config whose val split scores a .kdbnn: --config, else the config stored in the
-    checkpoint the file was exported from, else the config file it names."""
+    """The config whose val split scores a .kdbnn: --config (required). A .kdbnn is data: the
+    checkpoint and config paths its metadata records are shown as a hint, never opened."""
     from kd_bnn.cli.common import config_for_model
-    from kd_bnn.config import ConfigError, load_config
+    from kd_bnn.config import ConfigError
 
     if args.config is not None:
         return config_for_model(args.config, args.overrides, None)[0]
     src = runtime.meta.get("source") or {}
-    ckpt, conf = src.get("checkpoint"), src.get("config")
-    if ckpt and Path(ckpt).is_file():
-        try:
-            return config_for_model(None, args.overrides, ckpt)[0]
-        except ConfigError:
-            pass
-    if conf and Path(conf).is_file() and Path(conf).suffix in (".yaml", ".yml"):
-        return load_config(conf, args.overrides)
+    recorded = ", ".join(f"{k} {v}" for k, v in (("config", src.get("config")), ("checkpoint", src.get("checkpoint")))
+                         if isinstance(v, str))
+    hint = f" (it records having been exported from {recorded})" if recorded else ""
     raise ConfigError(f"{runtime.path}: evaluating a .kdbnn needs the data to score it on: pass --config "
-                      "CONFIG (its data.root and data.val_split are used), or evaluate the training "
+                      f"CONFIG (its data.root and data.val_split are used){hint}, or evaluate the training "
                       "checkpoint instead (--model runs/<name>/best.pt)")
 
 
