@@ -18,8 +18,8 @@ from kd_bnn.cli import COMMANDS, main
 from kd_bnn.config import config_to_dict, load_config
 from kd_bnn.data.kitti import read_split
 from kd_bnn.data.synthetic import generate
+from kd_bnn.engine.build import build_model, build_student
 from kd_bnn.engine.checkpoint import save_checkpoint
-from kd_bnn.engine.experiment import build_model, build_student
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["Car", "Pedestrian", "Cyclist"]

@@ -43,7 +43,7 @@ def test_config_builds(path: Path, monkeypatch):
         if value and "/" in value and not (REPO / value).exists():
             pytest.skip(f"teacher.{key} {value} is not here: {_rel(path)} names the model you bring "
                         "(its placeholder points at ../shared/, beside a checkout)")
-    from kd_bnn.engine.experiment import build_model, build_student
+    from kd_bnn.engine.build import build_model, build_student
 
     classes = list(cfg.data.classes)
     teacher = build_model(cfg.teacher, classes, tuple(cfg.data.input_size), load_weights=False)

@@ -146,7 +146,7 @@ def test_check_synthetic_names_each_differing_parameter(tmp_path):
 
 def test_ensure_dataset_refuses_a_stale_synthetic_set(tmp_path):
     from kd_bnn.config import DataConfig
-    from kd_bnn.engine.experiment import ensure_dataset
+    from kd_bnn.engine.build import ensure_dataset
 
     cfg = DataConfig(root=str(tmp_path), synthetic={"num": 2, "seed": 0, "size": [320, 96]})
     assert ensure_dataset(cfg) == tmp_path and (tmp_path / STAMP_NAME).is_file()

@@ -60,7 +60,7 @@ def test_tensor_bytes_equal_summary_prediction(tmp_path, mode, opts):
 def test_demo_student_file_within_one_percent_of_prediction(tmp_path):
     """Issue 6 "Done when": the demo student's .kdbnn equals the summary's prediction within 1%."""
     from kd_bnn.config import load_config
-    from kd_bnn.engine.experiment import build_model, build_student
+    from kd_bnn.engine.build import build_model, build_student
 
     cfg = load_config(REPO / "configs" / "demo.yaml")
     teacher = build_model(cfg.teacher, cfg.data.classes, tuple(cfg.data.input_size), load_weights=False)
@@ -189,14 +189,14 @@ def test_unknown_skeleton_is_refused(tmp_path):
 
 def test_export_checkpoint_random_and_trained(tmp_path):
     from kd_bnn.config import load_config
+    from kd_bnn.engine.build import load_student
     from kd_bnn.engine.checkpoint import save_checkpoint
-    from kd_bnn.engine.experiment import load_student
 
     cfg = load_config(REPO / "configs" / "demo.yaml", ["data.input_size=[96,320]"])
     rep = export_checkpoint(cfg, None, tmp_path / "rand.kdbnn")
     assert rep["checkpoint"] is None and rep["tensor_bytes"] == rep["predicted_packed_bytes"]
     # a "trained" checkpoint: random weights saved the way the trainer saves them
-    from kd_bnn.engine.experiment import build_model, build_student
+    from kd_bnn.engine.build import build_model, build_student
 
     student, _ = build_student(random_weights_(build_model(cfg.teacher, cfg.data.classes, (96, 320), False), 3), cfg)
     save_checkpoint(tmp_path / "best.pt", {"model": student.state_dict()})

@@ -43,8 +43,8 @@ def synth(tmp_path_factory) -> Path:
 def teacher_run(synth, tmp_path_factory) -> tuple[Path, Path]:
     """(config, checkpoint) of a tiny teacher-only experiment on `synth`."""
     torch = pytest.importorskip("torch")
+    from kd_bnn.engine.build import build_model
     from kd_bnn.engine.checkpoint import save_checkpoint
-    from kd_bnn.engine.experiment import build_model
 
     d = tmp_path_factory.mktemp("run")
     cfg_path = d / "t.yaml"

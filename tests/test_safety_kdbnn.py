@@ -164,8 +164,8 @@ DEMO = str(REPO / "configs" / "demo.yaml")
 def _student_checkpoint(path: pathlib.Path, size=(96, 320), binary_convs: int | None = None,
                         student_section: bool = True) -> pathlib.Path:
     from kd_bnn.config import config_to_dict, load_config
+    from kd_bnn.engine.build import build_model, build_student
     from kd_bnn.engine.checkpoint import save_checkpoint
-    from kd_bnn.engine.experiment import build_model, build_student
 
     cfg = load_config(DEMO, [f"data.input_size=[{size[0]},{size[1]}]"])
     teacher = random_weights_(build_model(cfg.teacher, cfg.data.classes, size, False), 3)

@@ -32,11 +32,10 @@ from kd_bnn.binary.summary import summary as compression_summary
 from kd_bnn.config import ExperimentConfig, TrainConfig, config_to_dict
 from kd_bnn.data.loader import build_datasets, build_loader
 from kd_bnn.distill import Distiller
-from kd_bnn.engine.build import (  # noqa: F401 - load_student: also importable from here, as before
+from kd_bnn.engine.build import (
     build_model,
     build_student,
     ensure_dataset,
-    load_student,
     seed_everything,
 )
 from kd_bnn.engine.checkpoint import (
