@@ -16,7 +16,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -99,6 +99,14 @@ class StageConfig(_Section):
     epoch: NonNegativeInt = 0
 
 
+class BlockConfig(_Section):
+    """Binary block options (kd_bnn.binary.blocks): applied to every converted conv of a conv->bn->act block."""
+
+    shortcut: bool = False  # real-valued parameter-free shortcut around the binary conv, BN before the add
+    rsign: bool = False  # learnable per-channel threshold before the activation sign (xnor only)
+    rprelu: bool = False  # the block's activation becomes RPReLU, initialised from it
+
+
 class BinaryConfig(_Section):
     mode: Literal["bwn", "xnor"] = "bwn"
     weight_quantizer: str = "ste_sign"
@@ -115,6 +123,7 @@ class BinaryConfig(_Section):
     keep_pointwise: bool = False  # keep 1x1 convs float (fully binary students: Bi-Real/ReActNet practice)
     keep_strided: bool = False  # keep stride > 1 convs float (binary downsampling loses most)
     stages: list[StageConfig] = Field(default_factory=list)
+    block: BlockConfig = Field(default_factory=BlockConfig)
 
     @field_validator("pad_value")
     @classmethod
@@ -181,6 +190,9 @@ class ExperimentConfig(_Section):
     teacher: ModelConfig = Field(default_factory=ModelConfig)
     teacher_train: TrainConfig | None = None  # train the teacher first when set
     student: StudentConfig | None = None  # None: train the teacher only
+    # two-stage training (ReActNet): when set, the xnor student first trains with float weights and
+    # binary activations (phase "stage1", this schedule), then with binary weights from there (train)
+    stage1_train: TrainConfig | None = None
     distill: DistillConfig = Field(default_factory=DistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -195,6 +207,17 @@ class ExperimentConfig(_Section):
             raise ValueError("expected a single folder name for <output_dir>/<name>/ (e.g. demo_s1 or "
                              "exp-2): no '/' or '\\', not '.' or '..', not an absolute path")
         return v
+
+    @model_validator(mode="after")
+    def _stage1_needs_xnor_student(self) -> ExperimentConfig:
+        if self.stage1_train is not None:
+            if self.student is None:
+                raise ValueError("stage1_train: two-stage training trains a binary student; the config has no "
+                                 "'student' section")
+            if self.student.binary.mode != "xnor":
+                raise ValueError("stage1_train: stage 1 trains binary activations with float weights; "
+                                 f"student.binary.mode must be 'xnor', found {self.student.binary.mode!r}")
+        return self
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -48,6 +48,7 @@ from typing import Any
 from pydantic import ValidationError
 from torch import nn
 
+from kd_bnn.binary.blocks import apply_blocks, block_spec_for
 from kd_bnn.binary.layers import BinaryConv2d, binary_convs, is_depthwise
 from kd_bnn.binary.quantizers import INPUT_SCALINGS, build_quantizer, weight_scaling
 from kd_bnn.config import BinaryConfig, ConfigError
@@ -210,6 +211,7 @@ class ConvRow:
     reason: str
     stage: str | None = None
     epoch: int | None = None
+    block: str = "-"  # the block options applied (kd_bnn.binary.blocks), and why any could not be
 
     @property
     def params(self) -> int:
@@ -239,10 +241,10 @@ class ConversionReport:
         return sum(r.params for r in self.rows if r.converted) / total if total else 0.0
 
     def table(self) -> str:
-        head = ("layer", "type", "weight shape", "groups", "binary", "stage", "reason")
+        head = ("layer", "type", "weight shape", "groups", "binary", "stage", "reason", "block")
         body = [(r.path, r.type, "x".join(map(str, r.shape)), str(r.groups),
                  "yes" if r.converted else "no",
-                 "-" if r.stage is None else f"{r.stage}@{r.epoch}", r.reason) for r in self.rows]
+                 "-" if r.stage is None else f"{r.stage}@{r.epoch}", r.reason, r.block) for r in self.rows]
         widths = [max(len(x) for x in col) for col in zip(head, *body)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines = [fmt.format(*head), "  ".join("-" * w for w in widths)]
@@ -343,15 +345,33 @@ def binarize(model: nn.Module, policy: PolicyLike = None) -> tuple[nn.Module, Co
             model = mapping[id(model)]
         else:
             _replace_modules(model, mapping)
+    _apply_block_options(model, cfg, rows)
     epochs = {}
     for g in stage_groups(model, cfg):
         for p in g.paths:
             epochs[p] = (g.name, g.epoch)
     for r in rows:
-        if r.converted and r.path in epochs:
-            r.stage, r.epoch = epochs[r.path]
+        at = r.path if r.path in epochs else f"{r.path}.conv"  # a conv wrapped in a BinaryBlock
+        if r.converted and at in epochs:
+            r.stage, r.epoch = epochs[at]
     apply_stages(model, cfg, 0)
     return model, ConversionReport(rows, cfg.mode)
+
+
+def _apply_block_options(model: nn.Module, cfg: BinaryConfig, rows: list[ConvRow]) -> None:
+    """The ``block`` options on every conv converted now; each row says what applied and why not."""
+    b = cfg.block
+    if not (b.shortcut or b.rsign or b.rprelu):
+        return
+    specs = {}
+    for r in rows:
+        if r.reason != "converted":
+            continue
+        spec, why = block_spec_for(model, r.path, model.get_submodule(r.path), cfg.mode, b.shortcut, b.rsign, b.rprelu)
+        r.block = "; ".join(([spec.describe()] if spec else []) + [f"not applied: {w}" for w in why]) or "-"
+        if spec is not None:
+            specs[r.path] = spec
+    apply_blocks(model, specs)
 
 
 # ----------------------------------------------------------------------------- stages

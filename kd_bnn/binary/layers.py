@@ -109,6 +109,7 @@ class BinaryConv2d(nn.Conv2d):
         self.input_scaling = input_scaling
         self.pad_value = float(pad_value)
         self.enabled = bool(enabled)
+        self.float_weights = False  # two-stage training's stage 1: binary inputs, float weights
         self.alpha_grad = alpha_grad
         self.weight_quantizer = build_quantizer(weight_quantizer, clip)
         self.input_quantizer = build_quantizer(input_quantizer, clip) if mode == "xnor" else None
@@ -176,7 +177,7 @@ class BinaryConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self._conv_forward(x, self.weight, self.bias)
-        w = self.effective_weight()
+        w = self.weight if self.float_weights else self.effective_weight()
         if self.mode == "bwn":
             return self._conv_forward(x, w, self.bias)
         pad = self.explicit_padding()
@@ -196,12 +197,29 @@ class BinaryConv2d(nn.Conv2d):
             s += f", input_scaling={self.input_scaling}, pad_value={self.pad_value:+g}"
         if not self.enabled:
             s += ", enabled=False"
+        if self.float_weights:
+            s += ", float_weights=True"
         return s
 
 
 def binary_convs(model: nn.Module) -> dict[str, BinaryConv2d]:
     """Module path -> BinaryConv2d, in registration order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, BinaryConv2d)}
+
+
+def set_float_weights(model: nn.Module, on: bool) -> int:
+    """Stage 1 of two-stage training (ReActNet, Liu et al. 2020): ``on`` makes every BinaryConv2d
+    use its latent float weights (inputs still binary in xnor mode); ``off`` restores binary
+    weights and re-initialises a learned scale from the weights trained in stage 1. Not saved in
+    the state dict. Returns the number of layers set."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, BinaryConv2d):
+            m.float_weights = bool(on)
+            if not on:
+                m.reset_scale()
+            count += 1
+    return count
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kd_bnn.binary.blocks import block_specs_of
 from kd_bnn.binary.layers import BinaryConv2d
 from kd_bnn.binary.summary import conv_bn_pairs, float32_model_bytes, packed_model_bytes, summary
 from kd_bnn.deploy.format import FormatError, encode_meta, save_container
@@ -269,6 +270,9 @@ def export(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int
         "layers": layers,
         **extra,
     }
+    blocks = block_specs_of(model)
+    if blocks:
+        meta["blocks"] = blocks
     if verify:
         _check_rebuild(meta, tensor_plan(model, layers)[0])
     file_bytes = save_container(path, blobs, meta)

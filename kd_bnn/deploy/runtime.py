@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_bnn.binary.blocks import BinaryBlock, RPReLU
 from kd_bnn.deploy.format import FormatError, load_container
-from kd_bnn.deploy.kernels import bwn_conv2d, weight_panel, xnor_conv2d
+from kd_bnn.deploy.kernels import block_epilogue, bwn_conv2d, weight_panel, xnor_conv2d
 from kd_bnn.deploy.schema import (
     binary_conv_spec,
     binary_options,
@@ -181,11 +182,67 @@ def _act_name(m: nn.Module) -> str | None:
     return None
 
 
+class FusedBinaryBlock(nn.Module):
+    """A `BinaryBlock` of packed convs with the activation after it, run as the conv kernel plus one
+    in-place epilogue pass (`kd_bnn.deploy.kernels.block_epilogue`): the real shortcut add and the
+    (R)PReLU, instead of four to six elementwise torch passes."""
+
+    def __init__(self, block: BinaryBlock, act: nn.Module, backend: str | None = None):
+        super().__init__()
+        self.move, self.conv = block.move, block.conv
+        self.kind = "none" if block.shortcut is None else block.shortcut.kind
+        self.stride = 1 if block.shortcut is None else block.shortcut.stride
+        c = self.conv.out_channels
+        if isinstance(act, RPReLU):
+            gamma, slope, zeta = act.gamma.detach(), act.slope.detach(), act.zeta.detach()
+        else:
+            gamma, zeta = torch.zeros(c), torch.zeros(c)
+            slope = torch.full((c,), _PRELU_SLOPES[_act_name(act) or "linear"])
+        self.register_buffer("gamma", gamma.float().clone().contiguous())
+        self.register_buffer("slope", slope.float().clone().contiguous())
+        self.register_buffer("zeta", zeta.float().clone().contiguous())
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(self.move(x)).contiguous()
+        s = None
+        if self.kind != "none":
+            s = x if self.stride == 1 else F.avg_pool2d(x, self.stride, self.stride, ceil_mode=True,
+                                                        count_include_pad=False)
+        return block_epilogue(y, s, self.kind, self.gamma, self.slope, self.zeta, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"shortcut={self.kind}, stride={self.stride}"
+
+
+_PRELU_SLOPES = {"leaky": 0.1, "relu": 0.0, "linear": 1.0}
+
+
+def _fuse_blocks(model: nn.Module) -> int:
+    """Replace each `BinaryBlock` of packed convs (BN folded) and the activation after it by a
+    `FusedBinaryBlock`; returns how many."""
+    count = 0
+    blocks = getattr(model, "activation_blocks", None)
+    for conv_path, bn_path, act_path in (blocks() if callable(blocks) else []):
+        b = model.get_submodule(conv_path)
+        bn = model.get_submodule(bn_path) if bn_path else None
+        act = model.get_submodule(act_path)
+        if (isinstance(b, BinaryBlock) and isinstance(b.conv, PackedBinaryConv) and isinstance(b.bn, nn.Identity)
+                and b.conv.input_scaling != "xnor_k" and b.conv.activation == "none"
+                and (bn is None or isinstance(bn, nn.Identity))
+                and (isinstance(act, RPReLU) or _act_name(act) or isinstance(act, nn.Identity))):
+            _set(model, conv_path, FusedBinaryBlock(b, act, b.conv.backend))
+            _set(model, act_path, nn.Identity())
+            count += 1
+    return count
+
+
 def _fuse_activations(model: nn.Module) -> int:
     """Fold the activation after a PackedBinaryConv into its kernel call where the structure is
     certain (the model's `activation_blocks` hook, or ``conv, [Identity], act`` in a plain
-    Sequential); returns how many were fused."""
-    count = 0
+    Sequential), and each binary block's shortcut add and activation into one epilogue pass
+    (`FusedBinaryBlock`); returns how many were fused."""
+    count = _fuse_blocks(model)
     blocks = getattr(model, "activation_blocks", None)
     for conv_path, bn_path, act_path in (blocks() if callable(blocks) else []):
         c = model.get_submodule(conv_path)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kd_bnn.binary.blocks import apply_blocks, check_block_specs
 from kd_bnn.binary.layers import conv_explicit_padding
 from kd_bnn.binary.summary import conv_bn_pairs, owned_tensors
 from kd_bnn.deploy.format import FormatError
@@ -54,6 +55,8 @@ def build_skeleton(meta: dict[str, Any]) -> nn.Module:
 
     The file is data: the tree comes from a registered family and options checked against that
     family's schema (a Darknet model's options are its cfg text) - never from a file it names.
+    Binary blocks (metadata ``blocks``: conv path -> shortcut / rsign / rprelu, plain values
+    checked against the rebuilt tree) are re-applied by `kd_bnn.binary.blocks.apply_blocks`.
     A skeleton without ``options`` holds them beside ``family`` (files written before options
     were nested: ``{"family": "darknet", "cfg_text": ...}``) and reads the same.
     """
@@ -75,9 +78,15 @@ def build_skeleton(meta: dict[str, Any]) -> nn.Module:
         raise FormatError(f"metadata 'skeleton' of family {sk.get('family')!r}: unknown keys {extra}; "
                           "allowed: ['family', 'options']")
     try:
-        return build_from_skeleton(sk.get("family"), sk.get("options"), names, tuple(size))
+        model = build_from_skeleton(sk.get("family"), sk.get("options"), names, tuple(size))
     except SkeletonError as exc:
         raise FormatError(str(exc)) from None
+    if meta.get("blocks"):
+        try:
+            apply_blocks(model, check_block_specs(model, meta["blocks"], "metadata 'blocks'"))
+        except ValueError as exc:
+            raise FormatError(str(exc)) from None
+    return model
 
 
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ from typing import Any
 from torch import nn
 
 from kd_bnn.binary.convert import apply_stages
+from kd_bnn.binary.layers import set_float_weights
 from kd_bnn.binary.summary import summary as compression_summary
 from kd_bnn.config import ExperimentConfig, TrainConfig, config_to_dict
 from kd_bnn.data.loader import build_datasets, build_loader
@@ -378,6 +379,29 @@ def _prepare_teacher(teacher: Detector, cfg: ExperimentConfig, run: _Run,
     return tres
 
 
+def _train_student(student: Detector, teacher: Detector, cfg: ExperimentConfig, run: _Run, phase: str,
+                   phase_dir: Path, progress: bool | None) -> RunResult:
+    """Train `student` in `phase_dir` as phase `phase`. With ``stage1_train`` (two-stage training,
+    ReActNet, Liu et al. 2020) it first trains with float weights and binary activations in
+    ``<phase_dir>/stage1`` (phase ``<phase>_stage1``), and the binary-weight training starts from
+    that phase's best weights."""
+    if cfg.stage1_train is not None:
+        set_float_weights(student, True)
+        ckpt = run.start(f"{phase}_stage1", phase_dir / "stage1", cfg.stage1_train.epochs)
+        r1 = train_model(student, cfg, cfg.stage1_train, phase_dir / "stage1", teacher=teacher, resume=ckpt,
+                         progress=progress)
+        run.check(r1)
+        if r1.best_checkpoint is not None:
+            student.load_state_dict(_load_weights(r1.best_checkpoint))
+        set_float_weights(student, False)
+        run.results[f"{phase}_stage1"] = _phase_results(r1)
+        seed_everything(cfg.seed)
+    ckpt = run.start(phase, phase_dir, cfg.train.epochs)
+    res = train_model(student, cfg, cfg.train, phase_dir, teacher=teacher, resume=ckpt, progress=progress)
+    run.check(res)
+    return res
+
+
 def run_experiment(cfg: ExperimentConfig, resume: bool | str | os.PathLike | None = False,
                    progress: bool | None = None, run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run a whole config: optionally train the teacher, then train the binary student.
@@ -426,9 +450,7 @@ def _run_experiment(cfg: ExperimentConfig, resume: bool, progress: bool | None,
             if is_main_process():
                 run_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(run_dir / "binarize_report.txt", report.table())
-            ckpt = run.start("student", run_dir, cfg.train.epochs)
-            sres = train_model(student, cfg, cfg.train, run_dir, teacher=teacher, resume=ckpt, progress=progress)
-            run.check(sres)
+            sres = _train_student(student, teacher, cfg, run, "student", run_dir, progress)
             reusable = False
             if sres.best_checkpoint is not None:
                 student.load_state_dict(_load_weights(sres.best_checkpoint))
@@ -534,16 +556,14 @@ def _run_ablation(cfg: ExperimentConfig, progress: bool | None, resume: bool,
             results["teacher"] = _phase_results(tres)
         reuse = tres.metrics if tres is not None and tres.best_is_last_evaluation() else None
         rows = [_ablation_row("teacher (float32)", teacher, cfg, reuse)]
-        for label, kd in (("student BWN, no KD", False), ("student BWN + KD", True)):
+        mode = cfg.student.binary.mode.upper()
+        for label, kd in ((f"student {mode}, no KD", False), (f"student {mode} + KD", True)):
             scfg = cfg.model_copy(deep=True)
             scfg.distill.enabled = kd and bool(cfg.distill.terms)
             seed_everything(cfg.seed)
             student, _ = build_student(teacher, scfg)
             phase = "student_kd" if kd else "student_nokd"
-            ckpt = run.start(phase, base / phase, scfg.train.epochs)
-            res = train_model(student, scfg, scfg.train, base / phase, teacher=teacher, progress=progress,
-                              resume=ckpt)
-            run.check(res)
+            res = _train_student(student, teacher, scfg, run, phase, base / phase, progress)
             student.load_state_dict(_load_weights(res.best_checkpoint))
             results[phase] = _phase_results(res)
             rows.append(_ablation_row(label, student, scfg,

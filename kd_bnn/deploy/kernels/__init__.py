@@ -69,11 +69,15 @@ __all__ = [
     "pad_packed",
     "xnor_conv2d",
     "bwn_conv2d",
+    "SHORTCUT_KINDS",
+    "block_epilogue",
 ]
 
 ISAS: tuple[str, ...] = ("scalar", "popcnt", "avx2", "avx512")
 ACTIVATIONS: dict[str, int] = {"none": 0, "linear": 0, "relu": 1, "leaky": 2}
 _MODES = {"int": 0, "float": 1, "packed": 2}
+#: Channel maps of a binary block's real shortcut (kd_bnn.binary.blocks), as block.cpp codes them.
+SHORTCUT_KINDS: dict[str, int] = {"none": 0, "identity": 1, "repeat": 2, "fold": 3}
 _CO_BLOCK = 16
 _DIR = Path(__file__).resolve().parent
 _EXT_NAME = "kdbnn_binconv"
@@ -535,3 +539,46 @@ def bwn_conv2d(
     w = unpack_signs(w_packed, c_in, kh, kw) * alpha.detach().float().view(-1, 1, 1, 1)
     y = F.conv2d(x.detach().float(), w, None, stride=stride, padding=padding)
     return _transform(y, None, bias, act)
+
+
+def block_epilogue(
+    y: torch.Tensor,
+    s: torch.Tensor | None,
+    kind: str,
+    gamma: torch.Tensor,
+    slope: torch.Tensor,
+    zeta: torch.Tensor,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """A binary block's epilogue, in place on ``y`` (returned): ``prelu(y + S(s) - gamma, slope) + zeta``.
+
+    ``y``: the binary conv output (BN folded), float ``(N, C, H, W)``; ``s``: the shortcut source
+    (the block input, pooled for a strided conv) with the same ``H, W``, or None for kind
+    ``none``; ``kind``: the channel map of :data:`SHORTCUT_KINDS` (identity, repeat ``c mod C_s``,
+    fold = mean of ``s[j]`` with ``j mod C == c``). RPReLU (ReActNet, Liu et al. 2020) and any
+    PReLU-shaped activation (leaky, ReLU, linear with zero shifts) are one per-channel formula.
+    """
+    if kind not in SHORTCUT_KINDS:
+        raise ValueError(f"unknown shortcut kind '{kind}', expected one of {list(SHORTCUT_KINDS)}")
+    if (s is None) != (kind == "none"):
+        raise ValueError(f"shortcut kind '{kind}' {'needs' if s is None else 'takes no'} a shortcut tensor")
+    c = y.shape[1]
+    gamma, slope, zeta = (_f32(t).contiguous() for t in (gamma, slope, zeta))
+    ext = _use_ext(backend)
+    if ext is not None and y.dtype == torch.float32 and y.is_contiguous() and not y.requires_grad:
+        src = _f32(s).contiguous() if s is not None else torch.empty(0)
+        ext.block_epilogue(y, src, SHORTCUT_KINDS[kind], gamma, slope, zeta)
+        return y
+    if s is not None:
+        cs = s.shape[1]
+        if kind == "identity":
+            y = y + s
+        elif kind == "repeat":
+            y = y + s.repeat(1, -(-c // cs), 1, 1)[:, :c]
+        else:
+            k = -(-cs // c)
+            total = F.pad(s, (0, 0, 0, 0, 0, k * c - cs)).view(s.shape[0], k, c, *s.shape[2:]).sum(1)
+            counts = torch.tensor([len(range(j, cs, c)) for j in range(c)], dtype=y.dtype)
+            y = y + total / counts.view(1, -1, 1, 1)
+    v = y - gamma.view(1, -1, 1, 1)
+    return torch.where(v >= 0, v, v * slope.view(1, -1, 1, 1)) + zeta.view(1, -1, 1, 1)

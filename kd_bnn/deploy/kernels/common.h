@@ -16,6 +16,7 @@
 //   bwn_lut.h             the lookup-table BWN kernel, written once over a 16-pixel vector type
 //   bwn_x86.cpp           AVX2 lookup-table BWN kernel (bwn_lut.h with two ymm per vector)
 //   bwn_avx512.cpp        AVX-512 lookup-table BWN kernel (bwn_lut.h with one zmm per vector)
+//   block.cpp             binary block epilogue: real shortcut add + (R)PReLU, in place (portable)
 //   module.cpp            pybind11 module
 //
 // Kernel translation units include only this header (and dispatch.h), not torch, so they compile

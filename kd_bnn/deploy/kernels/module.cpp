@@ -1,5 +1,5 @@
 // kd_bnn kernels: the Python module (pybind11). The only file that includes <torch/extension.h>
-// (its parse is most of the build time); the ops are in pack.cpp, xnor.cpp and bwn.cpp, the ISA
+// (its parse is most of the build time); the ops are in pack.cpp, xnor.cpp, bwn.cpp and block.cpp, the ISA
 // detection in dispatch.cpp. Called from kd_bnn/deploy/kernels/__init__.py, which validates the
 // arguments and keeps a pure-torch fallback with the same results.
 
@@ -15,4 +15,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pad_packed", &kdbnn::pad_packed, "pad packed NHWC words with +1/-1 pad words");
   m.def("xnor_conv", &kdbnn::xnor_conv, "XNOR popcount convolution on packed NHWC input");
   m.def("bwn_conv", &kdbnn::bwn_conv, "float x packed-binary-weight convolution");
+  m.def("block_epilogue", &kdbnn::block_epilogue, "binary block epilogue: shortcut add + (R)PReLU, in place");
 }

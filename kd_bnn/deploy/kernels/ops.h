@@ -28,6 +28,9 @@ at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c
 at::Tensor bwn_conv(at::Tensor x, at::Tensor wpacked, at::Tensor alpha, c10::optional<at::Tensor> bias, int64_t KH,
                     int64_t KW, int64_t stride, int64_t pad, int64_t act, int64_t isa);
 
+// block.cpp: y = prelu(y + shortcut(s) - gamma, slope) + zeta in place (kinds: see block.cpp).
+void block_epilogue(at::Tensor y, at::Tensor s, int64_t kind, at::Tensor gamma, at::Tensor slope, at::Tensor zeta);
+
 inline void check_pad_value(double v) {
   TORCH_CHECK(v == 1.0 || v == -1.0, "kd_bnn: binary padding value must be +1 or -1, found ", v);
 }
