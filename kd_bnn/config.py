@@ -137,6 +137,9 @@ class StudentConfig(_Section):
     model: ModelConfig | None = None  # None: a copy of the teacher's architecture
     init_from_teacher: bool = True
     binary: BinaryConfig = Field(default_factory=BinaryConfig)
+    # a kd_bnn checkpoint of this very student to start from, e.g. stage 2 of two-stage training
+    # from stage 1's best.pt (<run>/stage1/best.pt) when the stages run as separate commands
+    weights: str | None = None
 
 
 class DistillTermConfig(_Section):

@@ -168,6 +168,18 @@ def test_maxpool_darknet_padding(size, stride, hw, out_hw):
     np.testing.assert_array_equal(y.numpy(), maxpool_reference(x.numpy(), size, stride, size - 1))
 
 
+@pytest.mark.parametrize("hw", [(6, 8), (5, 7), (6, 7), (1, 1)])
+@pytest.mark.parametrize("pad", [0, 1, 2])
+def test_maxpool_2x2_fast_path_equals_the_reference(hw, pad):
+    """size 2 stride 2 takes a row-pair / column-pair maximum path: same values as the reference
+    for odd and even sizes and every padding (padding 2 starts windows at -1: the general path)."""
+    if pad == 0 and min(hw) < 2:
+        return
+    x = torch.randn(3, *hw)
+    y = darknet_maxpool(x[None], 2, 2, pad)[0]
+    np.testing.assert_array_equal(y.numpy(), maxpool_reference(x.numpy(), 2, 2, pad))
+
+
 def test_maxpool_size2_stride1_in_a_cfg(tmp_path):
     text = TINY.replace("[maxpool]\nsize=2\nstride=2", "[maxpool]\nsize=2\nstride=1")
     m = tiny(tmp_path, text, input_size=(32, 32))

@@ -214,7 +214,7 @@ def train_benchmark(cfg: ExperimentConfig, batch_size: int | None = None, steps:
     batch = (random_batch(bs, size, len(cfg.data.classes), seed=cfg.seed) if random_data
              else dataset_batch(cfg, bs))
     teacher = build_model(cfg.teacher, list(cfg.data.classes), size, load_weights=False)
-    student, _ = build_student(teacher, cfg)
+    student, _ = build_student(teacher, cfg, init_weights=False)
     dev = resolve_device(device if device is not None else cfg.device)
     amp = bool(cfg.train.amp and dev.type == "cuda")
     res: dict[str, Any] = benchmark_train(teacher, student, batch, list(cfg.distill.terms), steps=steps,

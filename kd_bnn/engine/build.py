@@ -121,9 +121,11 @@ def native_binary_options(cfg: ExperimentConfig) -> dict[str, Any]:
     return {k: getattr(scfg.binary, k) for k in takes if k in scfg.binary.model_fields_set}
 
 
-def build_student(teacher: Detector, cfg: ExperimentConfig) -> tuple[Detector, Any]:
+def build_student(teacher: Detector, cfg: ExperimentConfig, init_weights: bool = True) -> tuple[Detector, Any]:
     """The binary student: a copy of the teacher initialised from its float weights
-    (``student.init_from_teacher``) or a fresh model of ``student.model``, then `binarize`d.
+    (``student.init_from_teacher``) or a fresh model of ``student.model``, then `binarize`d, then
+    loaded from ``student.weights`` when set and `init_weights` (a checkpoint of this student:
+    two-stage training's stage 2 started from stage 1 as a separate run).
 
     The student of a class-mapped teacher (``teacher.class_map`` without ``reset_head``) predicts
     the dataset's classes in its own head: the teacher's model with its prediction layers resized
@@ -146,13 +148,27 @@ def build_student(teacher: Detector, cfg: ExperimentConfig) -> tuple[Detector, A
         raise ValueError(f"teacher classes {teacher.class_names} and student classes "
                          f"{student.class_names} differ: they must predict the same classes")
     student, report = binarize(student, scfg.binary)
+    if scfg.weights is not None and init_weights:
+        _load_student_weights(student, scfg.weights)
     return student, report
+
+
+def _load_student_weights(student: Detector, path: str) -> None:
+    """``student.weights``: a kd_bnn checkpoint of this same student (weights only, no pickle)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"student.weights {path} does not exist (stage 2 of two-stage training "
+                                "starts from stage 1's <run>/stage1/best.pt)")
+    try:
+        student.load_state_dict(eval_state_dict(load_checkpoint(path)))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[:3]
+        raise ValueError(f"student.weights {path}: not a checkpoint of this student ({' '.join(first)[:400]})") from None
 
 
 def load_student(cfg: ExperimentConfig, checkpoint: str | os.PathLike) -> Detector:
     """Rebuild a trained student from its config and checkpoint (weights-only), stages applied."""
     teacher = build_model(cfg.teacher, cfg.data.classes, cfg.data.input_size, load_weights=False)
-    student, _ = build_student(teacher, cfg)
+    student, _ = build_student(teacher, cfg, init_weights=False)  # its own weights follow
     student.load_state_dict(eval_state_dict(load_checkpoint(checkpoint)))
     if cfg.student is not None:
         apply_stages(student, cfg.student.binary, 10**9)

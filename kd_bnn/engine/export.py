@@ -84,7 +84,7 @@ def export_checkpoint(config: str | os.PathLike | Any, checkpoint: str | os.Path
         if cfg.student is None:
             model = teacher
         else:
-            model, _ = build_student(teacher, cfg)
+            model, _ = build_student(teacher, cfg, init_weights=False)  # sizing: random init
             apply_stages(model, cfg.student.binary, 10**9)
     else:
         from kd_bnn.engine.build import load_student

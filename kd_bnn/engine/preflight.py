@@ -78,6 +78,12 @@ def check_experiment(cfg: ExperimentConfig) -> None:
 
         as_policy(cfg.student.binary)
         native_binary_options(cfg)
+        sw = cfg.student.weights
+        if sw is not None and not Path(sw).is_file():
+            raise FileNotFoundError(
+                f"student.weights {sw} does not exist: the student starts from a checkpoint of its own "
+                "(two-stage training's stage 2 from stage 1's <run>/stage1/best.pt); run stage 1 first, "
+                "or set stage1_train to run both stages in one run")
     w = cfg.teacher.weights
     if w is not None:
         if not Path(w).is_file():

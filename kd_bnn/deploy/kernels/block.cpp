@@ -12,7 +12,29 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+
 namespace kdbnn {
+
+namespace {
+
+// out = prelu(out + src - g, a) + z over n floats, branch-free (max/min: vectorised by the compiler;
+// a compare-and-branch on activation signs mispredicts half the time). src may be null.
+inline void prelu_row(float* __restrict out, const float* __restrict src, int64_t n, float g, float a, float z) {
+  if (src != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = out[i] + src[i] - g;
+      out[i] = std::max(v, 0.f) + a * std::min(v, 0.f) + z;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = out[i] - g;
+      out[i] = std::max(v, 0.f) + a * std::min(v, 0.f) + z;
+    }
+  }
+}
+
+}  // namespace
 
 void block_epilogue(at::Tensor y, at::Tensor s, int64_t kind, at::Tensor gamma, at::Tensor slope, at::Tensor zeta) {
   TORCH_CHECK(y.dim() == 4 && y.scalar_type() == at::kFloat && y.is_contiguous(),
@@ -40,29 +62,19 @@ void block_epilogue(at::Tensor y, at::Tensor s, int64_t kind, at::Tensor gamma, 
       float* out = py + b * HW;
       const float g = pg[c], a = pa[c], z = pz[c];
       if (kind == 1 || kind == 2) {
-        const float* src = ps + (n * Cs + (kind == 1 ? c : c % Cs)) * HW;
-        for (int64_t i = 0; i < HW; ++i) {
-          const float v = out[i] + src[i] - g;
-          out[i] = (v >= 0.f ? v : v * a) + z;
-        }
+        prelu_row(out, ps + (n * Cs + (kind == 1 ? c : c % Cs)) * HW, HW, g, a, z);
       } else if (kind == 3) {
         int64_t count = 0;
         for (int64_t j = c; j < Cs; j += C) ++count;
         const float inv = 1.f / (float)count;
-        // sum the folded channels into out first (y + mean = y + sum * inv), then the activation
+        // y + mean = y + sum * inv: accumulate the folded channels into out, then the activation
         for (int64_t j = c; j < Cs; j += C) {
-          const float* src = ps + (n * Cs + j) * HW;
+          const float* __restrict src = ps + (n * Cs + j) * HW;
           for (int64_t i = 0; i < HW; ++i) out[i] += src[i] * inv;
         }
-        for (int64_t i = 0; i < HW; ++i) {
-          const float v = out[i] - g;
-          out[i] = (v >= 0.f ? v : v * a) + z;
-        }
+        prelu_row(out, nullptr, HW, g, a, z);
       } else {
-        for (int64_t i = 0; i < HW; ++i) {
-          const float v = out[i] - g;
-          out[i] = (v >= 0.f ? v : v * a) + z;
-        }
+        prelu_row(out, nullptr, HW, g, a, z);
       }
     }
   });

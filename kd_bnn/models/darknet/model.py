@@ -119,19 +119,23 @@ class DarknetConv(nn.Module):
 def darknet_maxpool(x: torch.Tensor, size: int, stride: int, padding: int) -> torch.Tensor:
     """Darknet ``forward_maxpool_layer``: windows start at ``-(padding // 2)``, taps outside the
     map count as ``-inf``, and the output size is ``(W + padding - size) // stride + 1``. With the
-    default ``padding = size - 1`` a size-2 stride-1 pool keeps W (one -inf column on the right),
-    and a size-2 stride-2 pool on an odd W gives ``(W + 1) // 2``."""
-    if padding:
-        left = padding // 2
-        right = padding - left
-        x = F.pad(x, (left, right, left, right), value=float("-inf"))
+    default ``padding = size - 1`` a size-2 stride-2 pool on an odd W gives ``(W + 1) // 2``, and a
+    size-2 stride-1 pool keeps W (one -inf column on the right)."""
+    left = padding // 2
     n, c, h, w = x.shape
-    if size == stride == 2 and h % 2 == 0 and w % 2 == 0 and x.is_contiguous():
-        # the same maxima as F.max_pool2d, 5-13x faster on CPU (no index output): pairs of rows,
-        # then pairs of columns, each an elementwise maximum of two strided views
-        rows = x.view(n, c, h // 2, 2 * w)
-        r = torch.maximum(rows[..., :w], rows[..., w:]).view(n, c, h // 2, w // 2, 2)
+    if size == stride == 2 and left == 0:
+        # the same maxima as F.max_pool2d, 5-13x faster on CPU: the 2x2 windows tile rows and
+        # columns [0, 2*out); crop what no window reads, pad -inf where the last window overhangs,
+        # then a maximum of row pairs and one of column pairs (two strided views each)
+        oh, ow = (h + padding - 2) // 2 + 1, (w + padding - 2) // 2 + 1
+        x = x[:, :, :2 * oh, :2 * ow]
+        if 2 * oh > h or 2 * ow > w:
+            x = F.pad(x, (0, 2 * ow - x.shape[3], 0, 2 * oh - x.shape[2]), value=float("-inf"))
+        rows = x.contiguous().view(n, c, oh, 4 * ow)
+        r = torch.maximum(rows[..., :2 * ow], rows[..., 2 * ow:]).view(n, c, oh, ow, 2)
         return torch.maximum(r[..., 0], r[..., 1])
+    if padding:
+        x = F.pad(x, (left, padding - left, left, padding - left), value=float("-inf"))
     return F.max_pool2d(x, size, stride)
 
 
