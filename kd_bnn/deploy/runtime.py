@@ -40,7 +40,7 @@ from torch import nn
 
 from kd_bnn.binary.blocks import BinaryBlock, RPReLU
 from kd_bnn.deploy.format import FormatError, load_container
-from kd_bnn.deploy.kernels import block_epilogue, bwn_conv2d, weight_panel, xnor_conv2d
+from kd_bnn.deploy.kernels import block_epilogue, bwn_conv2d, stem_conv2d, weight_panel, xnor_conv2d
 from kd_bnn.deploy.schema import (
     binary_conv_spec,
     binary_options,
@@ -247,12 +247,25 @@ def _fuse_activations(model: nn.Module) -> int:
     for conv_path, bn_path, act_path in (blocks() if callable(blocks) else []):
         c = model.get_submodule(conv_path)
         bn = model.get_submodule(bn_path) if bn_path else None
-        act = _act_name(model.get_submodule(act_path))
+        act_mod = model.get_submodule(act_path)
+        act = _act_name(act_mod)
         if (isinstance(c, PackedBinaryConv) and c.input_scaling != "xnor_k" and c.activation == "none"
                 and act and (bn is None or isinstance(bn, nn.Identity))):
             c.activation = act
             _set(model, act_path, nn.Identity())
             count += 1
+        elif (StemConv.fits(c) and (bn is None or isinstance(bn, nn.Identity))
+              and (act or isinstance(act_mod, nn.Identity))):
+            # a float conv with few input channels (the stem): the stem kernel, activation fused
+            backend = next((m.backend for m in model.modules() if isinstance(m, PackedBinaryConv)), None)
+            _set(model, conv_path, StemConv(c, act or "none", backend))
+            _set(model, act_path, nn.Identity())
+            count += 1 if act else 0
+        elif (type(c) is nn.Conv2d and isinstance(act_mod, (nn.ReLU, nn.LeakyReLU))
+              and (bn is None or isinstance(bn, nn.Identity))):
+            # a float conv (BN folded) whose output only its activation reads: activate in place
+            # (no second full-size map to allocate and fault in)
+            act_mod.inplace = True
     for m in model.modules():
         if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
             kids = list(m._modules.items())
@@ -267,6 +280,37 @@ def _fuse_activations(model: nn.Module) -> int:
                     m._modules[kids[j][0]] = nn.Identity()
                     count += 1
     return count
+
+
+class StemConv(nn.Module):
+    """A float conv with few input channels (a detector's first conv, BN folded) and its activation,
+    run by the stem kernel (`kd_bnn.deploy.kernels.stem_conv2d`: direct conv vectorised over the
+    output width, bias and activation fused); torch's conv is slow at ``C_in = 3``."""
+
+    def __init__(self, conv: nn.Conv2d, activation: str = "none", backend: str | None = None):
+        super().__init__()
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = tuple(conv.kernel_size)
+        self.register_buffer("weight", conv.weight.detach().float().clone().contiguous())
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone().contiguous())
+        self.stride, self.padding = conv.stride[0], conv.padding[0]
+        self.activation, self.backend = activation, backend
+
+    @staticmethod
+    def fits(c: nn.Module) -> bool:
+        """Whether ``c`` is a plain ``nn.Conv2d`` the stem kernel runs: groups 1, no dilation,
+        ``in_channels <= 8``, kernel <= 7, equal strides 1 or 2, symmetric zero padding."""
+        return (type(c) is nn.Conv2d and c.groups == 1 and tuple(c.dilation) == (1, 1) and c.in_channels <= 8
+                and max(c.kernel_size) <= 7 and c.padding_mode == "zeros" and not isinstance(c.padding, str)
+                and c.padding[0] == c.padding[1] and c.stride[0] == c.stride[1] and c.stride[0] in (1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return stem_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.activation,
+                           backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, activation={self.activation}")
 
 
 class PackedOps:

@@ -1,6 +1,6 @@
 """Binary convolution kernels: C++ extension build/load, run-time ISA dispatch, torch fallback.
 
-Two ops, each with a C++ path (the ``*.cpp`` files of this folder, one per concern and ISA, see
+The ops, each with a C++ path (the ``*.cpp`` files of this folder, one per concern and ISA, see
 ``common.h``; built once with ``torch.utils.cpp_extension.load`` and cached under
 ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/kd_bnn/kernels`` in a folder named by the hash of the
 sources' contents, so editing any file rebuilds and identical sources share one build) and a
@@ -31,6 +31,10 @@ pure-torch path with identical results:
   float rounding (the tests check a per-output bound, ``tests/test_deploy_kernels.py``), not bit
   for bit. Tuning: ``KDBNN_BWN_G`` (4..6), ``KDBNN_BWN_R4`` (0/1), ``KDBNN_BWN_PG`` (tables per
   pass) override the per-layer plan.
+* :func:`stem_conv2d` - a float conv with few input channels (a detector's first conv,
+  ``C_in <= 8``): direct conv vectorised over the output width from zero-padded per-row copies of
+  the input (``stem.cpp``; AVX-512F / AVX2+FMA row kernels in ``stem_x86.cpp``), bias and
+  activation fused; ``F.conv2d`` is slow there (its reduction is only ``C_in*KH*KW`` long).
 
 ISA paths (``ISAS``): ``avx512`` (AVX-512 VPOPCNTDQ), ``avx2``, ``popcnt``, ``scalar``; the best
 one the CPU has is used unless ``isa=`` or the ``KDBNN_ISA`` environment variable names one.
@@ -69,6 +73,7 @@ __all__ = [
     "pad_packed",
     "xnor_conv2d",
     "bwn_conv2d",
+    "stem_conv2d",
     "SHORTCUT_KINDS",
     "block_epilogue",
 ]
@@ -539,6 +544,93 @@ def bwn_conv2d(
     w = unpack_signs(w_packed, c_in, kh, kw) * alpha.detach().float().view(-1, 1, 1, 1)
     y = F.conv2d(x.detach().float(), w, None, stride=stride, padding=padding)
     return _transform(y, None, bias, act)
+
+
+def _stem_geometry(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int],
+) -> tuple[int, int] | None:
+    """``(stride, padding)`` when the stem kernel handles the conv, else None (torch runs it)."""
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    kh, kw = weight.shape[2:]
+    if not (sh == sw and sh in (1, 2) and ph == pw and 0 <= ph <= 64):
+        return None
+    if not (1 <= x.shape[1] <= 8 and 1 <= kh <= 7 and 1 <= kw <= 7):
+        return None
+    if x.shape[2] + 2 * ph < kh or x.shape[3] + 2 * pw < kw or not x.dtype.is_floating_point:
+        return None
+    return sh, ph
+
+
+def stem_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    activation: str = "none",
+    backend: str | None = None,
+    isa: str | None = None,
+) -> torch.Tensor:
+    """Float conv with few input channels (a detector's first conv): ``act(conv2d(x, weight, bias))``.
+
+    The C++ path (``stem.cpp``, ``stem_x86.cpp``) is a direct conv vectorised over the output
+    width (one zmm / ymm / xmm of outputs per register, several output channels' accumulators at
+    once, each weight broadcast, FMA), with the bias and the activation fused in the store. It
+    handles ``C_in <= 8``, ``KH, KW <= 7``, equal strides 1 or 2 and equal (symmetric) zero padding;
+    any other geometry, ``backend="torch"`` or a missing extension runs ``F.conv2d`` and the
+    activation in torch. Float32 ``(N, C_out, OH, OW)`` out, no autograd.
+
+    Rounding: each output is a sequential sum of its ``K = C_in*KH*KW`` products, then the bias,
+    then the activation, so ``|out - exact| <= (2K + 4) * 2**-24 * (sum|w||x| + |bias|)`` (exact:
+    real arithmetic, leaky slope ``float32(0.1)``); ``F.conv2d`` sums in another order, so the two
+    agree to within the sum of their rounding errors (``tests/test_deploy_stem.py`` checks both;
+    about ``1e-5 * (sum|w||x| + |bias|)`` for a 3x3 conv of 3 channels), not bit for bit.
+
+    Args:
+        x: float ``(N, C_in, H, W)``; weight: ``(C_out, C_in, KH, KW)`` (groups 1);
+        bias: ``(C_out,)`` or None; stride, padding: int or a pair, as ``F.conv2d``.
+        activation: ``none`` | ``relu`` | ``leaky`` (slope 0.1), see :data:`ACTIVATIONS`.
+        backend: ``torch`` forces the fallback; isa: force an ISA path (see ``ISAS``).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"input must be (N, C, H, W), found {tuple(x.shape)}")
+    if weight.dim() != 4 or weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"weight must be (C_out, {x.shape[1]}, KH, KW) for input {tuple(x.shape)}, "
+            f"found {tuple(weight.shape)}"
+        )
+    if bias is not None and bias.numel() != weight.shape[0]:
+        raise ValueError(f"bias has {bias.numel()} values, expected C_out={weight.shape[0]}")
+    if min(_pair(stride)) < 1 or min(_pair(padding)) < 0:
+        raise ValueError(f"bad stride/padding: {stride}/{padding}")
+    act = _act_code(activation)
+    ext = _use_ext(backend)
+    geom = _stem_geometry(x, weight, stride, padding)
+    if ext is not None and geom is not None:
+        return ext.stem_conv(
+            _f32(x),
+            _f32(weight),
+            None if bias is None else _f32(bias),
+            geom[0],
+            geom[1],
+            act,
+            resolve_isa(isa),
+        )
+    y = F.conv2d(
+        x.detach().float(),
+        weight.detach().float(),
+        None if bias is None else bias.detach().float(),
+        _pair(stride),
+        _pair(padding),
+    )
+    if act == 1:
+        return F.relu(y)
+    if act == 2:
+        return F.leaky_relu(y, 0.1)
+    return y
 
 
 def block_epilogue(

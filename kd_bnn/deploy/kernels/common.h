@@ -17,6 +17,8 @@
 //   bwn_x86.cpp           AVX2 lookup-table BWN kernel (bwn_lut.h with two ymm per vector)
 //   bwn_avx512.cpp        AVX-512 lookup-table BWN kernel (bwn_lut.h with one zmm per vector)
 //   block.cpp             binary block epilogue: real shortcut add + (R)PReLU, in place (portable)
+//   stem.cpp              small-C_in float conv (a detector's stem): driver, portable/SSE2 row kernel
+//   stem_x86.cpp          AVX2+FMA and AVX-512F row kernels of the stem conv
 //   module.cpp            pybind11 module
 //
 // Kernel translation units include only this header (and dispatch.h), not torch, so they compile

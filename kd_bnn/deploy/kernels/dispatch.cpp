@@ -8,6 +8,8 @@
 //           Using AVX2 Instructions", 2016), AVX2 epilogue and packing, lookup-table BWN kernel
 //   popcnt  scalar POPCNT XNOR micro-kernel; portable epilogue and BWN direct conv
 //   scalar  portable C++ everywhere (the only path of a non-x86 build)
+// The small-C_in float conv (stem.cpp) has an AVX-512F (avx512) and an AVX2+FMA (avx2, where the
+// CPU has FMA) row kernel in stem_x86.cpp; popcnt and scalar use the portable (SSE2) one.
 //
 // A new ISA: an Isa code in common.h, a cpu_has case and a make_entry case here (kernels the
 // ISA lacks stay the portable ones), and its name in kernels/__init__.py ISAS.
@@ -37,7 +39,7 @@ namespace {
 
 // The kernels of one ISA path, starting from the portable ones.
 IsaKernels make_entry(int64_t isa) {
-  IsaKernels k{&kXnorScalar, nullptr, pack_row_nchw, nullptr};
+  IsaKernels k{&kXnorScalar, nullptr, pack_row_nchw, nullptr, &kStemPortable};
   switch (isa) {
 #if KDBNN_X86
     case ISA_POPCNT:
@@ -48,6 +50,7 @@ IsaKernels make_entry(int64_t isa) {
       k.xnor_epilogue = &kXnorEpilogueAvx2;
       k.pack_row = pack_row_nchw_avx2;
       k.bwn_lut = &kBwnLutAvx2;
+      if (__builtin_cpu_supports("fma")) k.stem = &kStemAvx2;  // AVX2 CPUs have FMA in practice
       break;
     case ISA_AVX512:
       k.xnor = &kXnorAvx512;
@@ -56,6 +59,7 @@ IsaKernels make_entry(int64_t isa) {
         k.pack_row = pack_row_nchw_avx2;
         k.bwn_lut = &kBwnLutAvx512;  // AVX-512F/BW (cpu_has above) plus AVX2/FMA
       }
+      k.stem = &kStemAvx512;  // AVX-512F only
       break;
 #endif
     default:

@@ -15,5 +15,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pad_packed", &kdbnn::pad_packed, "pad packed NHWC words with +1/-1 pad words");
   m.def("xnor_conv", &kdbnn::xnor_conv, "XNOR popcount convolution on packed NHWC input");
   m.def("bwn_conv", &kdbnn::bwn_conv, "float x packed-binary-weight convolution");
+  m.def("stem_conv", &kdbnn::stem_conv, "float conv with few input channels (stem), bias + activation fused");
   m.def("block_epilogue", &kdbnn::block_epilogue, "binary block epilogue: shortcut add + (R)PReLU, in place");
 }

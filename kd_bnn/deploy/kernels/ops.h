@@ -28,6 +28,11 @@ at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c
 at::Tensor bwn_conv(at::Tensor x, at::Tensor wpacked, at::Tensor alpha, c10::optional<at::Tensor> bias, int64_t KH,
                     int64_t KW, int64_t stride, int64_t pad, int64_t act, int64_t isa);
 
+// stem.cpp: float conv with few input channels (C <= 8, KH, KW <= 7, stride 1/2, zero padding),
+// act(conv2d(x, w, bias, stride, pad)) -> float (N, C_out, OH, OW).
+at::Tensor stem_conv(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias, int64_t stride, int64_t pad,
+                     int64_t act, int64_t isa);
+
 // block.cpp: y = prelu(y + shortcut(s) - gamma, slope) + zeta in place (kinds: see block.cpp).
 void block_epilogue(at::Tensor y, at::Tensor s, int64_t kind, at::Tensor gamma, at::Tensor slope, at::Tensor zeta);
 
