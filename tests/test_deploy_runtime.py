@@ -382,4 +382,5 @@ def test_packed_chains_plan_and_equality(tmp_path):
         assert torch.equal(p, q)
     bwn = _darknet_student("bwn")
     export(bwn, tmp_path / "b.kdbnn")
-    assert Runtime(tmp_path / "b.kdbnn").packed_plan is None  # float activations: nothing to pack
+    plan = Runtime(tmp_path / "b.kdbnn").packed_plan  # float activations: nothing to pack (the
+    assert plan is None or not any(p is True for p in plan)  # stem conv + max-pool fusion may apply

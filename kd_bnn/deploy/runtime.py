@@ -38,9 +38,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_bnn.binary.blocks import BinaryBlock, RPReLU
+from kd_bnn.binary.blocks import BinaryBlock, LearnableBias, RPReLU
 from kd_bnn.deploy.format import FormatError, load_container
-from kd_bnn.deploy.kernels import block_epilogue, bwn_conv2d, stem_conv2d, weight_panel, xnor_conv2d
+from kd_bnn.deploy.kernels import (
+    block_epilogue,
+    bwn_conv2d,
+    default_isa,
+    pointwise_conv2d,
+    pointwise_weights,
+    stem_conv2d,
+    weight_panel,
+    xnor_conv2d,
+)
 from kd_bnn.deploy.schema import (
     binary_conv_spec,
     binary_options,
@@ -115,7 +124,21 @@ class PackedBinaryConv(nn.Module):
         y = F.conv2d(x, w, None, self.stride, 0, self.dilation)
         return y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def threshold_ok(self) -> bool:
+        """Whether ``forward`` takes a binarization ``threshold`` (an XNOR conv the kernel runs with
+        the layer's symmetric padding, no input scaling)."""
+        return self.mode == "xnor" and self._kernel_ok and self._sym and self.input_scaling != "xnor_k"
+
+    def forward(self, x: torch.Tensor, threshold: torch.Tensor | None = None) -> torch.Tensor:
+        """The conv of ``x``; ``threshold`` (``threshold_ok()`` convs only): binarize ``x >= t[c]``
+        instead of ``x >= 0`` (RSign's ``sign(x + b)`` with ``t = -b``, no shifted map)."""
+        if threshold is not None:
+            if not self.threshold_ok():
+                raise ValueError("a binarization threshold needs an XNOR conv the kernel runs directly")
+            kh, kw = self.kernel_size
+            return xnor_conv2d(x, self.words, self.in_channels, (kh, kw), self.stride[0], self.pad[0],
+                               self.pad_value, scale=self.scale, bias=self.shift, activation=self.activation,
+                               panel=self.panel, backend=self.backend, threshold=threshold)
         x = x.float()
         kh, kw = self.kernel_size
         xk = self.input_scaling == "xnor_k"
@@ -202,14 +225,29 @@ class FusedBinaryBlock(nn.Module):
         self.register_buffer("slope", slope.float().clone().contiguous())
         self.register_buffer("zeta", zeta.float().clone().contiguous())
         self.backend = backend
+        #: fold RSign's shift into the XNOR conv's binarization (False: the shifted map, as trained)
+        self.fuse_move = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(self.move(x)).contiguous()
+        thr = self._threshold()
+        if thr is not None:  # RSign's shift as the packer's per-channel threshold: no shifted map
+            y = self.conv(x, threshold=thr).contiguous()
+        else:
+            y = self.conv(self.move(x)).contiguous()
         s = None
         if self.kind != "none":
             s = x if self.stride == 1 else F.avg_pool2d(x, self.stride, self.stride, ceil_mode=True,
                                                         count_include_pad=False)
         return block_epilogue(y, s, self.kind, self.gamma, self.slope, self.zeta, backend=self.backend)
+
+    def _threshold(self) -> torch.Tensor | None:
+        """``-b`` of the RSign ``move`` when the packed XNOR conv can binarize against it
+        (``sign(x + b)`` = ``x >= -b``), else None (``move`` runs as a module)."""
+        if not self.fuse_move or not isinstance(self.move, LearnableBias) or not isinstance(self.conv, PackedBinaryConv):
+            return None
+        if self.conv.mode != "xnor" or not self.conv.threshold_ok():
+            return None
+        return (-self.move.bias.detach().float().reshape(-1)).contiguous()
 
     def extra_repr(self) -> str:
         return f"shortcut={self.kind}, stride={self.stride}"
@@ -261,6 +299,13 @@ def _fuse_activations(model: nn.Module) -> int:
             _set(model, conv_path, StemConv(c, act or "none", backend))
             _set(model, act_path, nn.Identity())
             count += 1 if act else 0
+        elif (PointwiseConv.fits(c) and (bn is None or isinstance(bn, nn.Identity))
+              and (act or isinstance(act_mod, nn.Identity))):
+            # a float 1x1 conv: the stem row kernels over the flattened plane, activation fused
+            backend = next((m.backend for m in model.modules() if isinstance(m, PackedBinaryConv)), None)
+            _set(model, conv_path, PointwiseConv(c, act or "none", backend))
+            _set(model, act_path, nn.Identity())
+            count += 1 if act else 0
         elif (type(c) is nn.Conv2d and isinstance(act_mod, (nn.ReLU, nn.LeakyReLU))
               and (bn is None or isinstance(bn, nn.Identity))):
             # a float conv (BN folded) whose output only its activation reads: activate in place
@@ -304,13 +349,48 @@ class StemConv(nn.Module):
                 and max(c.kernel_size) <= 7 and c.padding_mode == "zeros" and not isinstance(c.padding, str)
                 and c.padding[0] == c.padding[1] and c.stride[0] == c.stride[1] and c.stride[0] in (1, 2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pool: int | None = None) -> torch.Tensor:
+        """The conv and its activation; ``pool`` 0 or 1: then Darknet's 2x2 stride-2 max-pool with
+        that padding, fused into the kernel call (only the pooled map is written)."""
         return stem_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.activation,
-                           backend=self.backend)
+                           backend=self.backend, pool=pool)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, activation={self.activation}")
+
+
+class PointwiseConv(nn.Module):
+    """A float 1x1 conv (stride 1, no padding, BN folded) and its activation, run by
+    `kd_bnn.deploy.kernels.pointwise_conv2d` (the stem row kernels over the flattened plane, about
+    2x torch's GEMM at one thread); the blocked weights are made once per ISA path."""
+
+    def __init__(self, conv: nn.Conv2d, activation: str = "none", backend: str | None = None):
+        super().__init__()
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.register_buffer("weight", conv.weight.detach().float().clone().contiguous())
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone().contiguous())
+        self.activation, self.backend = activation, backend
+        self._blocked: dict[str, torch.Tensor | None] = {}
+
+    @staticmethod
+    def fits(c: nn.Module) -> bool:
+        """Whether ``c`` is a plain 1x1 ``nn.Conv2d``: groups 1, stride 1, no padding, no dilation."""
+        return (type(c) is nn.Conv2d and c.groups == 1 and tuple(c.kernel_size) == (1, 1)
+                and tuple(c.stride) == (1, 1) and tuple(c.dilation) == (1, 1) and not isinstance(c.padding, str)
+                and tuple(c.padding) == (0, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocked = None
+        if self.backend != "torch" and x.dtype.is_floating_point:
+            isa = default_isa()
+            if isa not in self._blocked:
+                self._blocked[isa] = pointwise_weights(self.weight, isa)
+            blocked = self._blocked[isa]
+        return pointwise_conv2d(x, self.weight, self.bias, self.activation, blocked=blocked, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), activation={self.activation}"
 
 
 class PackedOps:
@@ -329,6 +409,15 @@ class PackedOps:
 
     def is_packed(self, x: torch.Tensor) -> bool:
         return x.dtype == torch.int64
+
+    def can_stem_pool(self, conv: nn.Module) -> bool:
+        """Whether ``conv`` runs on the stem kernel, which can fuse a following 2x2 max-pool."""
+        return isinstance(conv, StemConv)
+
+    def stem_pool(self, conv: nn.Module, x: torch.Tensor, padding: int) -> torch.Tensor:
+        """``conv`` (a `StemConv`, activation fused) then Darknet's size-2 stride-2 max-pool with
+        ``padding`` 0 or 1, in one kernel call writing only the pooled map (exact)."""
+        return conv(x, pool=padding)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         from kd_bnn.deploy.kernels import pack_input

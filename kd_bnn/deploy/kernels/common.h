@@ -109,8 +109,11 @@ struct XnorEpilogue {
 };
 
 // ---------------------------------------------------------------- input packing
-// One NCHW image row (channel c at src + c*plane) -> W pixels of packed words, padding bits 0.
-using PackRowFn = void (*)(const float* src, int64_t plane, int64_t C, int64_t W, uint64_t* dst);
+// One NCHW image row (channel c at src + c*plane) -> W pixels of packed words, padding bits 0;
+// bit c of a pixel: x >= thr[c] (thr null: x >= 0). A per-channel threshold -b is RSign's
+// sign(x + b) without the shifted map: round(x + b) >= 0 exactly when x >= -b (rounding is
+// monotonic, 0 is exact and a nonzero exact sum never rounds to 0), for all but x, b infinite.
+using PackRowFn = void (*)(const float* src, int64_t plane, int64_t C, int64_t W, const float* thr, uint64_t* dst);
 
 // ---------------------------------------------------------------- BWN lookup-table kernel
 // Arguments of the lookup-table BWN conv (bwn.cpp prepares them; the method is described in

@@ -39,7 +39,7 @@ struct StemKernel {
 // xnor_scalar.cpp (portable)
 extern const XnorKernel kXnorScalar;
 // pack.cpp (portable; SSE2 where the compiler targets it)
-void pack_row_nchw(const float* src, int64_t plane, int64_t C, int64_t W, uint64_t* dst);
+void pack_row_nchw(const float* src, int64_t plane, int64_t C, int64_t W, const float* thr, uint64_t* dst);
 // stem.cpp (portable; SSE2 where the compiler targets it)
 extern const StemKernel kStemPortable;
 
@@ -51,7 +51,7 @@ extern const XnorKernel kXnorAvx512;  // AVX-512 VPOPCNTDQ
 // xnor_epilogue_x86.cpp
 extern const XnorEpilogue kXnorEpilogueAvx2;
 // pack_x86.cpp
-void pack_row_nchw_avx2(const float* src, int64_t plane, int64_t C, int64_t W, uint64_t* dst);
+void pack_row_nchw_avx2(const float* src, int64_t plane, int64_t C, int64_t W, const float* thr, uint64_t* dst);
 // bwn_x86.cpp, bwn_avx512.cpp (one source, bwn_lut.h)
 extern const BwnLutKernel kBwnLutAvx2;
 extern const BwnLutKernel kBwnLutAvx512;
@@ -76,7 +76,7 @@ bool cpu_has(int64_t isa);
 // Kernels of ISA path `isa`; throws (c10::Error) on an unknown code or a path the CPU lacks.
 const IsaKernels& isa_kernels(int64_t isa);
 
-// Row packer of the best path this CPU has (packing takes no ISA argument).
+// Row packer of the best path this CPU has (pack_input's default).
 PackRowFn best_pack_row();
 
 }  // namespace kdbnn

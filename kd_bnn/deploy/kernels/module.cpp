@@ -11,10 +11,15 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kd_bnn binary convolution kernels (XNOR popcount conv, BWN conv)";
   m.def("has_isa", &kdbnn::cpu_has, "whether the CPU supports ISA path code (0 scalar, 1 popcnt, 2 avx2, 3 avx512)");
-  m.def("pack_input", &kdbnn::pack_input, "binarize and pack (N,C,H,W) float -> padded NHWC int64 words");
+  m.def("pack_input", &kdbnn::pack_input, "binarize and pack (N,C,H,W) float -> padded NHWC int64 words",
+        py::arg("x"), py::arg("pad"), py::arg("pad_value"), py::arg("thr") = py::none(), py::arg("isa") = -1);
   m.def("pad_packed", &kdbnn::pad_packed, "pad packed NHWC words with +1/-1 pad words");
   m.def("xnor_conv", &kdbnn::xnor_conv, "XNOR popcount convolution on packed NHWC input");
   m.def("bwn_conv", &kdbnn::bwn_conv, "float x packed-binary-weight convolution");
-  m.def("stem_conv", &kdbnn::stem_conv, "float conv with few input channels (stem), bias + activation fused");
+  m.def("stem_conv", &kdbnn::stem_conv, "float conv with few input channels (stem), bias + activation fused",
+        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("stride"), py::arg("pad"), py::arg("act"), py::arg("isa"),
+        py::arg("pool_pad") = -1);
+  m.def("stem_block", &kdbnn::stem_block, "output channels per block of the stem row kernel of an ISA path");
+  m.def("pointwise_conv", &kdbnn::pointwise_conv, "1x1 float conv on the stem row kernels, bias + activation fused");
   m.def("block_epilogue", &kdbnn::block_epilogue, "binary block epilogue: shortcut add + (R)PReLU, in place");
 }

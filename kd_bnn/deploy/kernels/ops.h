@@ -14,8 +14,9 @@
 namespace kdbnn {
 
 // pack.cpp
-// x: float (N, C, H, W) -> int64 (N, H+2p, W+2p, nw), sign bits (x >= 0 -> 1), border = pad words.
-at::Tensor pack_input(at::Tensor x, int64_t pad, double pad_value);
+// x: float (N, C, H, W) -> int64 (N, H+2p, W+2p, nw), sign bits (x >= thr[c] -> 1, thr undefined:
+// x >= 0), border = pad words; isa -1: the best row packer, else that path's.
+at::Tensor pack_input(at::Tensor x, int64_t pad, double pad_value, c10::optional<at::Tensor> thr, int64_t isa);
 // xp: int64 (N, H, W, nw) packed (unpadded) -> (N, H+2p, W+2p, nw) with pad words on the border.
 at::Tensor pad_packed(at::Tensor xp, int64_t channels, int64_t pad, double pad_value);
 
@@ -29,12 +30,22 @@ at::Tensor bwn_conv(at::Tensor x, at::Tensor wpacked, at::Tensor alpha, c10::opt
                     int64_t KW, int64_t stride, int64_t pad, int64_t act, int64_t isa);
 
 // stem.cpp: float conv with few input channels (C <= 8, KH, KW <= 7, stride 1/2, zero padding),
-// act(conv2d(x, w, bias, stride, pad)) -> float (N, C_out, OH, OW).
+// act(conv2d(x, w, bias, stride, pad)) -> float (N, C_out, OH, OW); pool_pad 0/1: then Darknet's
+// 2x2 stride-2 max-pool with that padding, only the pooled map written (-1: no pool).
 at::Tensor stem_conv(at::Tensor x, at::Tensor w, c10::optional<at::Tensor> bias, int64_t stride, int64_t pad,
-                     int64_t act, int64_t isa);
+                     int64_t act, int64_t isa, int64_t pool_pad);
+
+// stem.cpp: 1x1 float conv on the stem row kernels; wb: float (nblk, C, cb) with cb = stem_block(isa).
+int64_t stem_block(int64_t isa);
+at::Tensor pointwise_conv(at::Tensor x, at::Tensor wb, c10::optional<at::Tensor> bias, int64_t c_out, int64_t act,
+                          int64_t isa);
 
 // block.cpp: y = prelu(y + shortcut(s) - gamma, slope) + zeta in place (kinds: see block.cpp).
 void block_epilogue(at::Tensor y, at::Tensor s, int64_t kind, at::Tensor gamma, at::Tensor slope, at::Tensor zeta);
+
+// stem.cpp: a fresh float (N, C, H, W) tensor; big ones 2 MB aligned and advised MADV_HUGEPAGE
+// (fewer first-touch page faults), then a contiguous view with a storage offset.
+at::Tensor new_output(int64_t N, int64_t C, int64_t H, int64_t W);
 
 inline void check_pad_value(double v) {
   TORCH_CHECK(v == 1.0 || v == -1.0, "kd_bnn: binary padding value must be +1 or -1, found ", v);

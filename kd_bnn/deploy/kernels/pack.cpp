@@ -18,7 +18,7 @@ namespace kdbnn {
 // One NCHW image row (channel c at src + c*plane) -> W pixels of packed words, padding bits 0.
 // Four pixels at a time: one SSE compare + movemask per channel gives the channel's bit for 4
 // pixels, spread into 4 register-held words (no NHWC transpose of the float input).
-void pack_row_nchw(const float* src, int64_t plane, int64_t C, int64_t W, uint64_t* dst) {
+void pack_row_nchw(const float* src, int64_t plane, int64_t C, int64_t W, const float* thr, uint64_t* dst) {
   const int64_t nw = (C + 63) / 64;
   int64_t w = 0;
 #if KDBNN_SSE2
@@ -28,7 +28,8 @@ void pack_row_nchw(const float* src, int64_t plane, int64_t C, int64_t W, uint64
       const int64_t c1 = std::min<int64_t>(C, wi * 64 + 64);
       uint64_t q0 = 0, q1 = 0, q2 = 0, q3 = 0;
       for (int64_t c = wi * 64; c < c1; ++c) {
-        const uint64_t m = (uint64_t)_mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(src + c * plane + w), z));
+        const __m128 t = thr != nullptr ? _mm_set1_ps(thr[c]) : z;
+        const uint64_t m = (uint64_t)_mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(src + c * plane + w), t));
         const int sh = (int)(c & 63);
         q0 |= (m & 1ULL) << sh;
         q1 |= ((m >> 1) & 1ULL) << sh;
@@ -46,14 +47,16 @@ void pack_row_nchw(const float* src, int64_t plane, int64_t C, int64_t W, uint64
     for (int64_t wi = 0; wi < nw; ++wi) {
       const int64_t c1 = std::min<int64_t>(C, wi * 64 + 64);
       uint64_t q = 0;
-      for (int64_t c = wi * 64; c < c1; ++c) q |= (uint64_t)(src[c * plane + w] >= 0.0f) << (c & 63);
+      for (int64_t c = wi * 64; c < c1; ++c)
+        q |= (uint64_t)(src[c * plane + w] >= (thr != nullptr ? thr[c] : 0.0f)) << (c & 63);
       dst[w * nw + wi] = q;
     }
   }
 }
 
-// x: float (N, C, H, W) -> int64 (N, H+2p, W+2p, nw), sign bits (x >= 0 -> 1), border = pad words.
-at::Tensor pack_input(at::Tensor x, int64_t pad, double pad_value) {
+// x: float (N, C, H, W) -> int64 (N, H+2p, W+2p, nw), sign bits (x >= thr[c] -> 1; thr undefined:
+// x >= 0), border = pad words. isa: the row packer of that path, -1: the best this CPU has.
+at::Tensor pack_input(at::Tensor x, int64_t pad, double pad_value, c10::optional<at::Tensor> thr, int64_t isa) {
   TORCH_CHECK(x.dim() == 4, "kd_bnn.pack_input: expected (N, C, H, W), found ", x.sizes());
   TORCH_CHECK(pad >= 0, "kd_bnn.pack_input: pad must be >= 0, found ", pad);
   check_pad_value(pad_value);
@@ -64,7 +67,14 @@ at::Tensor pack_input(at::Tensor x, int64_t pad, double pad_value) {
   auto out = at::empty({N, Hp, Wp, nw}, at::kLong);
   uint64_t* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
   const bool plus = pad_value > 0;
-  const PackRowFn pack_row = best_pack_row();
+  const PackRowFn pack_row = isa < 0 ? best_pack_row() : isa_kernels(isa).pack_row;
+  at::Tensor tf;
+  const float* tp = nullptr;
+  if (thr.has_value() && thr->defined()) {
+    tf = thr->to(at::kFloat).contiguous();
+    TORCH_CHECK(tf.numel() == C, "kd_bnn.pack_input: threshold has ", tf.numel(), " values, expected ", C);
+    tp = tf.data_ptr<float>();
+  }
   // rows per task: >= ~64K input floats, so small layers stay on one thread (a parallel region
   // costs more than the copy there)
   at::parallel_for(0, N * Hp, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, W * C)), [&](int64_t b, int64_t e) {
@@ -80,7 +90,7 @@ at::Tensor pack_input(at::Tensor x, int64_t pad, double pad_value) {
         fill_pad(row + (Wp - 1 - w) * nw, nw, C, plus);
       }
       uint64_t* inner = row + pad * nw;
-      pack_row(xp + n * C * H * W + h * W, H * W, C, W, inner);
+      pack_row(xp + n * C * H * W + h * W, H * W, C, W, tp, inner);
     }
   });
   return out;

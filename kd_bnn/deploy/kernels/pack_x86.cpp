@@ -12,7 +12,7 @@ namespace kdbnn {
 // transposed with three delta swaps (H. S. Warren, "Hacker's Delight", 7-3), then an SSE byte
 // transpose turns the 8 octets of a 64-channel word into the 8 pixels' words.
 __attribute__((target("avx2"))) void pack_row_nchw_avx2(const float* src, int64_t plane, int64_t C, int64_t W,
-                                                        uint64_t* dst) {
+                                                        const float* thr, uint64_t* dst) {
   const int64_t nw = (C + 63) / 64;
   const __m256 z = _mm256_setzero_ps();
   int64_t w = 0;
@@ -24,7 +24,8 @@ __attribute__((target("avx2"))) void pack_row_nchw_avx2(const float* src, int64_
         uint64_t m = 0;
         for (int k = 0; k < 8; ++k) {
           if (c0 + k >= C) break;
-          m |= (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(src + (c0 + k) * plane + w), z, _CMP_GE_OQ))
+          const __m256 t = thr != nullptr ? _mm256_set1_ps(thr[c0 + k]) : z;
+          m |= (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(src + (c0 + k) * plane + w), t, _CMP_GE_OQ))
                << (8 * k);
         }
         uint64_t t;
@@ -53,7 +54,7 @@ __attribute__((target("avx2"))) void pack_row_nchw_avx2(const float* src, int64_
       for (int p = 0; p < 8; ++p) dst[(w + p) * nw + wi] = px[p];
     }
   }
-  if (w < W) pack_row_nchw(src + w, plane, C, W - w, dst + w * nw);
+  if (w < W) pack_row_nchw(src + w, plane, C, W - w, thr, dst + w * nw);
 }
 
 }  // namespace kdbnn

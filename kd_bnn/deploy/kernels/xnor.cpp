@@ -171,7 +171,7 @@ at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c
   const int64_t nwo = (c_out + 63) / 64;
   const int64_t OHp = OH + 2 * out_pad, OWp = OW + 2 * out_pad;
   if (mode == MODE_INT) out = at::empty({N, c_out, OH, OW}, at::kInt);
-  else if (mode == MODE_FLOAT) out = at::empty({N, c_out, OH, OW}, at::kFloat);
+  else if (mode == MODE_FLOAT) out = new_output(N, c_out, OH, OW);
   else out = at::empty({N, OHp, OWp, nwo}, at::kLong);
 
   int32_t* out_i = mode == MODE_INT ? out.data_ptr<int32_t>() : nullptr;

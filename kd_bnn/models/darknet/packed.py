@@ -9,6 +9,11 @@ sign-preserving activation (leaky, linear: the activation is skipped when only s
 and every consumer (the next layer, and every route/shortcut naming it) only needs the sign: an
 XNOR block, or a max-pool that itself outputs packed bits. Routes, reorgs, shortcuts, float convs
 and heads get floats as before.
+
+Besides packed bits, the plan marks one fusion of float layers: a stem conv block (the runtime's
+small-C_in conv kernel, activation fused; ``ops.stem_pool``) whose only consumer is the next
+layer, a Darknet 2x2 stride-2 max-pool with padding 0 or 1, is run as one kernel call that writes
+only the pooled map (:data:`STEM_POOL` at the conv's index; the pool then passes its input on).
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ from torch import nn
 
 from kd_bnn.models.darknet.model import DarknetConv, MaxPool, Route, Shortcut
 
-__all__ = ["packed_forward", "packed_maxpool", "packed_plan", "xnor_block"]
+__all__ = ["STEM_POOL", "packed_forward", "packed_maxpool", "packed_plan", "stem_pool_fusable", "xnor_block"]
+
+#: Plan entry of a stem conv whose following max-pool is fused into its kernel call (truthy, so a
+#: plan with only this fusion is still a plan; not ``True``: its output is a float map).
+STEM_POOL = "stem_pool"
 
 
 def packed_maxpool(words: torch.Tensor, size: int, stride: int, padding: int) -> torch.Tensor:
@@ -61,8 +70,21 @@ def _sign_preserving_float_block(layer: nn.Module, ops: Any) -> bool:
     return isinstance(act, nn.Identity) or (isinstance(act, nn.LeakyReLU) and act.negative_slope > 0)
 
 
-def packed_plan(model: nn.Module, ops: Any) -> list[bool]:
-    """Per Darknet layer: whether its output can travel as packed sign words (module docstring)."""
+def stem_pool_fusable(layer: nn.Module, nxt: nn.Module, ops: Any) -> bool:
+    """Whether Darknet conv block ``layer`` and the max-pool ``nxt`` after it run as one stem
+    kernel call (``ops.stem_pool``): the runtime's stem conv with nothing after the kernel and a
+    size-2 stride-2 pool with padding 0 or 1 (windows at even offsets)."""
+    can = getattr(ops, "can_stem_pool", None)
+    if type(layer) is not DarknetConv or can is None or not can(layer.conv):
+        return False
+    if not (layer.bn is None or isinstance(layer.bn, nn.Identity)) or not isinstance(layer.act, nn.Identity):
+        return False
+    return isinstance(nxt, MaxPool) and nxt.size == 2 and nxt.stride == 2 and nxt.padding in (0, 1)
+
+
+def packed_plan(model: nn.Module, ops: Any) -> list[bool | str]:
+    """Per Darknet layer: whether its output can travel as packed sign words (module docstring),
+    or :data:`STEM_POOL` for a stem conv fused with the max-pool after it."""
     layers = list(model.layers)
     n = len(layers)
     consumers: list[list[int]] = [[] for _ in range(n)]
@@ -83,13 +105,22 @@ def packed_plan(model: nn.Module, ops: Any) -> list[bool]:
             continue
         packed[i] = all(xnor_block(layers[c], ops) is not None or (isinstance(layers[c], MaxPool) and packed[c])
                         for c in consumers[i])
-    return packed
+    plan: list[bool | str] = list(packed)
+    for i in range(n - 1):
+        if consumers[i] == [i + 1] and stem_pool_fusable(layers[i], layers[i + 1], ops):
+            plan[i] = STEM_POOL
+    return plan
 
 
-def packed_forward(model: nn.Module, plan: list[bool], images: torch.Tensor, ops: Any) -> list[torch.Tensor]:
-    """``DarknetDetector.forward`` with XNOR chains kept as packed bits between layers."""
+def packed_forward(model: nn.Module, plan: list[bool | str], images: torch.Tensor, ops: Any) -> list[torch.Tensor]:
+    """``DarknetDetector.forward`` with XNOR chains kept as packed bits between layers (and the
+    stem conv + max-pool fusions of the plan)."""
 
     def step(i: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if plan[i] == STEM_POOL:
+            return ops.stem_pool(layer.conv, x, model.layers[i + 1].padding)
+        if i > 0 and plan[i - 1] == STEM_POOL:  # the pool ran with the conv: x is its output
+            return ops.pack(x) if plan[i] is True else x
         if isinstance(layer, MaxPool) and plan[i]:
             if not ops.is_packed(x):
                 x = ops.pack(x)
