@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from blocked import randomise_blocks
 from torch import nn
 
 from kd_bnn.binary import binarize
@@ -21,22 +22,6 @@ ALL = {"shortcut": True, "rsign": True, "rprelu": True}
 def demo_model() -> nn.Module:
     torch.manual_seed(0)
     return load_darknet(CFG, class_names=NAMES, input_size=(64, 192))
-
-
-def _randomise(model: nn.Module) -> None:
-    """BN statistics and block parameters away from their identity initialisation."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.6 - 0.3)
-        if isinstance(m, RPReLU):
-            for p in (m.gamma, m.zeta):
-                p.data.copy_(torch.rand(p.shape, generator=g) * 0.4 - 0.2)
-        if isinstance(m, BinaryBlock) and not isinstance(m.move, nn.Identity):
-            m.move.bias.data.copy_(torch.rand(m.move.bias.shape, generator=g) * 0.4 - 0.2)
 
 
 @pytest.mark.parametrize("c_in,c_out,kind", [(8, 8, "identity"), (4, 10, "repeat"), (10, 4, "fold"), (9, 3, "fold")])
@@ -123,7 +108,7 @@ def test_export_runtime_equals_the_blocked_student(tmp_path, mode):
     from kd_bnn.deploy.runtime import FusedBinaryBlock, Runtime
 
     model, _ = binarize(demo_model(), {"mode": mode, "keep_pointwise": True, "block": ALL})
-    _randomise(model)
+    randomise_blocks(model)
     model.eval()
     rep = export(model, tmp_path / "m.kdbnn")
     assert rep["binary_mac_fraction"] > 0.8

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from blocked import randomise_blocks
 from torch import nn
 
 from kd_bnn.binary import binarize
-from kd_bnn.binary.blocks import BinaryBlock, RPReLU
 from kd_bnn.deploy import kernels as K
 from kd_bnn.models.darknet.model import darknet_maxpool, load_darknet
 
@@ -121,18 +121,7 @@ def _blocked_student() -> nn.Module:
                      input_size=(64, 192))
     m, _ = binarize(m, {"mode": "xnor", "keep_pointwise": True,
                         "block": {"shortcut": True, "rsign": True, "rprelu": True}})
-    g = torch.Generator().manual_seed(1)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) - 0.5)
-            mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-            mod.weight.data.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-            mod.bias.data.copy_(torch.rand(mod.num_features, generator=g) * 0.6 - 0.3)
-        if isinstance(mod, RPReLU):
-            for p in (mod.gamma, mod.zeta):
-                p.data.copy_(torch.rand(p.shape, generator=g) * 0.4 - 0.2)
-        if isinstance(mod, BinaryBlock) and not isinstance(mod.move, nn.Identity):
-            mod.move.bias.data.copy_(torch.rand(mod.move.bias.shape, generator=g) * 0.4 - 0.2)
+    randomise_blocks(m)
     return m.eval()
 
 

@@ -292,18 +292,12 @@ def _fuse_activations(model: nn.Module) -> int:
             c.activation = act
             _set(model, act_path, nn.Identity())
             count += 1
-        elif (StemConv.fits(c) and (bn is None or isinstance(bn, nn.Identity))
-              and (act or isinstance(act_mod, nn.Identity))):
-            # a float conv with few input channels (the stem): the stem kernel, activation fused
+        elif ((kind := StemConv if StemConv.fits(c) else PointwiseConv if PointwiseConv.fits(c) else None)
+              and (bn is None or isinstance(bn, nn.Identity)) and (act or isinstance(act_mod, nn.Identity))):
+            # a float conv with few input channels (the stem) or a float 1x1 conv: direct kernels
+            # vectorised over the output width, activation fused
             backend = next((m.backend for m in model.modules() if isinstance(m, PackedBinaryConv)), None)
-            _set(model, conv_path, StemConv(c, act or "none", backend))
-            _set(model, act_path, nn.Identity())
-            count += 1 if act else 0
-        elif (PointwiseConv.fits(c) and (bn is None or isinstance(bn, nn.Identity))
-              and (act or isinstance(act_mod, nn.Identity))):
-            # a float 1x1 conv: the stem row kernels over the flattened plane, activation fused
-            backend = next((m.backend for m in model.modules() if isinstance(m, PackedBinaryConv)), None)
-            _set(model, conv_path, PointwiseConv(c, act or "none", backend))
+            _set(model, conv_path, kind(c, act or "none", backend))
             _set(model, act_path, nn.Identity())
             count += 1 if act else 0
         elif (type(c) is nn.Conv2d and isinstance(act_mod, (nn.ReLU, nn.LeakyReLU))
