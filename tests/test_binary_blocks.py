@@ -162,3 +162,18 @@ def test_hostile_block_metadata_is_refused(tmp_path, blocks, match):
     save_container(tmp_path / "bad.kdbnn", tensors, meta)
     with pytest.raises(FormatError, match=match):
         Runtime(tmp_path / "bad.kdbnn")
+
+
+def test_staged_binarization_reaches_convs_inside_blocks():
+    """Stages name convs by their path before the rewrite; the report keeps the stage and
+    apply_stages switches the BinaryConv2d inside each BinaryBlock."""
+    from kd_bnn.binary.convert import apply_stages
+
+    policy = {"mode": "xnor", "block": ALL, "stages": [{"layers": ["layers.15.conv"], "epoch": 3}]}
+    model, report = binarize(demo_model(), policy)
+    row = next(r for r in report.rows if r.path == "layers.15.conv")
+    assert (row.stage, row.epoch) == ("stage0", 3)
+    inner = model.get_submodule("layers.15.conv.conv")
+    assert isinstance(inner, BinaryConv2d) and not inner.enabled
+    apply_stages(model, policy, 3)
+    assert inner.enabled
