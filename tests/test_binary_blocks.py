@@ -177,3 +177,20 @@ def test_staged_binarization_reaches_convs_inside_blocks():
     assert isinstance(inner, BinaryConv2d) and not inner.enabled
     apply_stages(model, policy, 3)
     assert inner.enabled
+
+
+def test_block_without_rprelu_fuses_its_plain_activation(tmp_path):
+    """A block whose activation stays LeakyReLU (shortcut only) runs fused with slope 0.1."""
+    from kd_bnn.deploy.export import export
+    from kd_bnn.deploy.runtime import FusedBinaryBlock, Runtime
+
+    model, _ = binarize(demo_model(), {"mode": "xnor", "block": {"shortcut": True}})
+    randomise_blocks(model).eval()
+    export(model, tmp_path / "m.kdbnn")
+    rt = Runtime(tmp_path / "m.kdbnn")
+    block = rt.model.get_submodule("layers.4.conv")
+    assert isinstance(block, FusedBinaryBlock)
+    assert torch.allclose(block.slope, torch.full_like(block.slope, 0.1))
+    x = torch.rand(2, 3, 64, 192)
+    want, got = model(x)[0], rt(x)[0]
+    assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["SHORTCUTS", "BinaryBlock", "BlockSpec", "ChannelShortcut", "LearnableBias", "RPReLU",
-           "apply_blocks", "block_spec_for", "block_specs_of", "check_block_specs"]
+           "activation_slope", "apply_blocks", "block_spec_for", "block_specs_of", "blocks_of",
+           "check_block_specs", "map_channels"]
 
 #: Shortcut kinds: "none", or a parameter-free real-valued path (see the module docstring).
 SHORTCUTS = ("none", "identity", "repeat", "fold")
@@ -81,22 +82,29 @@ class ChannelShortcut(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
             x = F.avg_pool2d(x, self.stride, self.stride, ceil_mode=True, count_include_pad=False)
-        if self.kind == "repeat":
-            reps = -(-self.out_channels // self.in_channels)
-            x = x.repeat(1, reps, 1, 1)[:, :self.out_channels]
-        elif self.kind == "fold":
-            k = -(-self.in_channels // self.out_channels)
-            n, _, h, w = x.shape
-            pad = k * self.out_channels - self.in_channels
-            total = F.pad(x, (0, 0, 0, 0, 0, pad)).view(n, k, self.out_channels, h, w).sum(1)
-            counts = torch.full((self.out_channels,), float(k), dtype=x.dtype, device=x.device)
-            if pad:
-                counts[self.out_channels - pad:] -= 1
-            x = total / counts.view(1, -1, 1, 1)
-        return x
+        return map_channels(x, self.out_channels)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, kind={self.kind}"
+
+
+def map_channels(x: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """The shortcut's channel map of ``x`` (N, C, H, W) to ``out_channels``: identity, repeat
+    (channel ``c`` <- ``c mod C``) or fold (mean of channels ``j`` with ``j mod out_channels == c``)."""
+    c_in = x.shape[1]
+    kind = shortcut_kind(c_in, out_channels)
+    if kind == "repeat":
+        return x.repeat(1, -(-out_channels // c_in), 1, 1)[:, :out_channels]
+    if kind == "fold":
+        k = -(-c_in // out_channels)
+        n, _, h, w = x.shape
+        pad = k * out_channels - c_in
+        total = F.pad(x, (0, 0, 0, 0, 0, pad)).view(n, k, out_channels, h, w).sum(1)
+        counts = torch.full((out_channels,), float(k), dtype=x.dtype, device=x.device)
+        if pad:
+            counts[out_channels - pad:] -= 1
+        return total / counts.view(1, -1, 1, 1)
+    return x
 
 
 def shortcut_kind(c_in: int, c_out: int) -> str:
@@ -145,7 +153,8 @@ class BlockSpec:
         return "+".join(parts) or "-"
 
 
-def _act_slope(act: nn.Module) -> float | None:
+def activation_slope(act: nn.Module) -> float | None:
+    """The PReLU slope that equals ``act`` (LeakyReLU: its slope, ReLU 0, Identity 1), else None."""
     if isinstance(act, nn.LeakyReLU):
         return float(act.negative_slope)
     if isinstance(act, nn.ReLU):
@@ -155,13 +164,15 @@ def _act_slope(act: nn.Module) -> float | None:
     return None
 
 
-def _blocks_of(model: nn.Module) -> dict[str, tuple[str | None, str]]:
+def blocks_of(model: nn.Module) -> dict[str, tuple[str | None, str]]:
+    """conv path -> (bn path or None, act path) of the model's ``activation_blocks`` hook."""
     hook = getattr(model, "activation_blocks", None)
     return {c: (b, a) for c, b, a in (hook() if callable(hook) else [])}
 
 
 def block_spec_for(model: nn.Module, path: str, conv: nn.Conv2d, mode: str, shortcut: bool, rsign: bool,
-                   rprelu: bool) -> tuple[BlockSpec | None, list[str]]:
+                   rprelu: bool, blocks: dict[str, tuple[str | None, str]] | None = None
+                   ) -> tuple[BlockSpec | None, list[str]]:
     """The spec the options give ``conv`` at ``path``, and why any asked-for option cannot apply.
 
     ``(None, reasons)`` when nothing applies. Reasons name the option and the cause (no
@@ -169,7 +180,7 @@ def block_spec_for(model: nn.Module, path: str, conv: nn.Conv2d, mode: str, shor
     RPReLU cannot start from, a stride whose pooled shortcut would not match the conv output)."""
     if not (shortcut or rsign or rprelu):
         return None, []
-    blocks = _blocks_of(model)
+    blocks = blocks_of(model) if blocks is None else blocks
     if path not in blocks:
         return None, ["block options: the family names no conv -> bn -> act block for this conv"]
     bn_path, act_path = blocks[path]
@@ -187,7 +198,7 @@ def block_spec_for(model: nn.Module, path: str, conv: nn.Conv2d, mode: str, shor
     if rsign and mode != "xnor":
         reasons.append("rsign: a bwn conv has no activation sign")
         rsign = False
-    if rprelu and _act_slope(model.get_submodule(act_path)) is None:
+    if rprelu and activation_slope(model.get_submodule(act_path)) is None:
         reasons.append(f"rprelu: cannot start from activation {type(model.get_submodule(act_path)).__name__}")
         rprelu = False
     spec = BlockSpec(kind, bool(rsign), bool(rprelu))
@@ -213,7 +224,7 @@ def check_block_specs(model: nn.Module, specs: Any, where: str) -> dict[str, Blo
     known keys on a conv that sits in one of the model's ``conv -> bn -> act`` blocks."""
     if not isinstance(specs, dict):
         raise ValueError(f"{where}: expected a mapping of conv path -> block options, found {type(specs).__name__}")
-    blocks = _blocks_of(model)
+    blocks = blocks_of(model)
     out: dict[str, BlockSpec] = {}
     for path, spec in specs.items():
         if not isinstance(spec, dict):
@@ -234,7 +245,7 @@ def check_block_specs(model: nn.Module, specs: Any, where: str) -> dict[str, Blo
                                      or not _pool_matches(conv)):
             raise ValueError(f"{where}[{path!r}].shortcut: {s.shortcut!r} does not fit the conv "
                              f"({conv.in_channels} -> {conv.out_channels}, stride {tuple(conv.stride)})")
-        if s.rprelu and _act_slope(model.get_submodule(blocks[path][1])) is None:
+        if s.rprelu and activation_slope(model.get_submodule(blocks[path][1])) is None:
             raise ValueError(f"{where}[{path!r}].rprelu: the block's activation cannot become RPReLU")
         out[path] = s
     return out
@@ -251,7 +262,7 @@ def apply_blocks(model: nn.Module, specs: dict[str, BlockSpec]) -> None:
 
     The conv's BatchNorm moves into the :class:`BinaryBlock` (its old path holds ``nn.Identity``)
     when the spec has a shortcut or RSign; the activation becomes :class:`RPReLU` when asked."""
-    blocks = _blocks_of(model)
+    blocks = blocks_of(model)
     for path, spec in specs.items():
         bn_path, act_path = blocks[path]
         conv = model.get_submodule(path)
@@ -265,7 +276,7 @@ def apply_blocks(model: nn.Module, specs: dict[str, BlockSpec]) -> None:
                 _set(model, bn_path, nn.Identity())
         if spec.rprelu:
             act = model.get_submodule(act_path)
-            new = RPReLU(conv.out_channels, _act_slope(act)).to(ref.device)
+            new = RPReLU(conv.out_channels, activation_slope(act)).to(ref.device)
             new.train(act.training)
             _set(model, act_path, new)
 
@@ -274,7 +285,7 @@ def block_specs_of(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The inverse of :func:`apply_blocks`: ``{conv path: spec dict}`` for every block of the model
     that has one (what the exporter writes as metadata ``blocks``)."""
     out: dict[str, dict[str, Any]] = {}
-    for conv_path, (_, act_path) in _blocks_of(model).items():
+    for conv_path, (_, act_path) in blocks_of(model).items():
         m = model.get_submodule(conv_path)
         block = m if isinstance(m, BinaryBlock) else None
         spec = BlockSpec("none" if block is None or block.shortcut is None else block.shortcut.kind,

@@ -48,7 +48,7 @@ from typing import Any
 from pydantic import ValidationError
 from torch import nn
 
-from kd_bnn.binary.blocks import apply_blocks, block_spec_for
+from kd_bnn.binary.blocks import apply_blocks, block_spec_for, blocks_of
 from kd_bnn.binary.layers import BinaryConv2d, binary_convs, is_depthwise
 from kd_bnn.binary.quantizers import INPUT_SCALINGS, build_quantizer, weight_scaling
 from kd_bnn.config import BinaryConfig, ConfigError
@@ -364,10 +364,12 @@ def _apply_block_options(model: nn.Module, cfg: BinaryConfig, rows: list[ConvRow
     if not (b.shortcut or b.rsign or b.rprelu):
         return
     specs = {}
+    blocks = blocks_of(model)
     for r in rows:
         if r.reason != "converted":
             continue
-        spec, why = block_spec_for(model, r.path, model.get_submodule(r.path), cfg.mode, b.shortcut, b.rsign, b.rprelu)
+        spec, why = block_spec_for(model, r.path, model.get_submodule(r.path), cfg.mode, b.shortcut, b.rsign,
+                                   b.rprelu, blocks)
         r.block = "; ".join(([spec.describe()] if spec else []) + [f"not applied: {w}" for w in why]) or "-"
         if spec is not None:
             specs[r.path] = spec

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_bnn.binary.blocks import BinaryBlock, LearnableBias, RPReLU
+from kd_bnn.binary.blocks import BinaryBlock, LearnableBias, RPReLU, activation_slope
 from kd_bnn.deploy.format import FormatError, load_container
 from kd_bnn.deploy.kernels import (
     block_epilogue,
@@ -220,7 +220,7 @@ class FusedBinaryBlock(nn.Module):
             gamma, slope, zeta = act.gamma.detach(), act.slope.detach(), act.zeta.detach()
         else:
             gamma, zeta = torch.zeros(c), torch.zeros(c)
-            slope = torch.full((c,), _PRELU_SLOPES[_act_name(act) or "linear"])
+            slope = torch.full((c,), activation_slope(act))
         self.register_buffer("gamma", gamma.float().clone().contiguous())
         self.register_buffer("slope", slope.float().clone().contiguous())
         self.register_buffer("zeta", zeta.float().clone().contiguous())
@@ -253,9 +253,6 @@ class FusedBinaryBlock(nn.Module):
         return f"shortcut={self.kind}, stride={self.stride}"
 
 
-_PRELU_SLOPES = {"leaky": 0.1, "relu": 0.0, "linear": 1.0}
-
-
 def _fuse_blocks(model: nn.Module) -> int:
     """Replace each `BinaryBlock` of packed convs (BN folded) and the activation after it by a
     `FusedBinaryBlock`; returns how many."""
@@ -268,7 +265,7 @@ def _fuse_blocks(model: nn.Module) -> int:
         if (isinstance(b, BinaryBlock) and isinstance(b.conv, PackedBinaryConv) and isinstance(b.bn, nn.Identity)
                 and b.conv.input_scaling != "xnor_k" and b.conv.activation == "none"
                 and (bn is None or isinstance(bn, nn.Identity))
-                and (isinstance(act, RPReLU) or _act_name(act) or isinstance(act, nn.Identity))):
+                and (isinstance(act, RPReLU) or activation_slope(act) is not None)):
             _set(model, conv_path, FusedBinaryBlock(b, act, b.conv.backend))
             _set(model, act_path, nn.Identity())
             count += 1

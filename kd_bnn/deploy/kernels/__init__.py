@@ -62,6 +62,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kd_bnn.binary.blocks import map_channels, shortcut_kind
 from kd_bnn.deploy.pack import num_words, pack_activations, unpack_activations, unpack_signs
 
 __all__ = [
@@ -781,6 +782,9 @@ def block_epilogue(
     if (s is None) != (kind == "none"):
         raise ValueError(f"shortcut kind '{kind}' {'needs' if s is None else 'takes no'} a shortcut tensor")
     c = y.shape[1]
+    if s is not None and shortcut_kind(s.shape[1], c) != kind:
+        raise ValueError(f"shortcut kind '{kind}' does not map {s.shape[1]} channels to {c} "
+                         f"(that is '{shortcut_kind(s.shape[1], c)}')")
     gamma, slope, zeta = (_f32(t).contiguous() for t in (gamma, slope, zeta))
     ext = _use_ext(backend)
     if ext is not None and y.dtype == torch.float32 and y.is_contiguous() and not y.requires_grad:
@@ -788,15 +792,6 @@ def block_epilogue(
         ext.block_epilogue(y, src, SHORTCUT_KINDS[kind], gamma, slope, zeta)
         return y
     if s is not None:
-        cs = s.shape[1]
-        if kind == "identity":
-            y = y + s
-        elif kind == "repeat":
-            y = y + s.repeat(1, -(-c // cs), 1, 1)[:, :c]
-        else:
-            k = -(-cs // c)
-            total = F.pad(s, (0, 0, 0, 0, 0, k * c - cs)).view(s.shape[0], k, c, *s.shape[2:]).sum(1)
-            counts = torch.tensor([len(range(j, cs, c)) for j in range(c)], dtype=y.dtype)
-            y = y + total / counts.view(1, -1, 1, 1)
+        y = y + map_channels(s, c)
     v = y - gamma.view(1, -1, 1, 1)
     return torch.where(v >= 0, v, v * slope.view(1, -1, 1, 1)) + zeta.view(1, -1, 1, 1)
