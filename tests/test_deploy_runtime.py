@@ -384,3 +384,20 @@ def test_packed_chains_plan_and_equality(tmp_path):
     export(bwn, tmp_path / "b.kdbnn")
     plan = Runtime(tmp_path / "b.kdbnn").packed_plan  # float activations: nothing to pack (the
     assert plan is None or not any(p is True for p in plan)  # stem conv + max-pool fusion may apply
+
+
+def test_skipped_init_restores_torch_init_even_on_error():
+    """The loader builds its skeleton without initialising weights (all are overwritten from the
+    file); torch.nn.init is back to normal afterwards, also when the build fails."""
+    from torch import nn
+
+    from kd_bnn.deploy.schema import skipped_init
+
+    before = nn.init.kaiming_uniform_
+    with pytest.raises(RuntimeError), skipped_init():
+        assert nn.init.kaiming_uniform_ is not before
+        raise RuntimeError("build failed")
+    assert nn.init.kaiming_uniform_ is before
+    w = torch.full((4, 4), 7.0)
+    nn.init.zeros_(w)
+    assert w.abs().sum() == 0

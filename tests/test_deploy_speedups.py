@@ -186,3 +186,55 @@ def test_big_outputs_are_huge_page_aligned():
     assert y.is_contiguous() and y.data_ptr() % (2 << 20) == 0
     small = K.stem_conv2d(x[:, :, :20], torch.randn(8, 3, 3, 3), None, 1, 1)
     assert small.is_contiguous()
+
+
+@pytest.mark.parametrize("h,w,pool,rows", [(9, 7, 1, 2), (9, 7, 0, 4), (10, 6, 1, 2), (16, 5, 0, 6), (7, 3, 1, 100)])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_conv_pool_in_row_bands_equals_conv_then_pool(h, w, pool, rows, k):
+    """Banded conv + pool = the pool of the whole map: odd heights, both Darknet paddings, halos
+    of k // 2 rows, bands of any even size (the last band shorter)."""
+    from kd_bnn.deploy.runtime import PackedOps
+
+    torch.manual_seed(k)
+    block = nn.Sequential(nn.Conv2d(5, 6, k, padding=k // 2), nn.LeakyReLU(0.1)).eval()
+    x = torch.randn(2, 5, h, w)
+    ops = PackedOps(backend="torch")
+    assert ops.can_conv_pool(block[0])
+    ops.band_min_bytes, ops.band_bytes = 0, rows * 2 * 6 * w * 4
+    with torch.no_grad():
+        want = darknet_maxpool(block(x), 2, 2, pool)
+        got = ops.conv_pool(block, block[0], x, pool)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_conv_pool_refuses_convs_whose_rows_are_not_local():
+    from kd_bnn.deploy.runtime import PackedOps
+
+    ops = PackedOps()
+    assert not ops.can_conv_pool(nn.Conv2d(4, 4, 3, stride=2, padding=1))
+    assert not ops.can_conv_pool(nn.Conv2d(4, 4, 3, padding=0))
+    assert not ops.can_conv_pool(nn.Conv2d(4, 4, 3, padding=1, dilation=2))
+    assert not ops.can_conv_pool(nn.Conv2d(4, 4, (3, 1), padding=(1, 0)))
+
+
+def test_runtime_bands_conv_pool_pairs_exactly(tmp_path):
+    """A BWN Darknet student's conv -> 2x2 max-pool pairs run in row bands (plan CONV_POOL; XNOR
+    chains pass packed bits instead) give the maps of the unbanded runtime."""
+    from kd_bnn.deploy.export import export
+    from kd_bnn.deploy.runtime import Runtime
+    from kd_bnn.models.darknet.packed import CONV_POOL
+
+    torch.manual_seed(0)
+    m = load_darknet("configs/darknet/yolov2-demo.cfg", class_names=["Car", "Pedestrian", "Cyclist"],
+                     input_size=(64, 192))
+    m, _ = binarize(m, {"mode": "bwn"})
+    path = tmp_path / "m.kdbnn"
+    export(m.eval(), path)
+    banded, whole = Runtime(path), Runtime(path, packed_chains=False)
+    banded.ops.band_min_bytes, banded.ops.band_bytes = 0, 1
+    assert CONV_POOL in banded.packed_plan
+    x = torch.rand(2, 3, 64, 192, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(banded(x), whole(x)):
+        assert a.shape == b.shape
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())

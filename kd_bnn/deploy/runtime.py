@@ -410,6 +410,53 @@ class PackedOps:
         ``padding`` 0 or 1, in one kernel call writing only the pooled map (exact)."""
         return conv(x, pool=padding)
 
+    #: conv output bytes above which `conv_pool` runs in row bands, and the bytes of one band
+    band_min_bytes, band_bytes = 8 << 20, 4 << 20
+
+    def can_conv_pool(self, conv: nn.Module) -> bool:
+        """Whether a block around ``conv`` may run in row bands (`conv_pool`): a float-output conv
+        the runtime holds, stride 1, no dilation, ``same`` padding (odd square kernel, pad k // 2),
+        so every output row depends only on the input rows around it."""
+        if isinstance(conv, PackedBinaryConv):
+            k, pad = conv.kernel_size, conv.pad
+            return (conv.stride == (1, 1) and conv.dilation == (1, 1) and k[0] == k[1] and k[0] % 2 == 1
+                    and len(set(pad)) == 1 and pad[0] == k[0] // 2)
+        if isinstance(conv, PointwiseConv):
+            return True
+        return (type(conv) is nn.Conv2d and conv.groups == 1 and tuple(conv.stride) == (1, 1)
+                and tuple(conv.dilation) == (1, 1) and not isinstance(conv.padding, str)
+                and conv.kernel_size[0] == conv.kernel_size[1] and conv.kernel_size[0] % 2 == 1
+                and tuple(conv.padding) == (conv.kernel_size[0] // 2,) * 2)
+
+    def conv_pool(self, block: nn.Module, conv: nn.Module, x: torch.Tensor, padding: int) -> torch.Tensor:
+        """``block(x)`` (``conv`` then elementwise layers, `can_conv_pool`) followed by Darknet's
+        2x2 stride-2 max-pool with ``padding`` 0 or 1, computed in bands of output rows so that the
+        full-resolution map never exists: only one band (~``band_bytes``) and the pooled map do.
+        Exactly the unbanded result: a band's conv reads its input rows plus ``k // 2`` halo rows
+        on each side (the conv's own zero padding where the band meets the image border)."""
+        from kd_bnn.models.darknet.model import darknet_maxpool
+
+        n, _, h, w = x.shape
+        c_out = conv.out_channels
+        if n * c_out * h * w * 4 <= self.band_min_bytes or h < 4:
+            return darknet_maxpool(block(x), 2, 2, padding)
+        k = conv.kernel_size[0] if isinstance(conv, (PackedBinaryConv, nn.Conv2d)) else 1
+        halo = k // 2
+        rows = max(2, self.band_bytes // (n * c_out * w * 4) // 2 * 2)
+        oh, ow = (h + padding - 2) // 2 + 1, (w + padding - 2) // 2 + 1
+        out = None
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            a, b = max(0, r0 - halo), min(h, r1 + halo)
+            y = block(x[:, :, a:b])[:, :, r0 - a:r1 - a]
+            # bands start at even rows and all but the last have an even height: the pool's
+            # windows overhang (padding 1, odd size) only at the image's bottom and right edges
+            pooled = darknet_maxpool(y, 2, 2, padding)
+            if out is None:
+                out = torch.empty(n, pooled.shape[1], oh, ow, dtype=pooled.dtype)
+            out[:, :, r0 // 2:r0 // 2 + pooled.shape[2]] = pooled
+        return out
+
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         from kd_bnn.deploy.kernels import pack_input
 
@@ -449,7 +496,7 @@ class Runtime:
         self.input_size: tuple[int, int] = tuple(int(v) for v in meta["input_size"])
         self.anchors = meta.get("anchors")
         try:
-            skeleton = build_skeleton(meta)
+            skeleton = build_skeleton(meta, initialize=False)
         except FormatError as exc:
             raise FormatError(f"{self.path}: {exc}") from exc
         self.model = self._assemble(skeleton, tensors, meta, backend)

@@ -12,7 +12,9 @@ BN folding: ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s`` (Ioffe & Sz
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +39,7 @@ __all__ = [
     "build_skeleton",
     "is_stored_conv",
     "owned_tensors",
+    "skipped_init",
     "split_blobs",
     "stored_tensor",
     "tensor_plan",
@@ -50,8 +53,35 @@ CONV_KINDS = ("binary_conv", "float_conv")
 WORD_BITS = 64
 
 
-def build_skeleton(meta: dict[str, Any]) -> nn.Module:
-    """The float module tree of an exported model (no weights loaded).
+#: ``torch.nn.init`` functions that `skipped_init` turns into no-ops.
+_INIT_FNS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+             "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+             "sparse_")
+
+
+@contextlib.contextmanager
+def skipped_init() -> Iterator[None]:
+    """Modules built inside keep their parameters uninitialised (``torch.nn.init`` is a no-op).
+
+    For a tree whose every stored tensor is about to be overwritten from a file or dropped (the
+    loader's skeleton: `tensor_plan` refuses a tree with tensors no entry covers): the weights
+    are ``torch.empty`` pages that are never written, so they never become resident - the binary
+    convs' float weights, 30x the packed model, no longer pass through memory at load time.
+    Buffers computed by the modules themselves (anchors, grids) are unaffected.
+    """
+    saved = {name: getattr(nn.init, name) for name in _INIT_FNS}
+    try:
+        for name in _INIT_FNS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+def build_skeleton(meta: dict[str, Any], initialize: bool = True) -> nn.Module:
+    """The float module tree of an exported model (no weights loaded; ``initialize=False``: not
+    even initialised, see `skipped_init`).
 
     The file is data: the tree comes from a registered family and options checked against that
     family's schema (a Darknet model's options are its cfg text) - never from a file it names.
@@ -78,7 +108,8 @@ def build_skeleton(meta: dict[str, Any]) -> nn.Module:
         raise FormatError(f"metadata 'skeleton' of family {sk.get('family')!r}: unknown keys {extra}; "
                           "allowed: ['family', 'options']")
     try:
-        model = build_from_skeleton(sk.get("family"), sk.get("options"), names, tuple(size))
+        with skipped_init() if not initialize else contextlib.nullcontext():
+            model = build_from_skeleton(sk.get("family"), sk.get("options"), names, tuple(size))
     except SkeletonError as exc:
         raise FormatError(str(exc)) from None
     if meta.get("blocks"):

@@ -1,9 +1,12 @@
 """Whole-model benchmark: a ``.kdbnn`` student on the packed kernels vs its float32 teacher in torch.
 
 Each model is measured in its own fresh process (spawn), so that peak memory is that model's
-alone: ``peak_rss_delta`` = peak resident set size (VmHWM, reset through ``/proc/self/clear_refs``
-just before the model is built, after importing torch and one warm-up conv) minus the RSS at
-that point: the model's weights plus its activations and workspaces. Latency: ``warmup`` runs, then the minimum and median of
+alone. Two peaks, each the resident set size high-water mark (VmHWM, reset through
+``/proc/self/clear_refs``) minus the RSS where it was reset: ``load_rss_delta`` from just before
+the model is built (after importing torch and one warm-up conv) to the end of loading - the
+model's weights plus whatever loading held at once - and ``peak_rss_delta`` from the loaded
+model to the end of the timed forwards: activations and workspaces above the loaded baseline,
+what inference costs on top of the weights. Latency: ``warmup`` runs, then the minimum and median of
 ``repeat`` forwards of one ``(1, 3, H, W)`` input at the file's input size, with
 ``torch.set_num_threads(threads)`` (the kernels use the same intra-op pool).
 The teacher is the same architecture in torch fp32 (the skeleton stored in the file, with float
@@ -94,6 +97,9 @@ def _measure(kind: str, model_path: str, teacher_config: str | None, threads: in
             with torch.no_grad():
                 return model(inp)
     load_s = time.perf_counter() - t0
+    load_peak = _status_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    reset = _reset_peak()
+    rss1 = _status_bytes("VmRSS")
     for _ in range(warmup):
         run(x)
     times = []
@@ -105,7 +111,8 @@ def _measure(kind: str, model_path: str, teacher_config: str | None, threads: in
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
     return {"kind": kind, "threads": threads, "input_size": [h, w], "load_s": load_s,
             "min_ms": min(times), "median_ms": statistics.median(times), "repeat": repeat,
-            "weight_bytes": weight_bytes, "peak_rss_delta": max(peak - rss0, 0)}
+            "weight_bytes": weight_bytes, "load_rss_delta": max(load_peak - rss0, 0),
+            "peak_rss_delta": max(peak - rss1, 0)}
 
 
 def benchmark_model(model_path: str | os.PathLike, teacher_config: str | None = None, threads: int = 1,
@@ -137,12 +144,13 @@ def format_model_benchmark(res: dict[str, Any]) -> str:
     mb = 2**20
     lines = [f"{res['model']}: input {res['runtime']['input_size']}, {res['runtime']['threads']} thread(s), "
              f"min/median of {res['runtime']['repeat']} runs",
-             f"{'model':22s} {'min ms':>9s} {'median ms':>10s} {'weights MB':>11s} {'peak RSS +MB':>13s}"]
+             f"{'model':22s} {'min ms':>9s} {'median ms':>10s} {'weights MB':>11s} {'load RSS +MB':>13s} "
+             f"{'run RSS +MB':>12s}"]
     for key, label in (("teacher", "float32 teacher (torch)"), ("runtime", ".kdbnn runtime")):
         r = res[key]
         lines.append(f"{label:22s} {r['min_ms']:9.2f} {r['median_ms']:10.2f} {r['weight_bytes'] / mb:11.2f} "
-                     f"{r['peak_rss_delta'] / mb:13.1f}")
+                     f"{r['load_rss_delta'] / mb:13.1f} {r['peak_rss_delta'] / mb:12.1f}")
     lines.append(f"file: {res['file_bytes'] / mb:.2f} MB vs float32 weights {res['teacher_fp32_bytes'] / mb:.2f} MB; "
-                 f"speedup {res['speedup']:.2f}x (teacher min / runtime min); peak memory ratio "
-                 f"{res['memory_ratio']:.1f}x")
+                 f"speedup {res['speedup']:.2f}x (teacher min / runtime min); inference memory ratio "
+                 f"{res['memory_ratio']:.1f}x (teacher / runtime peak RSS above the loaded model)")
     return "\n".join(lines)

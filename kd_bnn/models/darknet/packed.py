@@ -14,6 +14,9 @@ Besides packed bits, the plan marks one fusion of float layers: a stem conv bloc
 small-C_in conv kernel, activation fused; ``ops.stem_pool``) whose only consumer is the next
 layer, a Darknet 2x2 stride-2 max-pool with padding 0 or 1, is run as one kernel call that writes
 only the pooled map (:data:`STEM_POOL` at the conv's index; the pool then passes its input on).
+Any other float-output conv block followed by such a pool runs with it in bands of output rows
+(:data:`CONV_POOL`, ``ops.conv_pool``), so the full-resolution map - the largest activation of a
+detector's first stages - is never held.
 """
 
 from __future__ import annotations
@@ -26,11 +29,15 @@ from torch import nn
 
 from kd_bnn.models.darknet.model import DarknetConv, MaxPool, Route, Shortcut
 
-__all__ = ["STEM_POOL", "packed_forward", "packed_maxpool", "packed_plan", "stem_pool_fusable", "xnor_block"]
+__all__ = ["CONV_POOL", "STEM_POOL", "conv_pool_fusable", "packed_forward", "packed_maxpool", "packed_plan",
+           "stem_pool_fusable", "xnor_block"]
 
 #: Plan entry of a stem conv whose following max-pool is fused into its kernel call (truthy, so a
 #: plan with only this fusion is still a plan; not ``True``: its output is a float map).
 STEM_POOL = "stem_pool"
+#: Plan entry of a conv block whose following 2x2 max-pool runs with it in row bands
+#: (``ops.conv_pool``): the full-resolution map is never held, only one band and the pooled map.
+CONV_POOL = "conv_pool"
 
 
 def packed_maxpool(words: torch.Tensor, size: int, stride: int, padding: int) -> torch.Tensor:
@@ -82,9 +89,20 @@ def stem_pool_fusable(layer: nn.Module, nxt: nn.Module, ops: Any) -> bool:
     return isinstance(nxt, MaxPool) and nxt.size == 2 and nxt.stride == 2 and nxt.padding in (0, 1)
 
 
+def conv_pool_fusable(layer: nn.Module, nxt: nn.Module, ops: Any) -> bool:
+    """Whether Darknet conv block ``layer`` and the max-pool ``nxt`` after it run together in row
+    bands (``ops.conv_pool``): a conv the runtime can band, a size-2 stride-2 pool with padding
+    0 or 1 (windows at even rows)."""
+    can = getattr(ops, "can_conv_pool", None)
+    if type(layer) is not DarknetConv or can is None or not can(layer.conv):
+        return False
+    return isinstance(nxt, MaxPool) and nxt.size == 2 and nxt.stride == 2 and nxt.padding in (0, 1)
+
+
 def packed_plan(model: nn.Module, ops: Any) -> list[bool | str]:
     """Per Darknet layer: whether its output can travel as packed sign words (module docstring),
-    or :data:`STEM_POOL` for a stem conv fused with the max-pool after it."""
+    or :data:`STEM_POOL` for a stem conv fused with the max-pool after it, or :data:`CONV_POOL` for
+    a float-output conv block run in row bands with the max-pool after it."""
     layers = list(model.layers)
     n = len(layers)
     consumers: list[list[int]] = [[] for _ in range(n)]
@@ -107,8 +125,12 @@ def packed_plan(model: nn.Module, ops: Any) -> list[bool | str]:
                         for c in consumers[i])
     plan: list[bool | str] = list(packed)
     for i in range(n - 1):
-        if consumers[i] == [i + 1] and stem_pool_fusable(layers[i], layers[i + 1], ops):
+        if consumers[i] != [i + 1]:
+            continue
+        if stem_pool_fusable(layers[i], layers[i + 1], ops):
             plan[i] = STEM_POOL
+        elif not plan[i] and not plan[i + 1] and conv_pool_fusable(layers[i], layers[i + 1], ops):
+            plan[i] = CONV_POOL
     return plan
 
 
@@ -119,7 +141,9 @@ def packed_forward(model: nn.Module, plan: list[bool | str], images: torch.Tenso
     def step(i: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if plan[i] == STEM_POOL:
             return ops.stem_pool(layer.conv, x, model.layers[i + 1].padding)
-        if i > 0 and plan[i - 1] == STEM_POOL:  # the pool ran with the conv: x is its output
+        if plan[i] == CONV_POOL:
+            return ops.conv_pool(layer, layer.conv, x, model.layers[i + 1].padding)
+        if i > 0 and plan[i - 1] in (STEM_POOL, CONV_POOL):  # the pool ran with the conv: x is its output
             return ops.pack(x) if plan[i] is True else x
         if isinstance(layer, MaxPool) and plan[i]:
             if not ops.is_packed(x):
