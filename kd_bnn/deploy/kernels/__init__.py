@@ -31,6 +31,13 @@ pure-torch path with identical results:
   float rounding (the tests check a per-output bound, ``tests/test_deploy_kernels.py``), not bit
   for bit. Tuning: ``KDBNN_BWN_G`` (4..6), ``KDBNN_BWN_R4`` (0/1), ``KDBNN_BWN_PG`` (tables per
   pass) override the per-layer plan.
+* :func:`w1a8_conv2d` - int8 activations x packed binary weights (W1A8), exact: int32 sums
+  ``sum sign(W) * xq``, then the float32 epilogue ``float(acc)*scale[o] + bias[o]``, activation,
+  and float or re-quantized int8 output (:func:`quantize_activations`' rounding), bit for bit the
+  same as its torch path. ``avx2`` and ``avx512`` paths: the BWN lookup table in integers
+  (``w1a8_lut.h``: per 32 output positions and 4 input channels at one tap an int16 table of the
+  16 signed sums, one ``vpaddw`` per 4 MACs x 32 positions, int16 sums widened to int32 before
+  they could overflow); ``scalar``/``popcnt``: a direct int32 conv (``w1a8.cpp``).
 * :func:`stem_conv2d` - a float conv with few input channels (a detector's first conv,
   ``C_in <= 8``): direct conv vectorised over the output width from zero-padded per-row copies of
   the input (``stem.cpp``; AVX-512F / AVX2+FMA row kernels in ``stem_x86.cpp``), bias and
@@ -78,6 +85,8 @@ __all__ = [
     "pad_packed",
     "xnor_conv2d",
     "bwn_conv2d",
+    "w1a8_conv2d",
+    "quantize_activations",
     "stem_conv2d",
     "pointwise_weights",
     "pointwise_conv2d",
@@ -585,6 +594,111 @@ def bwn_conv2d(
     w = unpack_signs(w_packed, c_in, kh, kw) * alpha.detach().float().view(-1, 1, 1, 1)
     y = F.conv2d(x.detach().float(), w, None, stride=stride, padding=padding)
     return _transform(y, None, bias, act)
+
+
+def _w1a8_epilogue(
+    acc: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: int,
+    out_scale_inv: float | None,
+) -> torch.Tensor:
+    """The float32 epilogue of :func:`w1a8_conv2d` on int32 sums ``acc`` (N, C, OH, OW), one op
+    at a time as the C++ kernels do it (single roundings, no fused multiply-add)."""
+    y = acc.to(torch.float32) * scale.view(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    if act == 1:
+        y = torch.where(y > 0, y, torch.zeros((), dtype=torch.float32))
+    elif act == 2:
+        y = torch.where(y > 0, y, y * torch.tensor(0.1, dtype=torch.float32))
+    if out_scale_inv is None:
+        return y
+    return _quantize_torch(y, out_scale_inv)
+
+
+def _quantize_torch(x: torch.Tensor, inv_scale: float) -> torch.Tensor:
+    """``clamp(rint(x * float32(inv_scale)), -127, 127)`` as int8 (``torch.round``: half to even)."""
+    z = x * torch.tensor(inv_scale, dtype=torch.float32)
+    return z.round().clamp_(-127.0, 127.0).to(torch.int8)
+
+
+def quantize_activations(
+    x: torch.Tensor, inv_scale: float, backend: str | None = None
+) -> torch.Tensor:
+    """Float activations -> the int8 input of :func:`w1a8_conv2d`: ``clamp(rint(x * inv_scale),
+    -127, 127)`` with ``inv_scale`` rounded to float32 and rint = round half to even (so ``x =
+    xq / inv_scale`` approximately, never -128). Same shape, int8, no autograd. NaN is not
+    supported (the result is unspecified). ``backend="torch"`` forces the torch path (identical
+    values)."""
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"quantize_activations expects a float tensor, found {x.dtype}")
+    ext = _use_ext(backend)
+    if ext is not None:
+        return ext.quantize_act(_f32(x), float(inv_scale))
+    return _quantize_torch(x.detach().float(), float(inv_scale))
+
+
+def w1a8_conv2d(
+    xq: torch.Tensor,
+    w_packed: torch.Tensor,
+    scale: torch.Tensor,
+    kernel_size: int | tuple[int, int],
+    stride: int = 1,
+    padding: int = 0,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+    out_scale_inv: float | None = None,
+    isa: str | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """int8 activations x packed binary weights (W1A8), exact integer sums, float32 epilogue.
+
+    ``xq``: int8 ``(N, C_in, H, W)`` meaning ``x = s_in * xq``, values in [-127, 127] (what
+    :func:`quantize_activations` produces; -128 is not checked, and the kernels are exact for it
+    too). ``w_packed = pack_signs(W)`` (as :func:`bwn_conv2d`), ``scale`` float32 ``(C_out,)``
+    (the caller folds ``alpha * s_in * bn_scale``), ``bias`` float32 ``(C_out,)`` or None; square
+    or rectangular kernel, stride >= 1 (both axes), symmetric zero padding (0 in the integer
+    domain).
+
+    Computes ``acc[n,o,p] = sum_{c,kh,kw} sign(W[o,c,kh,kw]) * xq[n,c,ih,iw]`` in int32 (exact),
+    then in float32, one op at a time with single roundings and no fused multiply-add:
+    ``y = float(acc) * scale[o]; y = y + bias[o]``; activation ``none`` | ``relu`` (``max(y, 0)``)
+    | ``leaky`` (``y > 0 ? y : y * 0.1f``). Returns float32 ``(N, C_out, OH, OW)`` ``y``, or, when
+    ``out_scale_inv`` is given (a float32 scalar: the next layer's ``1 / s_in``), int8
+    ``clamp(rint(y * out_scale_inv), -127, 127)`` (round half to even) for the next W1A8 layer.
+    The C++ paths and the torch path (``backend="torch"`` or ``KDBNN_NO_EXT=1``: a float64 conv of
+    the exact integers, exact since ``|acc| < 2**53``) are bit-identical.
+    """
+    kh, kw = _pair(kernel_size)
+    if xq.dtype != torch.int8:
+        raise ValueError(f"w1a8_conv2d input must be int8 (quantize_activations), found {xq.dtype}")
+    if xq.dim() != 4:
+        raise ValueError(f"input must be (N, C, H, W), found {tuple(xq.shape)}")
+    c_in = xq.shape[1]
+    _check_packed_weight(w_packed, c_in, kh, kw)
+    c_out = w_packed.shape[0]
+    if scale.numel() != c_out:
+        raise ValueError(f"scale has {scale.numel()} values, expected C_out={c_out}")
+    if bias is not None and bias.numel() != c_out:
+        raise ValueError(f"bias has {bias.numel()} values, expected C_out={c_out}")
+    if not isinstance(stride, int) or stride < 1 or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"stride must be an int >= 1 and padding an int >= 0, found {stride}/{padding}")
+    if xq.shape[2] + 2 * padding < kh or xq.shape[3] + 2 * padding < kw:
+        raise ValueError(
+            f"padded input {xq.shape[2] + 2 * padding}x{xq.shape[3] + 2 * padding} is smaller than the kernel {kh}x{kw}"
+        )
+    act = _act_code(activation)
+    inv = None if out_scale_inv is None else float(out_scale_inv)
+    sc = _f32(scale).reshape(-1).contiguous()
+    bi = None if bias is None else _f32(bias).reshape(-1).contiguous()
+    ext = _use_ext(backend)
+    if ext is not None:
+        code = resolve_isa(isa)
+        return ext.w1a8_conv(xq.detach().cpu(), w_packed, sc, bi, kh, kw, int(stride), int(padding), act, inv, code)
+    ws = unpack_signs(w_packed, c_in, kh, kw).double()
+    acc = F.conv2d(xq.detach().cpu().double(), ws, stride=stride, padding=padding).to(torch.int32)
+    return _w1a8_epilogue(acc, sc, bi, act, inv)
 
 
 def _stem_geometry(

@@ -1,0 +1,245 @@
+// kd_bnn kernels: W1A8 convolution driver (int8 activations x packed binary weights, exact).
+//
+// acc[n, o, p] = sum_{c, kh, kw} sign(W[o, c, kh, kw]) * xq[n, c, ih, iw] in int32 (exact), then
+// the float32 epilogue y = float(acc) * scale[o]; y = y + bias[o]; activation (none / relu /
+// leaky 0.1), one rounding per op and never contracted into an FMA; float out y, or int8 out
+// clamp(rint(y * inv), -127, 127) for the next W1A8 layer (round half to even). Bit-exact with
+// the torch reference in kernels/__init__.py (w1a8_conv2d).
+//
+// This file: argument checks, the zero-padded stride-phase-split int8 copy of the input (w1a8.h),
+// the table offsets (one byte per 4 weights, rebuilt per call), the work split over threads, and
+// the portable path (scalar / popcnt ISA codes: a direct int32 conv over the same copy). The avx2
+// and avx512 paths are the lookup-table kernel of w1a8_lut.h. Also quantize_act: float -> int8.
+
+#include "ops.h"
+#include "w1a8.h"
+#include "dispatch.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdlib>
+#include <memory>
+#include <vector>
+
+namespace kdbnn {
+
+namespace {
+
+// The lookup-table kernel of ISA path `isa`, or null (portable direct conv).
+const W1a8Kernel* w1a8_kernel(int64_t isa) {
+#if KDBNN_X86
+  __builtin_cpu_init();
+  if (isa == ISA_AVX512 && __builtin_cpu_supports("avx512vl")) return &kW1a8Avx512;
+  if ((isa == ISA_AVX512 || isa == ISA_AVX2) && cpu_has(ISA_AVX2)) return &kW1a8Avx2;
+#endif
+  (void)isa;
+  return nullptr;
+}
+
+// y = float(acc) * sc; y = y + bi; activation. The product goes through a volatile, so it is
+// rounded to float before the add on every compiler and flag set (no contraction).
+inline float w8_transform(int32_t acc, float sc, float bi, int64_t act) {
+  volatile float prod = (float)acc * sc;
+  float y = prod + bi;
+  if (act == ACT_RELU) y = y > 0.0f ? y : 0.0f;
+  else if (act == ACT_LEAKY) y = y > 0.0f ? y : y * 0.1f;
+  return y;
+}
+
+inline int8_t w8_quant(float y, float inv) {
+  float z = y * inv;
+  z = std::min(std::max(z, -127.0f), 127.0f);
+  return (int8_t)std::nearbyint(z);  // the default rounding mode: half to even
+}
+
+// Portable path: per (image, output channel) an int32 row over the position domain.
+void w8_direct(const W8Args& A, int64_t N, const uint64_t* wp, int64_t nw) {
+  const int64_t KK = A.KH * A.KW, plane = A.OH * A.OW;
+  at::parallel_for(0, N * A.c_out, 1, [&](int64_t b, int64_t e) {
+    std::vector<int32_t> acc(A.qtot);
+    for (int64_t no = b; no < e; ++no) {
+      const int64_t n = no / A.c_out, o = no % A.c_out;
+      std::fill(acc.begin(), acc.end(), 0);
+      int32_t* a = acc.data();
+      for (int64_t kk = 0; kk < KK; ++kk) {
+        const uint64_t* w = wp + (o * KK + kk) * nw;
+        for (int64_t c = 0; c < A.C; ++c) {
+          const int8_t* src = A.X + n * A.img + c * A.cplane + A.toff[kk];
+          if ((w[c >> 6] >> (c & 63)) & 1ULL) {
+            for (int64_t q = 0; q < A.qtot; ++q) a[q] += src[q];
+          } else {
+            for (int64_t q = 0; q < A.qtot; ++q) a[q] -= src[q];
+          }
+        }
+      }
+      const float sc = A.scale[o], bi = A.bias[o];
+      for (int64_t oh = 0; oh < A.OH; ++oh) {
+        const int32_t* ar = a + oh * A.Wq;
+        const int64_t ob = (n * A.c_out + o) * plane + oh * A.OW;
+        if (A.quant) {
+          int8_t* dst = static_cast<int8_t*>(A.O) + ob;
+          for (int64_t ow = 0; ow < A.OW; ++ow) dst[ow] = w8_quant(w8_transform(ar[ow], sc, bi, A.act), A.inv);
+        } else {
+          float* dst = static_cast<float*>(A.O) + ob;
+          for (int64_t ow = 0; ow < A.OW; ++ow) dst[ow] = w8_transform(ar[ow], sc, bi, A.act);
+        }
+      }
+    }
+  });
+}
+
+// The padded stride-phase-split copy (w1a8.h) of int8 NCHW x, plus kW8Slack zero bytes.
+void w8_pad_input(const int8_t* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t pad, const W8Args& A,
+                  int8_t* dst) {
+  const int64_t s = A.stride, Hq = A.Hq, Wq = A.Wq;
+  std::memset(dst + N * A.img, 0, kW8Slack);
+  at::parallel_for(0, N * A.Cg, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, A.cplane)), [&](int64_t b, int64_t e) {
+    for (int64_t nc = b; nc < e; ++nc) {
+      const int64_t n = nc / A.Cg, c = nc % A.Cg;
+      int8_t* d = dst + n * A.img + c * A.cplane;
+      if (c >= C) {
+        std::memset(d, 0, A.cplane);
+        continue;
+      }
+      const int8_t* src = x + (n * C + c) * H * W;
+      for (int64_t ph = 0; ph < s * s; ++ph) {
+        const int64_t pa = ph / s, pb = ph % s;
+        for (int64_t i = 0; i < Hq; ++i) {
+          int8_t* row = d + (ph * Hq + i) * Wq;
+          const int64_t ih = s * i + pa - pad;
+          if (ih < 0 || ih >= H) {
+            std::memset(row, 0, Wq);
+            continue;
+          }
+          const int8_t* sr = src + ih * W;
+          if (s == 1) {
+            const int64_t lead = std::min(pad, Wq), body = std::max<int64_t>(0, std::min(W, Wq - pad));
+            std::memset(row, 0, lead);
+            std::memcpy(row + lead, sr, body);
+            std::memset(row + lead + body, 0, Wq - lead - body);
+          } else {
+            for (int64_t j = 0; j < Wq; ++j) {
+              const int64_t iw = s * j + pb - pad;
+              row[j] = (iw >= 0 && iw < W) ? sr[iw] : (int8_t)0;
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::optional<at::Tensor> bias, int64_t KH,
+                     int64_t KW, int64_t stride, int64_t pad, int64_t act, c10::optional<double> out_scale_inv,
+                     int64_t isa) {
+  TORCH_CHECK(xq.dim() == 4 && xq.scalar_type() == at::kChar,
+              "kd_bnn.w1a8_conv: expected int8 input (N, C, H, W), found ", xq.scalar_type(), " ", xq.sizes());
+  TORCH_CHECK(wpacked.dim() == 3 && wpacked.scalar_type() == at::kLong,
+              "kd_bnn.w1a8_conv: packed weight must be int64 (C_out, KH*KW, nw), found ", wpacked.sizes());
+  const int64_t N = xq.size(0), C = xq.size(1), H = xq.size(2), W = xq.size(3);
+  const int64_t nw = (C + 63) / 64, KK = KH * KW, c_out = wpacked.size(0);
+  TORCH_CHECK(KH >= 1 && KW >= 1 && wpacked.size(1) == KK && wpacked.size(2) == nw, "kd_bnn.w1a8_conv: packed weight ",
+              wpacked.sizes(), " does not match input channels ", C, " and kernel ", KH, "x", KW);
+  TORCH_CHECK(scale.numel() == c_out && scale.scalar_type() == at::kFloat,
+              "kd_bnn.w1a8_conv: scale must be float32 with ", c_out, " values, found ", scale.numel());
+  TORCH_CHECK(act >= ACT_NONE && act <= ACT_LEAKY, "kd_bnn.w1a8_conv: bad activation ", act);
+  TORCH_CHECK(stride >= 1 && pad >= 0, "kd_bnn.w1a8_conv: bad stride/pad ", stride, "/", pad);
+  const int64_t Hp = H + 2 * pad, Wp = W + 2 * pad;
+  TORCH_CHECK(Hp >= KH && Wp >= KW, "kd_bnn.w1a8_conv: padded input smaller than kernel");
+  TORCH_CHECK(N >= 1 && C >= 1 && c_out >= 1, "kd_bnn.w1a8_conv: empty input or weight");
+  TORCH_CHECK(isa == ISA_SCALAR || cpu_has(isa), "kd_bnn: this CPU lacks the instructions of ISA path ", isa);
+  const int64_t OH = (Hp - KH) / stride + 1, OW = (Wp - KW) / stride + 1;
+
+  W8Args A{};
+  A.C = C, A.Cg = (C + 3) / 4 * 4, A.KH = KH, A.KW = KW, A.stride = stride, A.OH = OH, A.OW = OW, A.c_out = c_out;
+  TORCH_CHECK(128 * A.Cg * KK < (int64_t)INT32_MAX, "kd_bnn.w1a8_conv: C_in*KH*KW too large for int32 sums");
+  A.Hq = (Hp + stride - 1) / stride, A.Wq = (Wp + stride - 1) / stride;
+  A.cplane = stride * stride * A.Hq * A.Wq, A.img = A.Cg * A.cplane;
+  A.qtot = (OH - 1) * A.Wq + OW;
+  A.ngrp = A.Cg / 4;
+  A.co_pad = (c_out + 7) / 8 * 8;
+  std::vector<int64_t> toff(KK);
+  for (int64_t kh = 0; kh < KH; ++kh)
+    for (int64_t kw = 0; kw < KW; ++kw)
+      toff[kh * KW + kw] = ((kh % stride) * stride + kw % stride) * A.Hq * A.Wq + (kh / stride) * A.Wq + kw / stride;
+  A.toff = toff.data();
+
+  auto xc = xq.contiguous();
+  auto wpk = wpacked.contiguous();
+  auto sc = scale.contiguous();
+  std::vector<float> bi(c_out, 0.0f);
+  if (bias.has_value() && bias->defined()) {
+    auto s = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(s.numel() == c_out, "kd_bnn.w1a8_conv: bias has ", s.numel(), " values, expected ", c_out);
+    std::memcpy(bi.data(), s.data_ptr<float>(), sizeof(float) * c_out);
+  }
+  A.scale = sc.data_ptr<float>(), A.bias = bi.data(), A.act = act;
+  A.quant = out_scale_inv.has_value() ? 1 : 0;
+  A.inv = A.quant ? (float)*out_scale_inv : 1.0f;
+  auto out = at::empty({N, c_out, OH, OW}, A.quant ? at::kChar : at::kFloat);
+  A.O = out.data_ptr();
+
+  std::unique_ptr<int8_t[]> xbuf(new int8_t[N * A.img + kW8Slack]);  // all written
+  w8_pad_input(xc.data_ptr<int8_t>(), N, C, H, W, pad, A, xbuf.get());
+  A.X = xbuf.get();
+  const uint64_t* wp = reinterpret_cast<const uint64_t*>(wpk.data_ptr<int64_t>());
+
+  const W1a8Kernel* k = w1a8_kernel(isa);
+  if (k == nullptr) {
+    w8_direct(A, N, wp, nw);
+    return out;
+  }
+  A.pg = k->pg;
+  if (const char* e = std::getenv("KDBNN_W1A8_PG")) {
+    const long v = std::strtol(e, nullptr, 10);
+    if (v >= 1) A.pg = v;
+  }
+  A.pg = std::min<int64_t>(A.pg, kW8MaxPass);  // the int16 bound (w1a8_lut.h)
+  std::unique_ptr<uint8_t[]> idx(new uint8_t[KK * A.ngrp * A.co_pad]);  // all written
+  A.idx = idx.get();
+  at::parallel_for(0, KK, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, A.ngrp * A.co_pad)),
+                   [&](int64_t b, int64_t e) { k->prep_idx(wp, A, nw, b, e, idx.get()); });
+  // work items: tiles, or (tile, output-channel chunk) pairs when there are fewer than 4 tiles per
+  // thread (the tables are then built once per chunk; chunks keep >= 32 channels)
+  const int64_t n_tiles = N * w8_tiles_per_image(A), threads = at::get_num_threads();
+  int64_t n_chunks = 1;
+  if (threads > 1 && n_tiles < 4 * threads)
+    n_chunks = std::max<int64_t>(1, std::min((4 * threads + n_tiles - 1) / n_tiles, A.co_pad / 32));
+  A.co_chunk = (A.co_pad / n_chunks + 7) / 8 * 8;
+  n_chunks = (A.co_pad + A.co_chunk - 1) / A.co_chunk;
+  at::parallel_for(0, n_tiles * n_chunks, 1, [&](int64_t b, int64_t e) {
+    std::unique_ptr<int32_t[]> buf(new int32_t[w8_work_ints(A)]);  // written before read
+    int32_t* work = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(buf.get()) + 63) & ~uintptr_t(63));
+    k->range(A, b, e, work);
+  });
+  return out;
+}
+
+// float x -> int8 clamp(rint(x * inv), -127, 127). For |z| <= 127, (z + 1.5 * 2^23) - 1.5 * 2^23
+// is z rounded to an integer, half to even (the sum lies in [2^23, 2^24), whose spacing is 1),
+// and vectorizes on any SSE2 target; NaN inputs are not supported.
+at::Tensor quantize_act(at::Tensor x, double inv_scale) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "kd_bnn.quantize_act: expected float32 input, found ", x.scalar_type());
+  auto xc = x.contiguous();
+  auto out = at::empty(xc.sizes(), at::kChar);
+  const float* src = xc.data_ptr<float>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  const float inv = (float)inv_scale;
+  at::parallel_for(0, xc.numel(), 65536, [&](int64_t b, int64_t e) {
+    const float magic = 12582912.0f;
+    for (int64_t i = b; i < e; ++i) {
+      float z = src[i] * inv;
+      z = z > -127.0f ? z : -127.0f;
+      z = z < 127.0f ? z : 127.0f;
+      dst[i] = (int8_t)(int32_t)((z + magic) - magic);
+    }
+  });
+  return out;
+}
+
+}  // namespace kdbnn

@@ -1,0 +1,78 @@
+// kd_bnn kernels: W1A8 convolution (binary weights x int8 activations), shared declarations.
+//
+// The op (w1a8.cpp) and its kernels (w1a8_lut.h, included by w1a8_avx512.cpp and w1a8_x86.cpp;
+// the method and the exactness argument are in w1a8_lut.h). No torch here (see common.h).
+//
+// Input domain: the driver copies the int8 input once per call into a zero-padded, stride-phase
+// split layout, so every tap of every kernel reads plain contiguous bytes:
+//   image n, channel c (rounded up to a multiple of 4 with zero planes), phase (a, b) of the
+//   stride s (a, b < s), row i < Hq, column j < Wq:  Xpad[s*i + a][s*j + b]  (0 outside the input),
+//   with Hq = ceil(Hp / s), Wq = ceil(Wp / s), Hp = H + 2 pad, Wp = W + 2 pad.
+// Output position (oh, ow) is q = oh * Wq + ow of that "phase-row" domain, and tap (kh, kw) of
+// position q reads the byte at q + toff[kh*KW + kw] of the channel's block, toff = ((kh % s) * s +
+// kw % s) * Hq * Wq + (kh / s) * Wq + kw / s. Positions with ow >= OW are computed and dropped.
+
+#pragma once
+
+#include "common.h"
+
+namespace kdbnn {
+
+constexpr int kW8Px = 32;           // positions per tile (one vector of 32 int16)
+constexpr int64_t kW8Slack = 128;  // zero bytes after the padded copy (a tile's junk lanes read there)
+
+struct W8Args {
+  const int8_t* X;      // padded phase-split copy (see above), N * img bytes + kW8Slack
+  int64_t img;          // bytes per image: Cg * s*s * Hq * Wq
+  int64_t cplane;       // bytes per channel: s*s * Hq * Wq
+  int64_t C, Cg, KH, KW, stride, Hq, Wq, OH, OW, c_out;
+  int64_t qtot;         // positions per image: (OH - 1) * Wq + OW
+  const int64_t* toff;  // per tap: byte offset in the channel block
+  int64_t ngrp;         // groups of 4 input channels: Cg / 4
+  int64_t pg;           // tables per pass (<= kW8MaxPass)
+  int64_t co_pad;       // c_out rounded up to 8 (an index row)
+  int64_t co_chunk;     // output channels per work item (a multiple of 8)
+  const uint8_t* idx;   // [kk * ngrp + j][co_pad]: 8 * (the 4 weight bits of group j at tap kk)
+  const float* scale;   // per output channel, then bias, then the activation
+  const float* bias;
+  int64_t act;
+  int64_t quant;        // 1: int8 output q = clamp(rint(y * inv), -127, 127); 0: float output y
+  float inv;
+  void* O;              // (N, c_out, OH, OW), float or int8
+};
+
+// Where the 32 positions of a tile go: runs of consecutive outputs of one row; lane bits and the
+// output offset of lane 0 (channel 0 of the image).
+struct W8OutPlan {
+  uint32_t bits[kW8Px + 1];
+  int64_t base[kW8Px + 1];
+  int nr;
+  bool full;  // one run of all 32 lanes
+};
+
+// The most tables (int16 sums of 4 inputs, |entry| <= 4 * 128) added in one int16 accumulator:
+// 63 * 512 = 32256 <= 32767, so no int16 overflow even for -128 inputs.
+constexpr int64_t kW8MaxPass = 63;
+
+inline int64_t w8_tiles_per_image(const W8Args& A) { return (A.qtot + 31) / 32; }
+
+// int32 of per-thread scratch: one pass of tables (pg * 16 entries * 32 int16) and the int32
+// accumulators (co_pad * 32), plus 64 bytes for alignment.
+inline int64_t w8_work_ints(const W8Args& A) { return A.pg * 16 * 16 + A.co_pad * 32 + 16; }
+
+struct W1a8Kernel {
+  // Work items [tb, te): item t is tile t / n_chunks (32 positions of image tile / tiles_per_image)
+  // for output channels [c * co_chunk, (c + 1) * co_chunk), c = t % n_chunks.
+  void (*range)(const W8Args& A, int64_t tb, int64_t te, int32_t* work);
+  // Index rows of taps [kb, ke) from packed weights (C_out, KH*KW, nw) into idx.
+  void (*prep_idx)(const uint64_t* wp, const W8Args& A, int64_t nw, int64_t kb, int64_t ke, uint8_t* idx);
+  int64_t pg;  // default tables per pass
+};
+
+#if KDBNN_X86
+// w1a8_avx512.cpp (AVX-512 F/BW/VL), w1a8_x86.cpp (AVX2)
+extern const W1a8Kernel kW1a8Avx512;
+extern const W1a8Kernel kW1a8Avx2;
+#endif
+
+}  // namespace kdbnn

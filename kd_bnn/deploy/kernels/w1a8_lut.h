@@ -1,0 +1,222 @@
+// kd_bnn kernels: the W1A8 lookup-table conv (binary weights x int8 activations), written once
+// over a 32-pixel int16 vector type.
+//
+// Included by each x86 ISA file (w1a8_avx512.cpp: one zmm, w1a8_x86.cpp: two ymm) inside its own
+// anonymous namespace, after it defines
+//   KDBNN_W8_FN / KDBNN_W8_INL  the function attributes of that ISA (target; and always_inline)
+//   struct V  32 output positions of int16 as one value T and its operations: kNB (channels per
+//             register block), kStep (tail granularity, divides 8 and kNB), zero, load/store
+//             (64-byte aligned), add, sub, load_x (32 int8 -> int16, sign-extended), widen_store /
+//             widen_add (int16 -> the 32 int32 accumulators of a channel), epi (the float
+//             epilogue and the store of one channel), prep (index fields, see w8_prep_idx).
+//
+// Method: table lookup instead of multiply (the idea of BiQGEMM, Jeon et al., SC 2020, and of
+// T-MAC, Wei et al., EuroSys 2025: with low-bit weights, precompute the sums of activations that
+// every weight pattern selects, then each output needs one lookup per pattern), transposed to
+// integers. For binary weights, output channel o at a tile of 32 output positions is
+//   acc[o] = sum_{tap kk, group j} T_{kk,j}[s_{o,kk,j}],
+//   T[s] = sum_{i<4} (bit i of s ? +x_i : -x_i),
+// where group j is the 4 input channels 4j..4j+3 at tap kk, x_i the 32 input bytes of channel
+// 4j+i that the tile's positions read at that tap (sign-extended to int16), and s the 4 weight
+// bits of channel o (bit set = +1; pack_signs' layout, so s is nibble j of the packed word row).
+// The 16 entries of one table (32 int16 = 64 bytes each, 1 KB) are built once per (tile, tap,
+// group) and every output channel adds the entry its bits select: one
+// `vpaddw zmm, zmm, [table + s*64]` = 32 positions x 4 multiply-adds.
+//   build: P = the 4 sign sums of x0, x1; Q = those of x2, x3 with x3 negative; T[i + 4k] =
+//          P[i] + Q[k] for the 8 indices with bit 3 clear, and T[~s] = -T[s] (sign flip) for the
+//          other 8: 7 + 8 + 8 int16 ops, 16 stores per table.
+//   passes: the tables of all (tap, group) pairs u = kk * ngrp + j are consumed in passes of pg
+//          tables (pg KB, L1-resident), built at the start of the pass. Output channels run in
+//          register blocks of kNB int16 accumulators; at the end of each pass a block's int16 sums
+//          are widened and added into per-channel int32 accumulators (a per-thread buffer); the
+//          last pass applies the epilogue and stores.
+//   exactness: every table entry is a sum of 4 products +-x with |x| <= 128, so |entry| <= 512
+//          (exact in int16); a pass adds at most pg <= 63 entries into a zeroed int16 accumulator:
+//          |sum| <= 63 * 512 = 32256 < 32767, never wrapping (kW8MaxPass, enforced by the driver);
+//          the int32 accumulators hold |acc| <= 128 * C * KH * KW < 2^31 (checked by the driver).
+//          So acc is the exact integer dot product for every int8 input, -128 included.
+//   epilogue (float32, one rounding per op, no contraction: the vector files keep the product in
+//          a register through an empty asm, so it cannot become an FMA):
+//          y = float(acc) * scale[o]; y = y + bias[o]; act (relu: max(y, 0), leaky: y > 0 ? y :
+//          y * 0.1f); float out y, or int8 out clamp(rint(y * inv), -127, 127) (clamped in float,
+//          then converted with round-half-even: the same value as rint then clamp).
+//   input: the driver's padded phase-split copy (w1a8.h): a tile is 32 consecutive positions q of
+//          one image, tap kk reads 32 contiguous bytes at q0 + toff[kk].
+//   indices: one byte per (u, output channel), 8 * s (the kernel addresses table + 8 * byte).
+
+constexpr int64_t kW8Tab = 16 * kW8Px;        // int16 per table
+constexpr int64_t kW8TabBytes = kW8Tab * 2;   // 1 KB
+
+struct W8Epi {
+  const W8Args* A;
+  const W8OutPlan* op;
+};
+
+// ---------------------------------------------------------------- table build
+// The 16 entries of one table from the 32-byte rows of its 4 input channels (cplane apart).
+KDBNN_W8_INL void w8_table(const int8_t* src, int64_t cplane, int16_t* T) {
+  using VT = V::T;
+  const VT x0 = V::load_x(src), x1 = V::load_x(src + cplane), x2 = V::load_x(src + 2 * cplane),
+           x3 = V::load_x(src + 3 * cplane);
+  const VT z = V::zero();
+  const VT p3 = V::add(x0, x1), p1 = V::sub(x0, x1);
+  const VT P[4] = {V::sub(z, p3), p1, V::sub(z, p1), p3};  // bit 0: +x0, bit 1: +x1
+  const VT q = V::add(x2, x3);
+  const VT Q[2] = {V::sub(z, q), V::sub(x2, x3)};  // bit 2: +x2; bit 3 clear: -x3
+#pragma GCC unroll 2
+  for (int k = 0; k < 2; ++k) {
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const int s = i + 4 * k;
+      const VT y = V::add(P[i], Q[k]);
+      V::store(T + s * kW8Px, y);
+      V::store(T + (15 - s) * kW8Px, V::sub(z, y));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- lookups
+template <int NB>
+KDBNN_W8_INL void w8_offsets(const uint8_t* ir, uint32_t* off) {
+  if constexpr (NB % 8 == 0) {
+#pragma GCC unroll 4
+    for (int w = 0; w < NB / 8; ++w) {
+      uint64_t q;
+      std::memcpy(&q, ir + 8 * w, 8);
+#pragma GCC unroll 8
+      for (int e = 0; e < 8; ++e) off[8 * w + e] = (uint32_t)((q >> (8 * e)) & 255u);
+    }
+  } else {
+#pragma GCC unroll 32
+    for (int c = 0; c < NB; ++c) off[c] = ir[c];
+  }
+}
+
+// One register block of NB output channels over ng tables: int16 sums, then widened into the
+// int32 accumulators (first pass: stored), or in the last pass the epilogue and the output.
+template <int NB>
+KDBNN_W8_INL void w8_block(const int16_t* T, int64_t ng, const uint8_t* ir, int64_t co_pad, int32_t* accp,
+                           bool first, const W8Epi* epi, int64_t c0) {
+  using VT = V::T;
+  VT a[NB];
+#pragma GCC unroll 32
+  for (int c = 0; c < NB; ++c) a[c] = V::zero();
+  const char* Tj = reinterpret_cast<const char*>(T);
+  for (int64_t j = 0; j < ng; ++j, Tj += kW8TabBytes, ir += co_pad) {
+    uint32_t off[NB];
+    w8_offsets<NB>(ir, off);
+#pragma GCC unroll 32
+    for (int c = 0; c < NB; ++c) a[c] = V::add(a[c], V::load(reinterpret_cast<const int16_t*>(Tj + (size_t)off[c] * 8)));
+  }
+  if (epi == nullptr) {
+    if (first) {
+#pragma GCC unroll 32
+      for (int c = 0; c < NB; ++c) V::widen_store(accp + c * kW8Px, a[c]);
+    } else {
+#pragma GCC unroll 32
+      for (int c = 0; c < NB; ++c) V::widen_add(accp + c * kW8Px, a[c]);
+    }
+    return;
+  }
+  const W8Args& A = *epi->A;
+  const int64_t plane = A.OH * A.OW;
+#pragma GCC unroll 32
+  for (int c = 0; c < NB; ++c) {
+    const int64_t o = c0 + c;
+    if (o >= A.c_out) break;
+    V::epi(first ? nullptr : accp + c * kW8Px, a[c], A.scale[o], A.bias[o], A.act, A.quant, A.inv, A.O, o * plane,
+           *epi->op);
+  }
+}
+
+template <int NB>
+KDBNN_W8_INL void w8_blocks(const int16_t* tab, int64_t ng, const uint8_t* ir, int64_t co_pad, int32_t* acc,
+                            bool first, const W8Epi* e, int64_t co_b, int64_t co_e) {
+  constexpr int S = V::kStep;
+  int64_t cb = co_b;
+  for (; cb + NB <= co_e; cb += NB) w8_block<NB>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
+  const int64_t rest = co_e - cb;  // a multiple of S below NB
+  if constexpr (NB > S) {
+    if (rest == S) w8_block<S>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
+  }
+  if constexpr (NB > 2 * S) {
+    if (rest == 2 * S) w8_block<2 * S>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
+  }
+  if constexpr (NB > 3 * S) {
+    if (rest == 3 * S) w8_block<3 * S>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
+  }
+}
+
+// ---------------------------------------------------------------- one tile
+KDBNN_W8_FN void w8_tile(const W8Args& A, const int8_t* xq, const W8OutPlan& op, int32_t* work, int64_t co_b,
+                         int64_t co_e) {
+  const int64_t U = A.KH * A.KW * A.ngrp, pg = A.pg, co_pad = A.co_pad;
+  const int64_t n_pass = (U + pg - 1) / pg;
+  int16_t* tab = reinterpret_cast<int16_t*>(work);
+  int32_t* acc = work + pg * kW8Tab / 2;
+  const W8Epi epi{&A, &op};
+  for (int64_t p = 0; p < n_pass; ++p) {
+    const int64_t u0 = p * pg, ng = std::min(pg, U - u0);
+    for (int64_t i = 0; i < ng; ++i) {
+      const int64_t u = u0 + i, kk = u / A.ngrp, j = u % A.ngrp;
+      w8_table(xq + 4 * j * A.cplane + A.toff[kk], A.cplane, tab + i * kW8Tab);
+    }
+    const W8Epi* e = p == n_pass - 1 ? &epi : nullptr;
+    w8_blocks<V::kNB>(tab, ng, A.idx + u0 * co_pad, co_pad, acc, p == 0, e, co_b, co_e);
+  }
+}
+
+// Output runs of the tile at position q0 of image n.
+inline void w8_plan_out(const W8Args& A, int64_t n, int64_t q0, W8OutPlan& op) {
+  const int64_t obase = n * A.c_out * A.OH * A.OW;
+  int nr = 0, last_l = -2;
+  int64_t next = -1;
+  for (int l = 0; l < kW8Px; ++l) {
+    const int64_t q = q0 + l, oh = q / A.Wq, ow = q % A.Wq;
+    if (q >= A.qtot || ow >= A.OW) continue;
+    const int64_t o = oh * A.OW + ow;
+    if (nr == 0 || o != next || l != last_l + 1) op.base[nr] = obase + o - l, op.bits[nr] = 0, ++nr;
+    op.bits[nr - 1] |= 1u << l;
+    next = o + 1, last_l = l;
+  }
+  op.nr = nr;
+  op.full = nr == 1 && op.bits[0] == 0xFFFFFFFFu;
+}
+
+KDBNN_W8_FN void w8_range(const W8Args& A, int64_t tb, int64_t te, int32_t* work) {
+  const int64_t per_img = w8_tiles_per_image(A), n_chunks = (A.co_pad + A.co_chunk - 1) / A.co_chunk;
+  W8OutPlan op;
+  int64_t planned = -1;
+  for (int64_t t = tb; t < te; ++t) {
+    const int64_t tile = t / n_chunks, co_b = t % n_chunks * A.co_chunk;
+    const int64_t co_e = std::min(A.co_pad, co_b + A.co_chunk);
+    const int64_t n = tile / per_img, q0 = tile % per_img * kW8Px;
+    if (tile != planned) w8_plan_out(A, n, q0, op), planned = tile;
+    w8_tile(A, A.X + n * A.img + q0, op, work, co_b, co_e);
+  }
+}
+
+// ---------------------------------------------------------------- index preparation
+// idx[(kk * ngrp + j) * co_pad + o] = 8 * (bits 4j..4j+3 of channel o's packed words at tap kk);
+// channels o >= c_out get 0. V::kPrepCh channels at a time (V::prep: 32-bit words -> bytes).
+KDBNN_W8_FN void w8_prep_idx(const uint64_t* wp, const W8Args& A, int64_t nw, int64_t kb, int64_t ke, uint8_t* idx) {
+  constexpr int CH = V::kPrepCh;
+  const int64_t KK = A.KH * A.KW, co_pad = A.co_pad, ngrp = A.ngrp;
+  alignas(64) uint32_t w32[2][CH];
+  for (int64_t kk = kb; kk < ke; ++kk) {
+    for (int64_t o0 = 0; o0 < co_pad; o0 += CH) {
+      const int64_t nc = std::min<int64_t>(CH, co_pad - o0);
+      for (int64_t wi = 0; wi < nw; ++wi) {
+        for (int e = 0; e < CH; ++e) {
+          const uint64_t w = (e < nc && o0 + e < A.c_out) ? wp[((o0 + e) * KK + kk) * nw + wi] : 0ULL;
+          w32[0][e] = (uint32_t)w, w32[1][e] = (uint32_t)(w >> 32);
+        }
+        for (int t = 0; t < 16; ++t) {
+          const int64_t j = wi * 16 + t;
+          if (j >= ngrp) break;
+          V::prep(w32[t >> 3], 4 * (t & 7), idx + (kk * ngrp + j) * co_pad + o0, (int)nc);
+        }
+      }
+    }
+  }
+}
