@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,38 @@ def no_ext(monkeypatch):
 def _export(run, out: Path, capsys) -> Path:
     assert main(["export", "--model", str(run["ckpt"]), "--out", str(out)]) == 0, capsys.readouterr().err
     return out
+
+
+def test_export_w1a8_calibrates_on_images_and_runs(run, tmp_path, capsys, no_ext):
+    from kd_bnn.deploy.format import load_container
+    from kd_bnn.deploy.runtime import Runtime
+
+    out = tmp_path / "w.kdbnn"
+    images = run["root"] / "training" / "image_2"
+    argv = ["export", "--model", str(run["ckpt"]), "--out", str(out), "--calibrate", str(images), "--act-bits", "8",
+            "--calib-images", "3", "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "run W1A8 (calibrated on 3 images)" in capsys.readouterr().out
+    _, meta = load_container(out)
+    assert meta["activations"]["calibration_images"] == 3
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["w1a8_convs"] == rep["num_binary_convs"] > 0
+    raw = Runtime(out)(torch.rand(1, 3, 64, 192))
+    assert all(torch.isfinite(r).all() for r in raw)
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--act-bits", "8"], "needs --calibrate DIR"),
+    (["--calibrate", "IMAGES"], "add --act-bits 8"),
+    (["--calibrate", "NOWHERE", "--act-bits", "8"], "--calibrate: .*no such image"),
+])
+def test_export_w1a8_argument_errors(run, tmp_path, capsys, extra, msg):
+    images = str(run["root"] / "training" / "image_2")
+    extra = [images if a == "IMAGES" else str(tmp_path / "nowhere") if a == "NOWHERE" else a for a in extra]
+    out = tmp_path / "w.kdbnn"
+    assert main(["export", "--model", str(run["ckpt"]), "--out", str(out), *extra]) == 2
+    assert re.search(msg, capsys.readouterr().err)
+    assert not out.exists()
 
 
 def test_export_with_only_the_checkpoint(run, tmp_path, capsys):

@@ -6,6 +6,9 @@
         given, key=value overrides apply on top; model=PATH is the same; --checkpoint is its old name)
     kd-bnn export --config configs/kitti/darknet_yolov2_bwn_kt.yaml --out sized.kdbnn
         (no --model: random initialisation, to size an architecture before training)
+    kd-bnn export --model runs/demo/best.pt --out w1a8.kdbnn --calibrate data/kitti/training/image_2 --act-bits 8
+        (W1A8: the binary-weight convs run on 8-bit activations, ranges measured on the first
+        --calib-images images of the folder, as letterboxed for evaluation)
     (python tools/export.py takes the same arguments.)
 """
 
@@ -31,6 +34,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     help="allow a float (teacher) checkpoint: binarize its weights without training")
     ap.add_argument("--allow-input-size-change", action="store_true",
                     help="allow exporting at data.input_size when the checkpoint was trained at another size")
+    ap.add_argument("--calibrate", default=None, metavar="DIR",
+                    help="images (a folder, file or glob) to calibrate 8-bit activations on (with --act-bits 8)")
+    ap.add_argument("--act-bits", type=int, default=None, choices=(8, 32),
+                    help="8: binary weights x int8 activations (W1A8, needs --calibrate); 32: float (default)")
+    ap.add_argument("--calib-images", type=int, default=64,
+                    help="how many images of --calibrate to use (the first, sorted by name; default 64)")
     ap.add_argument("--no-progress", action="store_true", help="accepted for uniformity (export shows none)")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (model=PATH: the same as --model)")
     args = ap.parse_intermixed_args(argv)  # key=value overrides before or after the flags
@@ -46,6 +55,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: --model {checkpoint} is already a .kdbnn; export reads a kd_bnn training checkpoint "
               "(runs/<name>/best.pt)", file=sys.stderr)
         return 2
+
+    if args.calib_images < 1:
+        ap.error(f"--calib-images must be at least 1, found {args.calib_images}")
+    calibration = None
+    if args.calibrate is not None:
+        from kd_bnn.cli.common import list_images
+
+        try:
+            calibration = list_images(args.calibrate)[:args.calib_images]
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: --calibrate: {exc}", file=sys.stderr)
+            return 2
 
     from kd_bnn.cli.common import config_for_model
     from kd_bnn.config import ConfigError
@@ -64,7 +85,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             config, source = config_for_model(None, overrides, checkpoint, flag)
         rep = export_checkpoint(config, checkpoint, args.out, overrides, onnx=args.onnx,
                                 allow_float=args.binarize_float,
-                                allow_input_size_change=args.allow_input_size_change)
+                                allow_input_size_change=args.allow_input_size_change,
+                                calibration=calibration, act_bits=args.act_bits)
     except (CheckpointError, ConfigError, ExportError, FileNotFoundError, PermissionError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -82,6 +104,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
           f"{rep['num_float_convs']} float convs")
     print(f"  binary MACs:            {100 * rep['binary_mac_fraction']:.1f}% of all conv MACs at "
           f"{rep['input_size'][0]}x{rep['input_size'][1]}")
+    if "w1a8_convs" in rep:
+        print(f"  8-bit activations:      {rep['w1a8_convs']} binary-weight convs run W1A8 (calibrated on "
+              f"{rep['calibration_images']} images)")
     if "onnx" in rep:
         o = rep["onnx"]
         print(f"  onnx: skipped - {o['skipped']}" if "skipped" in o else f"  onnx: {o['path']} ({o['bytes']:,} B)")

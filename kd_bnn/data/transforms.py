@@ -214,6 +214,20 @@ def eval_transforms(input_size: Sequence[int]) -> Letterbox:
     return Letterbox(input_size)
 
 
+def read_letterboxed(path: Any, input_size: Sequence[int]) -> tuple[np.ndarray, torch.Tensor, dict[str, Any]]:
+    """An image file as a model input: ``(rgb, x, meta)`` with ``rgb`` the original RGB uint8
+    image, ``x`` its letterbox to ``input_size`` as a float ``(3, H, W)`` tensor in [0, 1] and
+    ``meta`` the geometry (`letterbox_to_original` inverts it). OSError naming the file when it
+    cannot be read as an image."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise OSError(f"{path}: cannot read image (missing, truncated or not an image)")
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    sample = eval_transforms(input_size)(rgb, np.zeros((0, 4)), np.zeros(0, dtype=np.int64))
+    x = torch.from_numpy(np.ascontiguousarray(sample["image"].transpose(2, 0, 1))).float().div_(255.0)
+    return rgb, x, sample["meta"]
+
+
 def _as_float64(boxes):
     if isinstance(boxes, torch.Tensor):
         return boxes.detach().to("cpu", torch.float64).numpy().reshape(-1, 4), boxes

@@ -21,8 +21,9 @@ from torch import nn
 from kd_bnn.binary.blocks import block_specs_of
 from kd_bnn.binary.layers import BinaryConv2d
 from kd_bnn.binary.summary import conv_bn_pairs, float32_model_bytes, packed_model_bytes, summary
-from kd_bnn.deploy.format import FormatError, encode_meta, save_container
+from kd_bnn.deploy.format import MIN_FORMAT_VERSION, FormatError, encode_meta, save_container
 from kd_bnn.deploy.pack import pack_signs
+from kd_bnn.deploy.quantize import ACT_BITS, w1a8_reason
 from kd_bnn.deploy.schema import (
     BINARY_OPTIONS,
     BLOB_DTYPES,
@@ -136,6 +137,20 @@ def layer_table(model: nn.Module) -> tuple[list[dict[str, Any]], dict[str, Any]]
     return layers, binary
 
 
+def _add_act_scales(model: nn.Module, layers: list[dict[str, Any]], act_scales: dict[str, float]) -> None:
+    """Put each W1A8 conv's input scale on its layer entry (ExportError for a path that is not a
+    W1A8-capable conv of the model, or a scale that is not a positive finite number)."""
+    modules = dict(model.named_modules())
+    entries = {e["path"]: e for e in layers}
+    for path, scale in act_scales.items():
+        why = w1a8_reason(modules[path]) if path in modules else "no such module"
+        if why is not None or path not in entries:
+            raise ExportError(f"act_scales: '{path}' cannot run with 8-bit activations ({why or 'not stored'})")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ExportError(f"act_scales: '{path}' has scale {scale!r}, expected a positive finite number")
+        entries[path]["act_scale"] = _f32_repr(scale)
+
+
 # ----------------------------------------------------------------------------- export
 
 
@@ -235,7 +250,8 @@ def _check_rebuild(meta: dict[str, Any], slots: list[Slot]) -> None:
 
 
 def export(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int] | None = None,
-           extra_meta: dict[str, Any] | None = None, verify: bool = True) -> dict[str, Any]:
+           extra_meta: dict[str, Any] | None = None, verify: bool = True,
+           act_scales: dict[str, float] | None = None, calibration_images: int = 0) -> dict[str, Any]:
     """Write ``model`` (a binary student, or any Detector) as a ``.kdbnn`` file.
 
     Args:
@@ -246,6 +262,9 @@ def export(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int
             a non-Darknet model (see :func:`skeleton_of`).
         verify: rebuild the skeleton from the metadata and check that its tensor layout equals
             the model's (the file will load) before writing.
+        act_scales: W1A8 (`kd_bnn.deploy.quantize`): the 8-bit input scale of each binary-weight
+            conv that runs on int8 activations (`calibrate_activations`); the file is then format
+            version 3. ``calibration_images``: how many images measured them (recorded).
 
     Returns:
         a report: ``file_bytes``, ``tensor_bytes`` (the weight blobs, = ``predicted_packed_bytes``),
@@ -273,9 +292,14 @@ def export(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int
     blocks = block_specs_of(model)
     if blocks:
         meta["blocks"] = blocks
+    version = MIN_FORMAT_VERSION
+    if act_scales:
+        _add_act_scales(model, layers, act_scales)
+        meta["activations"] = {"bits": ACT_BITS, "calibration_images": int(calibration_images), "statistic": "max"}
+        version = 3
     if verify:
         _check_rebuild(meta, tensor_plan(model, layers)[0])
-    file_bytes = save_container(path, blobs, meta)
+    file_bytes = save_container(path, blobs, meta, version=version)
     tensor_bytes = sum(t.numel() * t.element_size() for t in blobs.values())
     predicted = packed_model_bytes(model)
     f32 = float32_model_bytes(model)

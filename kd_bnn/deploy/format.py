@@ -1,11 +1,15 @@
-"""Generic ``.kdbnn`` container (format version 2): a safetensors file (no pickle) whose JSON
-metadata travels compressed inside a checksummed tensor.
+"""Generic ``.kdbnn`` container (format versions 2 and 3): a safetensors file (no pickle) whose
+JSON metadata travels compressed inside a checksummed tensor.
 
 Layout: safetensors' own framing (8-byte little-endian header length + header JSON + tensor
 data). The header's ``__metadata__`` (string -> string) holds only
 
-* ``format``: ``"kdbnn"``; ``format_version``: an integer (``"2"``); a newer one is refused
-  ("upgrade kd_bnn"), an older one too ("re-export it from the checkpoint");
+* ``format``: ``"kdbnn"``; ``format_version``: an integer, the lowest that can hold the file's
+  content: ``"2"``, or ``"3"`` for a model whose metadata needs a version-3 reader (8-bit
+  activations: `kd_bnn.deploy.quantize`), so that a reader without that mode refuses it
+  ("upgrade kd_bnn") instead of running something else; a version newer than
+  :data:`FORMAT_VERSION` is refused so, one older than :data:`MIN_FORMAT_VERSION` too ("re-export
+  it from the checkpoint");
 * ``meta_encoding``: ``"zlib+json;zdict=kdbnn2"``;
 * ``checksum``: ``sha256:<hex>`` over every tensor's name, dtype, shape and bytes in name order
   (:func:`tensors_checksum`), the ``meta`` tensor included, so a flipped bit in any weight, a
@@ -41,6 +45,7 @@ from kd_bnn.io import atomic_write_bytes
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MIN_FORMAT_VERSION",
     "META_ENCODING",
     "META_TENSOR",
     "META_ZDICT",
@@ -54,7 +59,10 @@ __all__ = [
 ]
 
 FORMAT_NAME = "kdbnn"
-FORMAT_VERSION = 2
+#: newest format version this reader reads (3: adds the 8-bit activation metadata)
+FORMAT_VERSION = 3
+#: oldest format version this reader reads, and the version written unless the content needs more
+MIN_FORMAT_VERSION = 2
 META_TENSOR = "meta"
 META_ENCODING = "zlib+json;zdict=kdbnn2"
 
@@ -135,19 +143,23 @@ def encode_meta(meta: dict[str, Any]) -> torch.Tensor:
 
 
 def save_container(
-    path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+    version: int = MIN_FORMAT_VERSION,
 ) -> int:
-    """Write tensors + metadata (as the compressed ``meta`` tensor) atomically; returns the file
-    size in bytes."""
+    """Write tensors + metadata (as the compressed ``meta`` tensor) atomically as format
+    ``version`` (the lowest that can hold the content); returns the file size in bytes."""
     from safetensors.torch import save
 
+    if not MIN_FORMAT_VERSION <= version <= FORMAT_VERSION:
+        raise ValueError(f"format version {version} is not one this kd_bnn writes "
+                         f"({MIN_FORMAT_VERSION}..{FORMAT_VERSION})")
     if META_TENSOR in tensors:
         raise ValueError(f"tensor name {META_TENSOR!r} is reserved for the metadata")
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     clean[META_TENSOR] = encode_meta(meta)
     header = {
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(version),
         "meta_encoding": META_ENCODING,
         "checksum": tensors_checksum(clean),
     }
@@ -200,10 +212,10 @@ def _check_metadata(path: Path, header: dict[str, Any]) -> dict[str, str]:
             f"{path}: format version {version} is newer than this kd_bnn supports "
             f"({FORMAT_VERSION}); upgrade kd_bnn to read it"
         )
-    if 1 <= version < FORMAT_VERSION:
+    if 1 <= version < MIN_FORMAT_VERSION:
         raise FormatError(
             f"{path}: format version {version} is an older .kdbnn format that this kd_bnn "
-            f"(format {FORMAT_VERSION}) no longer reads; re-export it from the checkpoint with "
+            f"(formats {MIN_FORMAT_VERSION}-{FORMAT_VERSION}) no longer reads; re-export it from the checkpoint with "
             "tools/export.py --config CONFIG --checkpoint CKPT --out FILE"
         )
     if version < 1:

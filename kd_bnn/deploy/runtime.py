@@ -46,10 +46,13 @@ from kd_bnn.deploy.kernels import (
     default_isa,
     pointwise_conv2d,
     pointwise_weights,
+    quantize_activations,
     stem_conv2d,
+    w1a8_conv2d,
     weight_panel,
     xnor_conv2d,
 )
+from kd_bnn.deploy.quantize import check_activations, inverse_scale
 from kd_bnn.deploy.schema import (
     binary_conv_spec,
     binary_options,
@@ -72,7 +75,7 @@ class PackedBinaryConv(nn.Module):
 
     def __init__(self, entry: dict[str, Any], words: torch.Tensor, alpha: torch.Tensor,
                  bn_scale: torch.Tensor | None, shift: torch.Tensor | None,
-                 backend: str | None = None):
+                 backend: str | None = None, act_scale: float | None = None):
         super().__init__()
         self.path = entry["path"]
         self.mode = entry["mode"]
@@ -102,6 +105,15 @@ class PackedBinaryConv(nn.Module):
         self.register_buffer("scale", scale.contiguous())
         self._sym = len(set(self.pad)) == 1
         self._kernel_ok = self.dilation == (1, 1) and self.stride[0] == self.stride[1]
+        # W1A8 (kd_bnn.deploy.quantize): int8 input q = rint(x / act_scale), conv scale alpha * s
+        self.act_scale = act_scale
+        if act_scale is not None:
+            if not (self.mode == "bwn" and self._kernel_ok and self._sym
+                    and (self.padding_mode == "zeros" or not any(self.pad)) and self.input_scaling == "none"):
+                raise FormatError(f"binary layer '{self.path}': 'act_scale' (8-bit activations) on a conv the "
+                                  "W1A8 kernel does not run (needs bwn, symmetric zero padding, no dilation)")
+            self.in_inv = inverse_scale(act_scale)
+            self.register_buffer("qscale", (self.scale * torch.tensor(act_scale, dtype=torch.float32)).contiguous())
 
     def _act(self, v: torch.Tensor) -> torch.Tensor:
         if self.activation == "relu":
@@ -139,6 +151,8 @@ class PackedBinaryConv(nn.Module):
             return xnor_conv2d(x, self.words, self.in_channels, (kh, kw), self.stride[0], self.pad[0],
                                self.pad_value, scale=self.scale, bias=self.shift, activation=self.activation,
                                panel=self.panel, backend=self.backend, threshold=threshold)
+        if self.act_scale is not None:
+            return self.w1a8(x)
         x = x.float()
         kh, kw = self.kernel_size
         xk = self.input_scaling == "xnor_k"
@@ -167,6 +181,14 @@ class PackedBinaryConv(nn.Module):
         return bwn_conv2d(xin, self.words, self.scale, (kh, kw), self.stride[0], pad,
                           bias=self.shift, activation=self.activation, backend=self.backend)
 
+    def w1a8(self, x: torch.Tensor, out_inv: float | None = None) -> torch.Tensor:
+        """The W1A8 conv: ``x`` float (quantized here with the layer's scale) or int8 already in it;
+        float output, or int8 in the next layer's scale when ``out_inv`` (its 1 / scale) is given."""
+        xq = x if x.dtype == torch.int8 else quantize_activations(x, self.in_inv, backend=self.backend)
+        kh, kw = self.kernel_size
+        return w1a8_conv2d(xq, self.words, self.qscale, (kh, kw), self.stride[0], self.pad[0], bias=self.shift,
+                           activation=self.activation, out_scale_inv=out_inv, backend=self.backend)
+
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``y`` = conv * alpha; apply K, BN scale, shift and the activation in torch."""
         if self.input_scaling == "xnor_k" and self.mode == "xnor":
@@ -182,7 +204,7 @@ class PackedBinaryConv(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, pad={self.pad}, mode={self.mode}, pad_value={self.pad_value:+g}, "
-                f"activation={self.activation}")
+                f"activation={self.activation}" + ("" if self.act_scale is None else ", activations=int8"))
 
 
 # ----------------------------------------------------------------------------- skeleton
@@ -457,6 +479,15 @@ class PackedOps:
             out[:, :, r0 // 2:r0 // 2 + pooled.shape[2]] = pooled
         return out
 
+    def w1a8_scale(self, conv: nn.Module) -> float | None:
+        """The 8-bit input scale of a W1A8 conv (`kd_bnn.deploy.quantize`), None for other convs."""
+        return conv.act_scale if isinstance(conv, PackedBinaryConv) else None
+
+    def w1a8(self, conv: nn.Module, x: torch.Tensor, out_scale: float | None) -> torch.Tensor:
+        """W1A8 ``conv`` (activation fused) on float or int8 ``x``; int8 output in ``out_scale``
+        (the next W1A8 conv's input scale) when given, else float."""
+        return conv.w1a8(x, None if out_scale is None else inverse_scale(out_scale))
+
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         from kd_bnn.deploy.kernels import pack_input
 
@@ -519,6 +550,7 @@ class Runtime:
             specs = {e["path"]: binary_conv_spec(e["path"], model.get_submodule(e["path"]),
                                                  binary_options(e, binary))
                      for e in layers if e["kind"] == "binary_conv"}
+            act_scales = check_activations(meta)
         except FormatError as exc:
             raise FormatError(f"{self.path}: {exc}") from exc
         modules = dict(model.named_modules())
@@ -532,8 +564,12 @@ class Runtime:
                                       "this runtime cannot use")
                 bn_scale = got.get("bn_scale")
                 shift = got.get("bn_shift") if bn_scale is not None else got.get("bias")
-                _set(model, path, PackedBinaryConv(specs[path], got["words"], got["alpha"], bn_scale, shift,
-                                                   backend))
+                try:
+                    conv = PackedBinaryConv(specs[path], got["words"], got["alpha"], bn_scale, shift, backend,
+                                            act_scale=act_scales.get(path))
+                except FormatError as exc:
+                    raise FormatError(f"{self.path}: {exc}") from None
+                _set(model, path, conv)
             else:
                 m = modules[path]
                 if kind == "float_conv" and "bias" in got and m.bias is None:
@@ -616,28 +652,20 @@ def predict_images(model: Any, files: list[Path], out: str | Path, conf_thres: f
     or anything with ``predict(images, conf_thres, iou_thres, max_det)``, ``input_size``,
     ``class_names`` (``kd-bnn predict`` wraps a checkpoint's torch model so)."""
     import cv2
-    import numpy as np
-    import torch
     from tqdm.auto import tqdm
 
-    from kd_bnn.data.transforms import eval_transforms, letterbox_to_original
+    from kd_bnn.data.transforms import letterbox_to_original, read_letterboxed
     from kd_bnn.eval.kitti import write_kitti_results
 
     out = Path(out)
     (out / "data").mkdir(parents=True, exist_ok=True)
     if draw:
         (out / "images").mkdir(parents=True, exist_ok=True)
-    tf = eval_transforms(model.input_size)
     counts: dict[str, int] = {}
     for path in tqdm(files, desc="predict", disable=not progress, leave=False):
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise OSError(f"{path}: cannot read image (missing, truncated or not an image)")
-        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        sample = tf(rgb, np.zeros((0, 4)), np.zeros(0, dtype=np.int64))
-        x = torch.from_numpy(np.ascontiguousarray(sample["image"].transpose(2, 0, 1))).float().div_(255.0)
+        rgb, x, geometry = read_letterboxed(path, model.input_size)
         det = model.predict(x[None], conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)[0]
-        boxes = letterbox_to_original(det.boxes.detach().cpu().double().numpy(), sample["meta"])
+        boxes = letterbox_to_original(det.boxes.detach().cpu().double().numpy(), geometry)
         scores = det.scores.detach().cpu().numpy()
         labels = det.labels.detach().cpu().numpy()
         write_kitti_results(out / "data", path.stem, boxes, scores, labels, model.class_names)

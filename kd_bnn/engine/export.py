@@ -11,7 +11,7 @@ from typing import Any
 from kd_bnn.deploy.export import ExportError, export
 from kd_bnn.deploy.onnx import export_onnx
 
-__all__ = ["check_outputs", "export_checkpoint"]
+__all__ = ["calibration_scales", "check_outputs", "export_checkpoint"]
 
 
 def check_outputs(outputs: dict[str, str | os.PathLike | None],
@@ -58,19 +58,53 @@ def _check_checkpoint_fits(state: dict[str, Any], cfg: Any, checkpoint: str | os
             "Export the student's checkpoint (runs/<name>/best.pt), or pass --binarize-float to do exactly that")
 
 
+def calibration_scales(model: Any, images: list[Path], input_size: tuple[int, int],
+                       batch: int = 8) -> tuple[dict[str, float], int]:
+    """W1A8 input scales of ``model``'s binary-weight convs from image files, letterboxed to
+    ``input_size`` as at evaluation (`kd_bnn.deploy.quantize.calibrate_activations`)."""
+    import torch
+
+    from kd_bnn.data.transforms import read_letterboxed
+    from kd_bnn.deploy.quantize import calibrate_activations
+
+    if not images:
+        raise ExportError("calibration needs at least one image")
+
+    def batches():
+        for i in range(0, len(images), batch):
+            yield torch.stack([read_letterboxed(f, input_size)[1] for f in images[i:i + batch]])
+
+    scales, n = calibrate_activations(model, batches())
+    if not scales:
+        raise ExportError("8-bit activations: the model has no binary-weight conv that can run them "
+                          "(W1A8 is for bwn students; XNOR convs already take binary inputs)")
+    return scales, n
+
+
 def export_checkpoint(config: str | os.PathLike | Any, checkpoint: str | os.PathLike | None,
                       out: str | os.PathLike, overrides: list[str] | None = None,
                       onnx: str | os.PathLike | None = None, allow_float: bool = False,
-                      allow_input_size_change: bool = False) -> dict[str, Any]:
+                      allow_input_size_change: bool = False, calibration: list[Path] | None = None,
+                      act_bits: int | None = None) -> dict[str, Any]:
     """Rebuild the student of an experiment config (from ``checkpoint``, or randomly initialised
     when None, to size an architecture before training) and export it to ``out``.
 
     Refused: an ``out`` / ``onnx`` that is a folder, the checkpoint or config itself, or an existing
     non-``.kdbnn`` file; a float (teacher) checkpoint for a binary student unless ``allow_float``;
     a checkpoint trained at another input size unless ``allow_input_size_change``.
-    Returns the :func:`export` report plus ``config``, ``checkpoint`` and (with ``onnx``) the
-    ONNX result.
+    ``act_bits=8`` with ``calibration`` (image files): the binary-weight convs run on 8-bit
+    activations (W1A8) with input scales measured on those images (`calibration_scales`).
+    Returns the :func:`export` report plus ``config``, ``checkpoint``, (with ``onnx``) the
+    ONNX result and (W1A8) ``w1a8_convs``.
     """
+    from kd_bnn.deploy.quantize import ACT_BITS
+
+    if act_bits not in (None, 32, ACT_BITS):
+        raise ExportError(f"--act-bits {act_bits}: supported are {ACT_BITS} (W1A8) and 32 (float activations)")
+    if act_bits == ACT_BITS and not calibration:
+        raise ExportError(f"--act-bits {ACT_BITS} needs --calibrate DIR: images to measure the activation ranges on")
+    if calibration and act_bits != ACT_BITS:
+        raise ExportError(f"--calibrate is for 8-bit activations: add --act-bits {ACT_BITS}")
     from kd_bnn.config import ExperimentConfig, load_config
 
     config_path = None if isinstance(config, ExperimentConfig) else config
@@ -97,7 +131,13 @@ def export_checkpoint(config: str | os.PathLike | Any, checkpoint: str | os.Path
     model.eval()
     extra: dict[str, Any] = {"source": {"config": str(config) if not isinstance(config, ExperimentConfig)
                                         else cfg.name, "checkpoint": None if checkpoint is None else str(checkpoint)}}
-    report = export(model, out, tuple(cfg.data.input_size), extra)
+    scales, n_images = {}, 0
+    if act_bits == ACT_BITS:
+        scales, n_images = calibration_scales(model, list(calibration or []), tuple(cfg.data.input_size))
+    report = export(model, out, tuple(cfg.data.input_size), extra, act_scales=scales, calibration_images=n_images)
+    if scales:
+        report["w1a8_convs"] = len(scales)
+        report["calibration_images"] = n_images
     report["config"] = extra["source"]["config"]
     report["checkpoint"] = extra["source"]["checkpoint"]
     if onnx is not None:

@@ -130,13 +130,20 @@ def darknet_maxpool(x: torch.Tensor, size: int, stride: int, padding: int) -> to
         oh, ow = (h + padding - 2) // 2 + 1, (w + padding - 2) // 2 + 1
         x = x[:, :, :2 * oh, :2 * ow]
         if 2 * oh > h or 2 * ow > w:
-            x = F.pad(x, (0, 2 * ow - x.shape[3], 0, 2 * oh - x.shape[2]), value=float("-inf"))
+            x = F.pad(x, (0, 2 * ow - x.shape[3], 0, 2 * oh - x.shape[2]), value=_lowest(x.dtype))
         rows = x.contiguous().view(n, c, oh, 4 * ow)
         r = torch.maximum(rows[..., :2 * ow], rows[..., 2 * ow:]).view(n, c, oh, ow, 2)
         return torch.maximum(r[..., 0], r[..., 1])
     if padding:
-        x = F.pad(x, (left, padding - left, left, padding - left), value=float("-inf"))
+        x = F.pad(x, (left, padding - left, left, padding - left), value=_lowest(x.dtype))
+    if not x.dtype.is_floating_point:  # int8 activations (W1A8 runtime): max_pool2d is float-only
+        return F.max_pool2d(x.float(), size, stride).to(x.dtype)
     return F.max_pool2d(x, size, stride)
+
+
+def _lowest(dtype: torch.dtype) -> float:
+    """The padding that never wins a max: -inf, or the integer type's minimum."""
+    return float("-inf") if dtype.is_floating_point else float(torch.iinfo(dtype).min)
 
 
 class MaxPool(nn.Module):

@@ -14,6 +14,9 @@ Besides packed bits, the plan marks one fusion of float layers: a stem conv bloc
 small-C_in conv kernel, activation fused; ``ops.stem_pool``) whose only consumer is the next
 layer, a Darknet 2x2 stride-2 max-pool with padding 0 or 1, is run as one kernel call that writes
 only the pooled map (:data:`STEM_POOL` at the conv's index; the pool then passes its input on).
+W1A8 blocks (binary weights, 8-bit activations) whose consumers are W1A8 blocks, directly or
+through max-pools, write int8 in the consumer's scale (``plan.int8``), so those maps are 4x smaller
+and never formed in float.
 Any other float-output conv block followed by such a pool runs with it in bands of output rows
 (:data:`CONV_POOL`, ``ops.conv_pool``), so the full-resolution map - the largest activation of a
 detector's first stages - is never held.
@@ -29,7 +32,7 @@ from torch import nn
 
 from kd_bnn.models.darknet.model import DarknetConv, MaxPool, Route, Shortcut
 
-__all__ = ["CONV_POOL", "STEM_POOL", "conv_pool_fusable", "packed_forward", "packed_maxpool", "packed_plan",
+__all__ = ["CONV_POOL", "STEM_POOL", "DarknetPlan", "conv_pool_fusable", "packed_forward", "packed_maxpool", "packed_plan",
            "stem_pool_fusable", "xnor_block"]
 
 #: Plan entry of a stem conv whose following max-pool is fused into its kernel call (truthy, so a
@@ -99,6 +102,46 @@ def conv_pool_fusable(layer: nn.Module, nxt: nn.Module, ops: Any) -> bool:
     return isinstance(nxt, MaxPool) and nxt.size == 2 and nxt.stride == 2 and nxt.padding in (0, 1)
 
 
+class DarknetPlan(list):
+    """Per layer: packed output (``True``), a fusion (:data:`STEM_POOL`, :data:`CONV_POOL`) or
+    ``False``; ``int8`` maps the layers that write int8 activations to the scale they write in."""
+
+    int8: dict[int, float]
+
+
+def _w1a8_block(layer: nn.Module, ops: Any) -> float | None:
+    """The input scale of a Darknet block whose conv runs W1A8 with nothing after the kernel (BN
+    folded, activation fused), else None."""
+    scale_of = getattr(ops, "w1a8_scale", None)
+    if type(layer) is not DarknetConv or scale_of is None:
+        return None
+    if not (layer.bn is None or isinstance(layer.bn, nn.Identity)) or not isinstance(layer.act, nn.Identity):
+        return None
+    return scale_of(layer.conv)
+
+
+def _int8_outputs(layers: list[nn.Module], consumers: list[list[int]], ops: Any) -> dict[int, float]:
+    """Layers whose output may travel as int8: a W1A8 block or a max-pool (max commutes with the
+    monotone quantizer) whose every consumer is a W1A8 block or such a max-pool, all reading the
+    same scale; the value is that scale (the producer requantizes into it)."""
+    target: dict[int, float] = {}
+    for i in range(len(layers) - 1, -1, -1):
+        scales = set()
+        for c in consumers[i]:
+            s = _w1a8_block(layers[c], ops)
+            if s is None and isinstance(layers[c], MaxPool):
+                s = target.get(c)
+            scales.add(s)
+        if consumers[i] and None not in scales and len(scales) == 1:
+            target[i] = scales.pop()
+    out: dict[int, float] = {}
+    for i, layer in enumerate(layers):
+        producer = _w1a8_block(layer, ops) is not None or (isinstance(layer, MaxPool) and i - 1 in out)
+        if producer and i in target:
+            out[i] = target[i]
+    return out
+
+
 def packed_plan(model: nn.Module, ops: Any) -> list[bool | str]:
     """Per Darknet layer: whether its output can travel as packed sign words (module docstring),
     or :data:`STEM_POOL` for a stem conv fused with the max-pool after it, or :data:`CONV_POOL` for
@@ -123,7 +166,7 @@ def packed_plan(model: nn.Module, ops: Any) -> list[bool | str]:
             continue
         packed[i] = all(xnor_block(layers[c], ops) is not None or (isinstance(layers[c], MaxPool) and packed[c])
                         for c in consumers[i])
-    plan: list[bool | str] = list(packed)
+    plan = DarknetPlan(packed)
     for i in range(n - 1):
         if consumers[i] != [i + 1]:
             continue
@@ -131,6 +174,7 @@ def packed_plan(model: nn.Module, ops: Any) -> list[bool | str]:
             plan[i] = STEM_POOL
         elif not plan[i] and not plan[i + 1] and conv_pool_fusable(layers[i], layers[i + 1], ops):
             plan[i] = CONV_POOL
+    plan.int8 = _int8_outputs(layers, consumers, ops)
     return plan
 
 
@@ -141,8 +185,10 @@ def packed_forward(model: nn.Module, plan: list[bool | str], images: torch.Tenso
     def step(i: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if plan[i] == STEM_POOL:
             return ops.stem_pool(layer.conv, x, model.layers[i + 1].padding)
+        s8 = int8.get(i)
         if plan[i] == CONV_POOL:
-            return ops.conv_pool(layer, layer.conv, x, model.layers[i + 1].padding)
+            run = layer if s8 is None else (lambda xb: ops.w1a8(layer.conv, xb, s8))
+            return ops.conv_pool(run, layer.conv, x, model.layers[i + 1].padding)
         if i > 0 and plan[i - 1] in (STEM_POOL, CONV_POOL):  # the pool ran with the conv: x is its output
             return ops.pack(x) if plan[i] is True else x
         if isinstance(layer, MaxPool) and plan[i]:
@@ -154,6 +200,10 @@ def packed_forward(model: nn.Module, plan: list[bool | str], images: torch.Tenso
         if plan[i] and _sign_preserving_float_block(layer, ops):
             y = layer.conv(x)
             return ops.pack(y if layer.bn is None else layer.bn(y))
+        if s8 is not None and not isinstance(layer, MaxPool):
+            return ops.w1a8(layer.conv, x, s8)
         return layer(x)
+
+    int8 = getattr(plan, "int8", {})
 
     return model.run_graph(images, step)
