@@ -78,6 +78,7 @@ __all__ = [
     "pad_packed",
     "xnor_conv2d",
     "popcount_bounds",
+    "output_table",
     "bwn_conv2d",
     "stem_conv2d",
     "pointwise_weights",
@@ -447,6 +448,7 @@ def xnor_conv2d(
     threshold: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     packed_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    table: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """XNOR convolution ``sign(x) * sign(W)``, then ``dot*scale + bias`` and an activation.
 
@@ -474,6 +476,10 @@ def xnor_conv2d(
             the packed bit of channel ``c`` is ``lo[c] <= popcount <= hi[c]`` (``dot = K -
             2*popcount``): the sign of any monotone function of the output, e.g. the next layer's
             BatchNorm (see :func:`popcount_bounds`).
+        table: ``float``/``both`` only, no ``packed_bounds``: float ``(C_out, K + 1)``; the float
+            output of popcount ``p`` in channel ``c`` is ``table[c, p]`` instead of the transform
+            (any per-channel function of the conv output tabulated exactly, e.g. a BatchNorm that
+            was not folded: :func:`output_table`), then the residual.
 
     ``output="both"`` returns ``(float, packed)`` from one kernel pass: the float output (with the
     residual) and, as ``packed`` above, the sign words of that float output (``>= 0`` -> +1, as
@@ -518,6 +524,12 @@ def xnor_conv2d(
     ow = (x.shape[2 if packed_in else 3] + (0 if x_is_padded else 2 * padding) - kw) // stride + 1
     if residual is not None and tuple(residual.shape) != (x.shape[0], c_out, oh, ow):
         raise ValueError(f"residual must be ({x.shape[0]}, {c_out}, {oh}, {ow}), found {tuple(residual.shape)}")
+    if table is not None:
+        if output not in ("float", "both") or packed_bounds is not None:
+            raise ValueError("an output table needs output 'float' or 'both' and no packed_bounds")
+        if tuple(table.shape) != (c_out, c_in * kh * kw + 1):
+            raise ValueError(f"table must be ({c_out}, {c_in * kh * kw + 1}), found {tuple(table.shape)}")
+        table = _f32(table).contiguous()
     bounds = None
     if packed_bounds is not None:
         bounds = tuple(torch.as_tensor(b).to(torch.int32).reshape(-1).contiguous() for b in packed_bounds)
@@ -533,13 +545,13 @@ def xnor_conv2d(
                 xp = ext.pad_packed(xp, c_in, int(padding), float(pad_value))
         else:
             xp = ext.pack_input(_f32(x), int(padding), float(pad_value), thr, code)
-        if residual is not None or output == "both" or bounds is not None:
+        if residual is not None or output == "both" or bounds is not None or table is not None:
             outs = ext.xnor_conv_ex(
                 xp, weight_panel(w_packed) if panel is None else panel, c_out, c_in, kh, kw, int(stride),
                 None if scale is None else _f32(scale), None if bias is None else _f32(bias), act,
                 None if residual is None else _f32(residual).contiguous(), output != "packed",
                 output != "float",
-                None if bounds is None else bounds[0], None if bounds is None else bounds[1],
+                None if bounds is None else bounds[0], None if bounds is None else bounds[1], table,
                 int(out_padding), float(out_pad_value), code,
             )
             return (outs[0], outs[1]) if output == "both" else outs[0]
@@ -573,7 +585,11 @@ def xnor_conv2d(
     dot = F.conv2d(xs, ws, stride=stride).round().to(torch.int32)  # exact: |dot| <= K < 2**24
     if output == "int":
         return dot
-    v = _transform(dot.float(), scale, bias, act)
+    if table is not None:
+        cnt = torch.div(kh * kw * c_in - dot, 2, rounding_mode="floor").long()
+        v = table[torch.arange(c_out).view(1, -1, 1, 1), cnt]
+    else:
+        v = _transform(dot.float(), scale, bias, act)
     if residual is not None:
         v = v + residual.detach().float()
     if output == "float":
@@ -588,6 +604,31 @@ def xnor_conv2d(
         words = pad_packed(pack_activations(signs), c_out, out_padding, out_pad_value, backend="torch")
         return (v, words) if output == "both" else words
     return pad_packed(pack_activations(v), c_out, out_padding, out_pad_value, backend="torch")
+
+
+def output_values(
+    c_in: int,
+    kernel_size: int | tuple[int, int],
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    activation: str,
+    c_out: int,
+) -> torch.Tensor:
+    """Every float output an XNOR conv can give, float ``(1, C_out, 1, K + 1)``: entry ``p`` is
+    ``act((K - 2p)*scale + bias)`` (popcount ``p``), by the kernel's float ops."""
+    kh, kw = _pair(kernel_size)
+    k = c_in * kh * kw
+    dot = (k - 2 * torch.arange(k + 1, dtype=torch.int32)).float().view(1, 1, 1, -1).expand(1, c_out, 1, k + 1)
+    return _transform(dot, scale, bias, _act_code(activation)).contiguous()
+
+
+def output_table(c_in, kernel_size, scale, bias, activation, fn, c_out: int) -> torch.Tensor:
+    """:func:`xnor_conv2d`'s ``table`` of ``fn`` (a per-channel elementwise map of float
+    ``(1, C_out, 1, K + 1)``, e.g. a BatchNorm module in eval mode) applied to the conv's output:
+    exact, ``fn`` runs on every value the output can take."""
+    v = output_values(c_in, kernel_size, scale, bias, activation, c_out)
+    with torch.no_grad():
+        return fn(v).detach().float().reshape(c_out, -1).contiguous()
 
 
 def popcount_bounds(

@@ -126,6 +126,7 @@ struct XnorExtras {
   bool both = false;            // float output and packed signs of it in one pass
   const int32_t* lo = nullptr;  // packed bit = lo[c] <= popcount <= hi[c] (given bounds), or null
   const int32_t* hi = nullptr;
+  const float* table = nullptr;  // float output = table[c * (K + 1) + popcount] instead of the transform
 };
 
 std::vector<at::Tensor> xnor_conv_impl(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c_in, int64_t KH,
@@ -282,6 +283,15 @@ std::vector<at::Tensor> xnor_conv_impl(at::Tensor xpad, at::Tensor panel, int64_
             for (int64_t p = 0; p < np; ++p) bits[(i0 + p) * nwo + (co >> 6)] |= ((uint64_t)masks[p] & keep) << (co & 63);
             if (mode == MODE_PACKED) continue;
           }
+          if (ex.table != nullptr) {  // a per-channel function of the output, tabulated by popcount
+            for (int64_t p = 0; p < np; ++p)
+              for (int64_t c = 0; c < nc; ++c) {
+                const float v = ex.table[(co + c) * (K + 1) + cnt[p * kCoBlock + c]];
+                if (vec_epi) fbuf[(i0 + p) * kCoBlock + c] = v;
+                else fbuf[c * block + i0 + p] = v;
+              }
+            continue;
+          }
           if (vec_epi) {
             if (want_float) {
               epi->transform_px(cnt, np, Kf, scp, bip, act_c, fbuf.data() + i0 * kCoBlock);
@@ -378,12 +388,15 @@ at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c
 // same pass, or, with bounds (int32 (C_out,) lo, hi), packed bits lo[c] <= popcount <= hi[c]
 // (a sign test of any monotone function of the output, e.g. the next layer's BatchNorm), or only
 // those packed bits (want_float false). Returns [float], [packed] or [float, packed], packed
-// (N, OH+2*op, OW+2*op, nwo).
+// (N, OH+2*op, OW+2*op, nwo). table: float (C_out, K + 1), the float output of popcount p in
+// channel c is table[c][p] (any per-channel function of the conv output, tabulated exactly;
+// scale, bias and activation are then unused).
 std::vector<at::Tensor> xnor_conv_ex(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c_in, int64_t KH,
                                      int64_t KW, int64_t stride, c10::optional<at::Tensor> scale,
                                      c10::optional<at::Tensor> bias, int64_t act, c10::optional<at::Tensor> residual,
                                      bool want_float, bool want_packed, c10::optional<at::Tensor> lo, c10::optional<at::Tensor> hi,
-                                     int64_t out_pad, double out_pad_value, int64_t isa) {
+                                     c10::optional<at::Tensor> table, int64_t out_pad, double out_pad_value,
+                                     int64_t isa) {
   TORCH_CHECK(want_float || want_packed, "kd_bnn.xnor_conv_ex: nothing to output");
   XnorExtras ex;
   ex.both = want_float && want_packed;
@@ -413,6 +426,15 @@ std::vector<at::Tensor> xnor_conv_ex(at::Tensor xpad, at::Tensor panel, int64_t 
     ex.hi = hi_t.data_ptr<int32_t>();
   }
   TORCH_CHECK(want_float || ex.res == nullptr, "kd_bnn.xnor_conv_ex: a residual needs the float output");
+  at::Tensor tab;
+  if (table.has_value() && table->defined()) {
+    tab = table->to(at::kFloat).contiguous();
+    TORCH_CHECK(want_float && !has_lo, "kd_bnn.xnor_conv_ex: an output table needs the float output and no bounds");
+    TORCH_CHECK(tab.dim() == 2 && tab.size(0) == c_out && tab.size(1) == c_in * KH * KW + 1,
+                "kd_bnn.xnor_conv_ex: output table must be float (", c_out, ", ", c_in * KH * KW + 1, "), found ",
+                tab.sizes());
+    ex.table = tab.data_ptr<float>();
+  }
   return xnor_conv_impl(xpad, panel, c_out, c_in, KH, KW, stride, scale, bias, act, want_float ? MODE_FLOAT : MODE_PACKED,
                         out_pad, out_pad_value, isa, ex);
 }
