@@ -510,7 +510,8 @@ class Runtime:
         fuse: fuse activations into the binary kernels (see the module docstring).
         packed_chains: keep consecutive XNOR layers (and what passes signs between them) in
             packed bits instead of float maps, where the family has a packed graph walk
-            (`Detector.packed_plan`; Darknet: :mod:`kd_bnn.models.darknet.packed`).
+            (`Detector.packed_plan`; Darknet: :mod:`kd_bnn.models.darknet.packed`; Bi-Real-YOLO and
+            BinaryDenseNet-YOLO: :mod:`kd_bnn.models.binary_students_packed`).
         backend: ``None``/``"auto"`` (C++ kernels when available), ``"torch"`` (pure-torch path).
         threads: set ``torch.set_num_threads`` (kernels use torch's intra-op pool) when given.
     """
