@@ -44,8 +44,10 @@ from kd_bnn.deploy.kernels import (
     block_epilogue,
     bwn_conv2d,
     default_isa,
+    output_table,
     pointwise_conv2d,
     pointwise_weights,
+    popcount_bounds,
     quantize_activations,
     stem_conv2d,
     w1a8_conv2d,
@@ -499,6 +501,84 @@ class PackedOps:
                            scale=conv.scale, bias=conv.shift, activation=conv.activation,
                            output="packed" if packed_out else "float", panel=conv.panel, backend=conv.backend)
 
+    def xnor_fused(self, conv: nn.Module, x: torch.Tensor, *, residual: torch.Tensor | None = None,
+                   packed_for: nn.Module | None = None, bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   float_out: bool = True, x_padded: bool = False, table: torch.Tensor | None = None):
+        """``conv`` (a `chainable_xnor` conv) on ``x``: float NCHW, or packed words (``x_padded``:
+        already padded for ``conv``). Float output ``act(conv) + residual``; with ``packed_for``
+        also packed words from the same kernel pass, padded for that conv (None: unpadded): the
+        signs of the float output, or with ``bounds`` (`sign_bounds`) bits of a monotone function
+        of it. ``table`` (`output_table`): the float output is a tabulated per-channel function of
+        the conv output (e.g. a BatchNorm after it), then the residual. Returns the float map, the
+        packed words (``float_out=False``, bounds only), or both."""
+        kh, kw = conv.kernel_size
+        want_packed = packed_for is not None or bounds is not None
+        output = ("both" if float_out else "packed") if want_packed else "float"
+        pad_for = packed_for if isinstance(packed_for, PackedBinaryConv) else None
+        return xnor_conv2d(x, conv.words, conv.in_channels, (kh, kw), conv.stride[0], conv.pad[0], conv.pad_value,
+                           scale=conv.scale, bias=conv.shift, activation=conv.activation, output=output,
+                           out_padding=pad_for.pad[0] if pad_for is not None else 0,
+                           out_pad_value=pad_for.pad_value if pad_for is not None else -1.0,
+                           x_is_padded=x_padded and self.is_packed(x), residual=residual, packed_bounds=bounds,
+                           table=table, panel=conv.panel, backend=conv.backend)
+
+    def output_table(self, conv: nn.Module, fn) -> torch.Tensor:
+        """`xnor_fused`'s ``table`` of ``fn`` (a per-channel elementwise module or function, e.g. a
+        BatchNorm in eval mode) after ``conv``: ``fn`` evaluated on every value the conv's float
+        output can take (exact)."""
+        return output_table(conv.in_channels, conv.kernel_size, conv.scale, conv.shift, conv.activation, fn,
+                            conv.out_channels)
+
+    def sign_bounds(self, conv: nn.Module, predicate) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Popcount bounds of ``conv`` for `xnor_fused`'s ``bounds``: bit ``c`` = ``predicate(v)[c]``
+        for the conv's float output ``v``, evaluated on every value ``v`` can take (exact; None
+        when ``predicate`` is not monotone in the output)."""
+        return popcount_bounds(conv.in_channels, conv.kernel_size, conv.scale, conv.shift, conv.activation,
+                               predicate, conv.out_channels)
+
+    def pack_for(self, x: torch.Tensor, conv: nn.Module | None = None) -> torch.Tensor:
+        """Binarize and pack float ``x`` (``x >= 0`` -> +1), padded for ``conv`` (None: unpadded)."""
+        from kd_bnn.deploy.kernels import pack_input
+
+        if conv is None:
+            return pack_input(x, 0, -1.0, backend=self.backend)
+        return pack_input(x, conv.pad[0], conv.pad_value, backend=self.backend)
+
+    def concat_packed(self, parts: list[tuple[torch.Tensor, int]], pad_for: nn.Module | None = None) -> torch.Tensor:
+        """Packed words of the channel concatenation of unpadded packed ``parts`` ``(words, channels)``,
+        padded for conv ``pad_for`` (None: unpadded). Parts starting on a word boundary are copied;
+        others are shifted into place (two words per source word)."""
+        from kd_bnn.deploy.kernels import pad_packed
+
+        n, h, w = parts[0][0].shape[:3]
+        total = sum(c for _, c in parts)
+        if all(off % 64 == 0 for off in _offsets(parts)):
+            out = torch.cat([p for p, _ in parts], dim=3) if len(parts) > 1 else parts[0][0]
+        else:
+            nw = (total + 63) // 64
+            out = torch.zeros(n, h, w, nw, dtype=torch.int64)
+            for (words, c), off in zip(parts, _offsets(parts)):
+                for j in range((c + 63) // 64):
+                    src = words[..., j]
+                    d, sh = divmod(off + 64 * j, 64)
+                    if sh == 0:
+                        out[..., d] |= src
+                        continue
+                    out[..., d] |= src << sh
+                    if d + 1 < nw:  # the high bits of src, shifted down logically
+                        out[..., d + 1] |= (src >> (64 - sh)) & ((1 << sh) - 1)
+        if pad_for is None or not pad_for.pad[0]:
+            return out.contiguous()
+        return pad_packed(out.contiguous(), total, pad_for.pad[0], pad_for.pad_value, backend=self.backend)
+
+
+def _offsets(parts: list[tuple[torch.Tensor, int]]) -> list[int]:
+    offs, o = [], 0
+    for _, c in parts:
+        offs.append(o)
+        o += c
+    return offs
+
 
 class Runtime:
     """A loaded ``.kdbnn`` model: ``Runtime(path)(images) -> raw``, ``.predict(images)``.
@@ -508,7 +588,8 @@ class Runtime:
         fuse: fuse activations into the binary kernels (see the module docstring).
         packed_chains: keep consecutive XNOR layers (and what passes signs between them) in
             packed bits instead of float maps, where the family has a packed graph walk
-            (`Detector.packed_plan`; Darknet: :mod:`kd_bnn.models.darknet.packed`).
+            (`Detector.packed_plan`; Darknet: :mod:`kd_bnn.models.darknet.packed`; Bi-Real-YOLO and
+            BinaryDenseNet-YOLO: :mod:`kd_bnn.models.binary_students_packed`).
         backend: ``None``/``"auto"`` (C++ kernels when available), ``"torch"`` (pure-torch path).
         threads: set ``torch.set_num_threads`` (kernels use torch's intra-op pool) when given.
     """

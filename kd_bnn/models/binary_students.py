@@ -390,6 +390,20 @@ class BinaryStudentYOLO(AnchorHeadsMixin, Detector):
         x = self.head.conv3(torch.cat([x, fine], dim=1))
         return [self.head.pred(x)]
 
+    def packed_plan(self, ops) -> Any | None:
+        """Which binary convs read packed words on the packed runtime (Bi-Real units through a fused
+        residual epilogue, dense layers and head convs through their consumer's BatchNorm bounds:
+        `kd_bnn.models.binary_students_packed`); None when none does (e.g. BWN)."""
+        from kd_bnn.models.binary_students_packed import student_packed_plan
+
+        plan = student_packed_plan(self, ops)
+        return plan if plan.packed_in else None
+
+    def packed_forward(self, images: torch.Tensor, plan, ops) -> list[torch.Tensor]:
+        from kd_bnn.models.binary_students_packed import student_packed_forward
+
+        return student_packed_forward(self, images, plan, ops)
+
     def _input_size_of(self, raw: Sequence[torch.Tensor]) -> tuple[int, int]:
         h, w = raw[0].shape[-2:]
         return h * 32, w * 32

@@ -72,6 +72,15 @@ class PackedOps(Protocol):
     def is_packed(self, x: torch.Tensor) -> bool: ...  # x holds packed sign words (N, H, W, words)
     def pack(self, x: torch.Tensor) -> torch.Tensor: ...  # float NCHW -> packed signs
     def xnor(self, conv: nn.Module, x: torch.Tensor, packed_out: bool) -> torch.Tensor: ...
+    # the fused epilogue of packed chains: float act(conv) + residual and/or packed words for the
+    # next conv (signs of the float output, or popcount bounds from sign_bounds) from one kernel pass
+    def xnor_fused(self, conv: nn.Module, x: torch.Tensor, *, residual: torch.Tensor | None = None,
+                   packed_for: nn.Module | None = None, bounds: Any = None, float_out: bool = True,
+                   x_padded: bool = False, table: torch.Tensor | None = None) -> Any: ...
+    def output_table(self, conv: nn.Module, fn: Any) -> torch.Tensor: ...  # fn(conv output) tabulated, exact
+    def sign_bounds(self, conv: nn.Module, predicate: Any) -> Any: ...  # bit = predicate(conv output), exact
+    def pack_for(self, x: torch.Tensor, conv: nn.Module | None = None) -> torch.Tensor: ...  # padded for conv
+    def concat_packed(self, parts: list, pad_for: nn.Module | None = None) -> torch.Tensor: ...  # channel concat
 
 
 class Detector(nn.Module):

@@ -84,6 +84,8 @@ __all__ = [
     "pack_input",
     "pad_packed",
     "xnor_conv2d",
+    "popcount_bounds",
+    "output_table",
     "bwn_conv2d",
     "w1a8_conv2d",
     "quantize_activations",
@@ -453,7 +455,10 @@ def xnor_conv2d(
     isa: str | None = None,
     backend: str | None = None,
     threshold: torch.Tensor | None = None,
-) -> torch.Tensor:
+    residual: torch.Tensor | None = None,
+    packed_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    table: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """XNOR convolution ``sign(x) * sign(W)``, then ``dot*scale + bias`` and an activation.
 
     Args:
@@ -474,6 +479,20 @@ def xnor_conv2d(
         isa: force an ISA path (see ``ISAS``); backend: ``torch`` forces the fallback.
         threshold: float input only: per-input-channel ``(C_in,)`` binarization threshold,
             ``x >= threshold[c]`` -> +1 (see :func:`pack_input`: ``-b`` is RSign's ``sign(x + b)``).
+        residual: ``float``/``both`` only: float ``(N, C_out, OH, OW)`` added after the activation
+            (``act(dot*scale + bias) + residual``, the same float add as torch's), in the epilogue.
+        packed_bounds: ``both`` or ``packed``, no residual: int ``(C_out,)`` popcount bounds ``(lo, hi)``;
+            the packed bit of channel ``c`` is ``lo[c] <= popcount <= hi[c]`` (``dot = K -
+            2*popcount``): the sign of any monotone function of the output, e.g. the next layer's
+            BatchNorm (see :func:`popcount_bounds`).
+        table: ``float``/``both`` only, no ``packed_bounds``: float ``(C_out, K + 1)``; the float
+            output of popcount ``p`` in channel ``c`` is ``table[c, p]`` instead of the transform
+            (any per-channel function of the conv output tabulated exactly, e.g. a BatchNorm that
+            was not folded: :func:`output_table`), then the residual.
+
+    ``output="both"`` returns ``(float, packed)`` from one kernel pass: the float output (with the
+    residual) and, as ``packed`` above, the sign words of that float output (``>= 0`` -> +1, as
+    :func:`pack_input` binarizes it) or the bits of ``packed_bounds``.
     """
     kh, kw = _pair(kernel_size)
     _check_packed_weight(w_packed, c_in, kh, kw)
@@ -485,11 +504,15 @@ def xnor_conv2d(
         )
     if stride < 1 or padding < 0 or out_padding < 0:
         raise ValueError(f"bad stride/padding/out_padding: {stride}/{padding}/{out_padding}")
-    if output not in _MODES:
-        raise ValueError(f"unknown output '{output}', expected one of {list(_MODES)}")
+    if output not in _MODES and output != "both":
+        raise ValueError(f"unknown output '{output}', expected one of {[*_MODES, 'both']}")
     if pad_value not in (1.0, -1.0):
         raise ValueError(f"binary padding value must be +1 or -1, found {pad_value}")
-    if output == "packed" and out_pad_value not in (1.0, -1.0):
+    if residual is not None and output not in ("float", "both"):
+        raise ValueError(f"a residual needs output 'float' or 'both', found '{output}'")
+    if packed_bounds is not None and (output not in ("both", "packed") or residual is not None):
+        raise ValueError("packed_bounds needs output 'both' or 'packed' and no residual")
+    if output in ("packed", "both") and out_pad_value not in (1.0, -1.0):
         raise ValueError(f"binary out_pad_value must be +1 or -1, found {out_pad_value}")
     act = _act_code(activation)
     c_out = w_packed.shape[0]
@@ -506,6 +529,21 @@ def xnor_conv2d(
     if threshold is not None and packed_in:
         raise ValueError("threshold applies to float inputs only")
     thr = _check_threshold(threshold, c_in)
+    oh = (x.shape[1 if packed_in else 2] + (0 if x_is_padded else 2 * padding) - kh) // stride + 1
+    ow = (x.shape[2 if packed_in else 3] + (0 if x_is_padded else 2 * padding) - kw) // stride + 1
+    if residual is not None and tuple(residual.shape) != (x.shape[0], c_out, oh, ow):
+        raise ValueError(f"residual must be ({x.shape[0]}, {c_out}, {oh}, {ow}), found {tuple(residual.shape)}")
+    if table is not None:
+        if output not in ("float", "both") or packed_bounds is not None:
+            raise ValueError("an output table needs output 'float' or 'both' and no packed_bounds")
+        if tuple(table.shape) != (c_out, c_in * kh * kw + 1):
+            raise ValueError(f"table must be ({c_out}, {c_in * kh * kw + 1}), found {tuple(table.shape)}")
+        table = _f32(table).contiguous()
+    bounds = None
+    if packed_bounds is not None:
+        bounds = tuple(torch.as_tensor(b).to(torch.int32).reshape(-1).contiguous() for b in packed_bounds)
+        if any(b.numel() != c_out for b in bounds):
+            raise ValueError(f"packed_bounds need {c_out} values each")
 
     ext = _use_ext(backend)
     if ext is not None:
@@ -516,6 +554,16 @@ def xnor_conv2d(
                 xp = ext.pad_packed(xp, c_in, int(padding), float(pad_value))
         else:
             xp = ext.pack_input(_f32(x), int(padding), float(pad_value), thr, code)
+        if residual is not None or output == "both" or bounds is not None or table is not None:
+            outs = ext.xnor_conv_ex(
+                xp, weight_panel(w_packed) if panel is None else panel, c_out, c_in, kh, kw, int(stride),
+                None if scale is None else _f32(scale), None if bias is None else _f32(bias), act,
+                None if residual is None else _f32(residual).contiguous(), output != "packed",
+                output != "float",
+                None if bounds is None else bounds[0], None if bounds is None else bounds[1], table,
+                int(out_padding), float(out_pad_value), code,
+            )
+            return (outs[0], outs[1]) if output == "both" else outs[0]
         return ext.xnor_conv(
             xp,
             weight_panel(w_packed) if panel is None else panel,
@@ -546,10 +594,89 @@ def xnor_conv2d(
     dot = F.conv2d(xs, ws, stride=stride).round().to(torch.int32)  # exact: |dot| <= K < 2**24
     if output == "int":
         return dot
-    v = _transform(dot.float(), scale, bias, act)
+    if table is not None:
+        cnt = torch.div(kh * kw * c_in - dot, 2, rounding_mode="floor").long()
+        v = table[torch.arange(c_out).view(1, -1, 1, 1), cnt]
+    else:
+        v = _transform(dot.float(), scale, bias, act)
+    if residual is not None:
+        v = v + residual.detach().float()
     if output == "float":
         return v
+    if output == "both" or bounds is not None:
+        if bounds is not None:
+            cnt = torch.div(kh * kw * c_in - dot, 2, rounding_mode="floor")
+            lo, hi = (b.view(1, -1, 1, 1) for b in bounds)
+            signs = torch.where((cnt >= lo) & (cnt <= hi), 1.0, -1.0)
+        else:
+            signs = v
+        words = pad_packed(pack_activations(signs), c_out, out_padding, out_pad_value, backend="torch")
+        return (v, words) if output == "both" else words
     return pad_packed(pack_activations(v), c_out, out_padding, out_pad_value, backend="torch")
+
+
+def output_values(
+    c_in: int,
+    kernel_size: int | tuple[int, int],
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    activation: str,
+    c_out: int,
+) -> torch.Tensor:
+    """Every float output an XNOR conv can give, float ``(1, C_out, 1, K + 1)``: entry ``p`` is
+    ``act((K - 2p)*scale + bias)`` (popcount ``p``), by the kernel's float ops."""
+    kh, kw = _pair(kernel_size)
+    k = c_in * kh * kw
+    dot = (k - 2 * torch.arange(k + 1, dtype=torch.int32)).float().view(1, 1, 1, -1).expand(1, c_out, 1, k + 1)
+    return _transform(dot, scale, bias, _act_code(activation)).contiguous()
+
+
+def output_table(c_in, kernel_size, scale, bias, activation, fn, c_out: int) -> torch.Tensor:
+    """:func:`xnor_conv2d`'s ``table`` of ``fn`` (a per-channel elementwise map of float
+    ``(1, C_out, 1, K + 1)``, e.g. a BatchNorm module in eval mode) applied to the conv's output:
+    exact, ``fn`` runs on every value the output can take."""
+    v = output_values(c_in, kernel_size, scale, bias, activation, c_out)
+    with torch.no_grad():
+        return fn(v).detach().float().reshape(c_out, -1).contiguous()
+
+
+def popcount_bounds(
+    c_in: int,
+    kernel_size: int | tuple[int, int],
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    activation: str,
+    predicate,
+    c_out: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Popcount bounds ``(lo, hi)`` (int32 ``(C_out,)``) for :func:`xnor_conv2d`'s ``packed_bounds``:
+    bit ``c`` of an output is ``predicate(v)[c]`` where ``v`` is the conv's float output.
+
+    The conv's float outputs take only ``K + 1`` values per channel (``v = act((K - 2p)*scale +
+    bias)`` for popcount ``p``, the kernel's float ops), so ``predicate`` (an elementwise,
+    per-channel map of float ``(1, C_out, 1, K + 1)`` to bool, e.g. ``bn(v) >= 0`` of the next
+    layer) is evaluated on all of them: exact for whatever float ops the predicate uses. None when
+    some channel's set of popcounts is not one interval (a non-monotone predicate).
+    """
+    kh, kw = _pair(kernel_size)
+    k = c_in * kh * kw
+    if c_out is None:
+        c_out = (scale if scale is not None else bias).numel()
+    p = torch.arange(k + 1, dtype=torch.int32)
+    dot = (k - 2 * p).float().view(1, 1, 1, -1).expand(1, c_out, 1, k + 1)
+    v = _transform(dot, scale, bias, _act_code(activation))
+    ok = predicate(v.contiguous()).reshape(c_out, k + 1).bool()
+    lo = torch.ones(c_out, dtype=torch.int32)
+    hi = torch.zeros(c_out, dtype=torch.int32)
+    for c in range(c_out):
+        idx = ok[c].nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        a, b = int(idx[0]), int(idx[-1])
+        if b - a + 1 != idx.numel():
+            return None
+        lo[c], hi[c] = a, b
+    return lo, hi
 
 
 def bwn_conv2d(

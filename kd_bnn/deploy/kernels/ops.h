@@ -10,6 +10,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace kdbnn {
 
@@ -24,6 +25,15 @@ at::Tensor pad_packed(at::Tensor xp, int64_t channels, int64_t pad, double pad_v
 at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c_in, int64_t KH, int64_t KW,
                      int64_t stride, c10::optional<at::Tensor> scale, c10::optional<at::Tensor> bias, int64_t act,
                      int64_t mode, int64_t out_pad, double out_pad_value, int64_t isa);
+
+// xnor.cpp: the fused epilogue of packed chains: float act(transform(dot)) + residual, and with
+// want_packed the packed signs of it (or popcount bounds lo <= cnt <= hi) from the same pass.
+std::vector<at::Tensor> xnor_conv_ex(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c_in, int64_t KH,
+                                     int64_t KW, int64_t stride, c10::optional<at::Tensor> scale,
+                                     c10::optional<at::Tensor> bias, int64_t act, c10::optional<at::Tensor> residual,
+                                     bool want_float, bool want_packed, c10::optional<at::Tensor> lo, c10::optional<at::Tensor> hi,
+                                     c10::optional<at::Tensor> table, int64_t out_pad, double out_pad_value,
+                                     int64_t isa);
 
 // bwn.cpp: float input x packed binary weights, conv2d(x, alpha * sign(W), bias) -> activation.
 at::Tensor bwn_conv(at::Tensor x, at::Tensor wpacked, at::Tensor alpha, c10::optional<at::Tensor> bias, int64_t KH,

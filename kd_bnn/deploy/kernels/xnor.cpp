@@ -117,15 +117,22 @@ bool sign_bounds(int64_t K, const float* sc, const float* bi, int64_t act, int64
 
 }  // namespace
 
-// xpad: int64 (N, Hp, Wp, nw) packed input, already padded.
-// panel: int64 (KH*KW*nw, CoP) weight panel, CoP = C_out rounded up to 16 (weight_panel in kernels/__init__.py).
-// Returns: MODE_INT int32 (N, C_out, OH, OW) dot products; MODE_FLOAT float32 (N, C_out, OH, OW)
-// after scale/bias/activation; MODE_PACKED int64 (N, OH+2*op, OW+2*op, ceil(C_out/64)) signs of
-// the transformed output, padded with out_pad_value words.
-at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c_in,
-                     int64_t KH, int64_t KW, int64_t stride, c10::optional<at::Tensor> scale,
-                     c10::optional<at::Tensor> bias, int64_t act, int64_t mode, int64_t out_pad,
-                     double out_pad_value, int64_t isa) {
+namespace {
+
+// What one call writes besides the mode's output (xnor_conv_ex): a residual added to the float
+// output, the float and the packed outputs together, explicit popcount bounds for the packed bits.
+struct XnorExtras {
+  const float* res = nullptr;   // float (N, C_out, OH, OW) added after the activation, or null
+  bool both = false;            // float output and packed signs of it in one pass
+  const int32_t* lo = nullptr;  // packed bit = lo[c] <= popcount <= hi[c] (given bounds), or null
+  const int32_t* hi = nullptr;
+  const float* table = nullptr;  // float output = table[c * (K + 1) + popcount] instead of the transform
+};
+
+std::vector<at::Tensor> xnor_conv_impl(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c_in, int64_t KH,
+                                       int64_t KW, int64_t stride, const c10::optional<at::Tensor>& scale,
+                                       const c10::optional<at::Tensor>& bias, int64_t act, int64_t mode,
+                                       int64_t out_pad, double out_pad_value, int64_t isa, const XnorExtras& ex) {
   TORCH_CHECK(xpad.dim() == 4 && xpad.scalar_type() == at::kLong,
               "kd_bnn.xnor_conv: packed input must be int64 (N, Hp, Wp, nw), found ", xpad.sizes(), " ",
               xpad.scalar_type());
@@ -140,7 +147,8 @@ at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c
   TORCH_CHECK(stride >= 1, "kd_bnn.xnor_conv: stride must be >= 1, found ", stride);
   TORCH_CHECK(mode >= MODE_INT && mode <= MODE_PACKED, "kd_bnn.xnor_conv: bad mode ", mode);
   TORCH_CHECK(act >= ACT_NONE && act <= ACT_LEAKY, "kd_bnn.xnor_conv: bad activation ", act);
-  if (mode == MODE_PACKED) check_pad_value(out_pad_value);
+  const bool want_float = mode == MODE_FLOAT || ex.both, want_packed = mode == MODE_PACKED || ex.both;
+  if (want_packed) check_pad_value(out_pad_value);
   xpad = xpad.contiguous();
   panel = panel.contiguous();
   const int64_t N = xpad.size(0), Hp = xpad.size(1), Wp = xpad.size(2);
@@ -167,22 +175,22 @@ at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c
   const XTileFn fn = kern.xnor->fn;
   const int P = kern.xnor->p;
 
-  at::Tensor out;
+  at::Tensor out, out_p;
   const int64_t nwo = (c_out + 63) / 64;
   const int64_t OHp = OH + 2 * out_pad, OWp = OW + 2 * out_pad;
   if (mode == MODE_INT) out = at::empty({N, c_out, OH, OW}, at::kInt);
-  else if (mode == MODE_FLOAT) out = new_output(N, c_out, OH, OW);
-  else out = at::empty({N, OHp, OWp, nwo}, at::kLong);
+  else if (want_float) out = new_output(N, c_out, OH, OW);
+  if (want_packed) out_p = at::empty({N, OHp, OWp, nwo}, at::kLong);
 
   int32_t* out_i = mode == MODE_INT ? out.data_ptr<int32_t>() : nullptr;
-  float* out_f = mode == MODE_FLOAT ? out.data_ptr<float>() : nullptr;
+  float* out_f = want_float ? out.data_ptr<float>() : nullptr;
   const uint64_t* X = reinterpret_cast<const uint64_t*>(xpad.data_ptr<int64_t>());
   const uint64_t* Wt = reinterpret_cast<const uint64_t*>(panel.data_ptr<int64_t>());
   const int64_t row_stride = Wp * nw, len = KW * nw;
   const bool plus_out = out_pad_value > 0;
 
-  if (mode == MODE_PACKED && out_pad > 0) {
-    uint64_t* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  if (want_packed && out_pad > 0) {
+    uint64_t* o = reinterpret_cast<uint64_t*>(out_p.data_ptr<int64_t>());
     for (int64_t n = 0; n < N; ++n)
       for (int64_t h = 0; h < OHp; ++h)
         for (int64_t w = 0; w < OWp; ++w)
@@ -199,28 +207,40 @@ at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c
   const int64_t plane = OH * OW, total = N * plane;
   const int64_t block = (int64_t)P * std::max<int64_t>(1, 48 / P);
   const int64_t n_blocks = (total + block - 1) / block;
-  uint64_t* out_pk = mode == MODE_PACKED ? reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()) : nullptr;
+  uint64_t* out_pk = want_packed ? reinterpret_cast<uint64_t*>(out_p.data_ptr<int64_t>()) : nullptr;
   // ISAs with a vector epilogue (avx2, avx512: the AVX2 one) transform and transpose pixel-major
   // tiles with it; the others (scalar, popcnt) keep the portable (SSE2) epilogue with a
   // channel-major buffer
   const XnorEpilogue* epi = kern.xnor_epilogue;
   const bool vec_epi = epi != nullptr;
   std::vector<int32_t> lo_b(c_out + kCoBlock, 1), hi_b(c_out + kCoBlock, 0);
+  const bool given_bounds = ex.lo != nullptr;
+  if (given_bounds) {
+    std::memcpy(lo_b.data(), ex.lo, sizeof(int32_t) * c_out);
+    std::memcpy(hi_b.data(), ex.hi, sizeof(int32_t) * c_out);
+  }
+  // packed bits in the tile loop: by popcount bounds (given, or sign_bounds of the transform on
+  // a vector epilogue) or by the float test (portable epilogue); "both" without given bounds
+  // takes the signs of the final float outputs (residual added) in the row pass instead
+  const bool tile_bits = mode == MODE_PACKED || (ex.both && given_bounds);
   const bool use_bounds =
-      vec_epi && mode == MODE_PACKED && sign_bounds(K, sc.data(), bi.data(), act, c_out, lo_b.data(), hi_b.data());
+      given_bounds ||
+      (vec_epi && mode == MODE_PACKED && sign_bounds(K, sc.data(), bi.data(), act, c_out, lo_b.data(), hi_b.data()));
+  const bool row_bits = ex.both && !given_bounds;
   at::parallel_for(0, n_blocks, 1, [&](int64_t b, int64_t e) {
     alignas(64) uint32_t cnt[kMaxP * kCoBlock];
     std::vector<uint64_t> bits;  // packed output of the block: block * nwo words
-    if (mode == MODE_PACKED) bits.resize(block * nwo);
+    if (want_packed) bits.resize(block * nwo);
+    std::vector<uint32_t> rmask(row_bits ? block : 0);  // sign masks of one 16-channel slice, per pixel
     // float / int results of one 16-channel slice: pixel-major [i][16] on a vector epilogue
     // (written out through 8x8 transposes), channel-major [c][block] otherwise (one contiguous
     // copy per channel run)
-    std::vector<float> fbuf(mode == MODE_FLOAT ? kCoBlock * block : 0);
+    std::vector<float> fbuf(want_float ? kCoBlock * block : 0);
     std::vector<int32_t> ibuf(mode == MODE_INT ? kCoBlock * block : 0);
     std::vector<const uint64_t*> inp(block + kMaxP);
     for (int64_t blk = b; blk < e; ++blk) {
       const int64_t q_begin = blk * block, q_end = std::min<int64_t>(total, q_begin + block), nb = q_end - q_begin;
-      if (mode == MODE_PACKED) std::fill(bits.begin(), bits.end(), 0ULL);
+      if (want_packed) std::fill(bits.begin(), bits.end(), 0ULL);
       for (int64_t i = 0; i < nb + P; ++i) {
         const int64_t q = q_begin + std::min<int64_t>(i, nb - 1);
         const int64_t n = q / plane, rem = q % plane, oh = rem / OW, ow = rem % OW;
@@ -230,6 +250,7 @@ at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c
         const int64_t nc = std::min<int64_t>(kCoBlock, c_out - co);
         const float* scp = sc.data() + co;
         const float* bip = bi.data() + co;
+        const uint64_t keep = nc < kCoBlock ? (1ULL << nc) - 1ULL : 0xFFFFULL;
         XTile t;
         t.row_stride = row_stride;
         t.kh = KH;
@@ -241,16 +262,40 @@ at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c
           const int64_t np = std::min<int64_t>(P, nb - i0);
           for (int p = 0; p < P; ++p) t.in[p] = inp[i0 + p];
           fn(t);
-          if (vec_epi) {
-            if (mode == MODE_PACKED) {
-              uint32_t masks[kMaxP];
-              if (use_bounds) epi->bounds_mask_px(cnt, np, lo_b.data() + co, hi_b.data() + co, masks);
-              else epi->sign_mask_px(cnt, np, Kf, scp, bip, act_c, masks);
-              const uint64_t keep = nc < kCoBlock ? (1ULL << nc) - 1ULL : 0xFFFFULL;
-              for (int64_t p = 0; p < np; ++p) bits[(i0 + p) * nwo + (co >> 6)] |= ((uint64_t)masks[p] & keep) << (co & 63);
-            } else if (mode == MODE_FLOAT) {
-              epi->transform_px(cnt, np, Kf, scp, bip, act_c, fbuf.data() + i0 * kCoBlock);
+          if (tile_bits && (vec_epi || use_bounds)) {
+            uint32_t masks[kMaxP];
+            if (use_bounds) {
+              if (vec_epi) {
+                epi->bounds_mask_px(cnt, np, lo_b.data() + co, hi_b.data() + co, masks);
+              } else {
+                for (int64_t p = 0; p < np; ++p) {
+                  uint32_t m = 0;
+                  for (int c = 0; c < kCoBlock; ++c) {
+                    const int32_t v = (int32_t)cnt[p * kCoBlock + c];
+                    m |= (uint32_t)(lo_b[co + c] <= v && v <= hi_b[co + c]) << c;
+                  }
+                  masks[p] = m;
+                }
+              }
             } else {
+              epi->sign_mask_px(cnt, np, Kf, scp, bip, act_c, masks);
+            }
+            for (int64_t p = 0; p < np; ++p) bits[(i0 + p) * nwo + (co >> 6)] |= ((uint64_t)masks[p] & keep) << (co & 63);
+            if (mode == MODE_PACKED) continue;
+          }
+          if (ex.table != nullptr) {  // a per-channel function of the output, tabulated by popcount
+            for (int64_t p = 0; p < np; ++p)
+              for (int64_t c = 0; c < nc; ++c) {
+                const float v = ex.table[(co + c) * (K + 1) + cnt[p * kCoBlock + c]];
+                if (vec_epi) fbuf[(i0 + p) * kCoBlock + c] = v;
+                else fbuf[c * block + i0 + p] = v;
+              }
+            continue;
+          }
+          if (vec_epi) {
+            if (want_float) {
+              epi->transform_px(cnt, np, Kf, scp, bip, act_c, fbuf.data() + i0 * kCoBlock);
+            } else if (mode == MODE_INT) {
               for (int64_t p = 0; p < np; ++p)
                 for (int c = 0; c < kCoBlock; ++c)
                   ibuf[(i0 + p) * kCoBlock + c] = (int32_t)(K - 2 * (int64_t)cnt[p * kCoBlock + c]);
@@ -265,12 +310,10 @@ at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c
             }
             alignas(64) float v[kCoBlock];
             const uint32_t sm = transform16(cp, Kf, scp, bip, act_c, v);
-            if (mode == MODE_FLOAT) {
+            if (want_float) {
               for (int64_t c = 0; c < nc; ++c) fbuf[c * block + i0 + p] = v[c];
-            } else {
-              uint64_t m = sm;
-              if (nc < kCoBlock) m &= (1ULL << nc) - 1ULL;
-              bits[(i0 + p) * nwo + (co >> 6)] |= m << (co & 63);
+            } else if (!use_bounds) {
+              bits[(i0 + p) * nwo + (co >> 6)] |= ((uint64_t)sm & keep) << (co & 63);
             }
           }
         }
@@ -281,20 +324,38 @@ at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c
             const int64_t o = (n * c_out + co) * plane + rem, i = q - q_begin;
             if (vec_epi) {
               // pixel-major buffers; int32 counts move through the float transpose bit for bit
-              const float* src = mode == MODE_FLOAT ? fbuf.data() : reinterpret_cast<const float*>(ibuf.data());
-              float* dst = mode == MODE_FLOAT ? out_f + o : reinterpret_cast<float*>(out_i + o);
+              const float* src = want_float ? fbuf.data() : reinterpret_cast<const float*>(ibuf.data());
+              float* dst = want_float ? out_f + o : reinterpret_cast<float*>(out_i + o);
               epi->write_rows(src + i * kCoBlock, run, nc, dst, plane);
             } else {
               for (int64_t c = 0; c < nc; ++c) {
-                if (mode == MODE_FLOAT) std::memcpy(out_f + o + c * plane, fbuf.data() + c * block + i, sizeof(float) * run);
+                if (want_float) std::memcpy(out_f + o + c * plane, fbuf.data() + c * block + i, sizeof(float) * run);
                 else std::memcpy(out_i + o + c * plane, ibuf.data() + c * block + i, sizeof(int32_t) * run);
               }
+            }
+            if (ex.res != nullptr || row_bits) {
+              // residual add after the activation (the same float add as torch's y + r), then the
+              // sign bits of the final values: one pass over the rows just written (L1-hot)
+              if (row_bits) std::fill(rmask.begin(), rmask.begin() + run, 0u);
+              for (int64_t c = 0; c < nc; ++c) {
+                float* __restrict row = out_f + o + c * plane;
+                if (ex.res != nullptr) {
+                  const float* __restrict rr = ex.res + o + c * plane;
+                  for (int64_t k = 0; k < run; ++k) row[k] = row[k] + rr[k];
+                }
+                if (row_bits) {
+                  uint32_t* __restrict m = rmask.data();
+                  for (int64_t k = 0; k < run; ++k) m[k] |= (uint32_t)(row[k] >= 0.f) << c;
+                }
+              }
+              if (row_bits)
+                for (int64_t k = 0; k < run; ++k) bits[(i + k) * nwo + (co >> 6)] |= (uint64_t)rmask[k] << (co & 63);
             }
             q += run;
           }
         }
       }
-      if (mode == MODE_PACKED) {
+      if (want_packed) {
         for (int64_t q = q_begin; q < q_end; ++q) {
           const int64_t n = q / plane, rem = q % plane, oh = rem / OW, ow = rem % OW;
           std::memcpy(out_pk + ((n * OHp + oh + out_pad) * OWp + ow + out_pad) * nwo, bits.data() + (q - q_begin) * nwo,
@@ -303,7 +364,79 @@ at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c
       }
     }
   });
-  return out;
+  if (ex.both) return {out, out_p};
+  return {mode == MODE_PACKED ? out_p : out};
+}
+
+}  // namespace
+
+// xpad: int64 (N, Hp, Wp, nw) packed input, already padded.
+// panel: int64 (KH*KW*nw, CoP) weight panel, CoP = C_out rounded up to 16 (weight_panel in kernels/__init__.py).
+// Returns: MODE_INT int32 (N, C_out, OH, OW) dot products; MODE_FLOAT float32 (N, C_out, OH, OW)
+// after scale/bias/activation; MODE_PACKED int64 (N, OH+2*op, OW+2*op, ceil(C_out/64)) signs of
+// the transformed output, padded with out_pad_value words.
+at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c_in,
+                     int64_t KH, int64_t KW, int64_t stride, c10::optional<at::Tensor> scale,
+                     c10::optional<at::Tensor> bias, int64_t act, int64_t mode, int64_t out_pad,
+                     double out_pad_value, int64_t isa) {
+  return xnor_conv_impl(xpad, panel, c_out, c_in, KH, KW, stride, scale, bias, act, mode, out_pad, out_pad_value, isa,
+                        XnorExtras{})[0];
+}
+
+// The fused epilogue for packed chains: float output act(transform(dot)) + residual (when given,
+// float (N, C_out, OH, OW)), and with both=true also the packed signs of that float output in the
+// same pass, or, with bounds (int32 (C_out,) lo, hi), packed bits lo[c] <= popcount <= hi[c]
+// (a sign test of any monotone function of the output, e.g. the next layer's BatchNorm), or only
+// those packed bits (want_float false). Returns [float], [packed] or [float, packed], packed
+// (N, OH+2*op, OW+2*op, nwo). table: float (C_out, K + 1), the float output of popcount p in
+// channel c is table[c][p] (any per-channel function of the conv output, tabulated exactly;
+// scale, bias and activation are then unused).
+std::vector<at::Tensor> xnor_conv_ex(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c_in, int64_t KH,
+                                     int64_t KW, int64_t stride, c10::optional<at::Tensor> scale,
+                                     c10::optional<at::Tensor> bias, int64_t act, c10::optional<at::Tensor> residual,
+                                     bool want_float, bool want_packed, c10::optional<at::Tensor> lo, c10::optional<at::Tensor> hi,
+                                     c10::optional<at::Tensor> table, int64_t out_pad, double out_pad_value,
+                                     int64_t isa) {
+  TORCH_CHECK(want_float || want_packed, "kd_bnn.xnor_conv_ex: nothing to output");
+  XnorExtras ex;
+  ex.both = want_float && want_packed;
+  at::Tensor res, lo_t, hi_t;
+  const int64_t nw = (c_in + 63) / 64;
+  TORCH_CHECK(xpad.dim() == 4 && xpad.size(3) == nw, "kd_bnn.xnor_conv_ex: bad packed input ", xpad.sizes());
+  const int64_t OH = (xpad.size(1) - KH) / std::max<int64_t>(stride, 1) + 1;
+  const int64_t OW = (xpad.size(2) - KW) / std::max<int64_t>(stride, 1) + 1;
+  if (residual.has_value() && residual->defined()) {
+    res = residual->to(at::kFloat).contiguous();
+    TORCH_CHECK(res.dim() == 4 && res.size(0) == xpad.size(0) && res.size(1) == c_out && res.size(2) == OH &&
+                    res.size(3) == OW,
+                "kd_bnn.xnor_conv_ex: residual must be float (", xpad.size(0), ", ", c_out, ", ", OH, ", ", OW,
+                "), found ", residual->sizes());
+    ex.res = res.data_ptr<float>();
+  }
+  const bool has_lo = lo.has_value() && lo->defined(), has_hi = hi.has_value() && hi->defined();
+  TORCH_CHECK(has_lo == has_hi, "kd_bnn.xnor_conv_ex: give both popcount bounds or neither");
+  if (has_lo) {
+    TORCH_CHECK(want_packed, "kd_bnn.xnor_conv_ex: popcount bounds define a packed output: want_packed must be set");
+    TORCH_CHECK(ex.res == nullptr, "kd_bnn.xnor_conv_ex: popcount bounds cannot see a residual");
+    lo_t = lo->to(at::kInt).contiguous();
+    hi_t = hi->to(at::kInt).contiguous();
+    TORCH_CHECK(lo_t.numel() == c_out && hi_t.numel() == c_out, "kd_bnn.xnor_conv_ex: bounds need ", c_out,
+                " values each");
+    ex.lo = lo_t.data_ptr<int32_t>();
+    ex.hi = hi_t.data_ptr<int32_t>();
+  }
+  TORCH_CHECK(want_float || ex.res == nullptr, "kd_bnn.xnor_conv_ex: a residual needs the float output");
+  at::Tensor tab;
+  if (table.has_value() && table->defined()) {
+    tab = table->to(at::kFloat).contiguous();
+    TORCH_CHECK(want_float && !has_lo, "kd_bnn.xnor_conv_ex: an output table needs the float output and no bounds");
+    TORCH_CHECK(tab.dim() == 2 && tab.size(0) == c_out && tab.size(1) == c_in * KH * KW + 1,
+                "kd_bnn.xnor_conv_ex: output table must be float (", c_out, ", ", c_in * KH * KW + 1, "), found ",
+                tab.sizes());
+    ex.table = tab.data_ptr<float>();
+  }
+  return xnor_conv_impl(xpad, panel, c_out, c_in, KH, KW, stride, scale, bias, act, want_float ? MODE_FLOAT : MODE_PACKED,
+                        out_pad, out_pad_value, isa, ex);
 }
 
 }  // namespace kdbnn
