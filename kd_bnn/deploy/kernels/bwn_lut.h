@@ -181,17 +181,39 @@ template <int G, int NB>
 KDBNN_LUT_INL void lut_block(const float* T, int64_t ng, const typename LutIdxT<G>::type* ir, int64_t co_pad,
                             float* accp, bool first, const LutEpi* epi, int64_t c0) {
   using VT = V::T;
+  using I = typename LutIdxT<G>::type;
   constexpr int64_t kTabBytes = (int64_t(1) << G) * kLutPx * sizeof(float);
   VT a[NB];
 #pragma GCC unroll 32
   for (int c = 0; c < NB; ++c) a[c] = first ? V::zero() : V::load(accp + c * kLutPx);
   const char* Tj = reinterpret_cast<const char*>(T);
-  for (int64_t j = 0; j < ng; ++j, Tj += kTabBytes, ir += co_pad) {
-    uint32_t off[NB];
-    lut_offsets<NB>(ir, off);
+  if constexpr (sizeof(I) == 1 && NB % 8 == 0) {
+    // the offset qwords of table j + 1 are loaded while table j's lookups run (measured 3-4%
+    // faster on Zen 5 than loading them just before use: lookups whose address waits on a load
+    // issue more slowly)
+    constexpr int NQ = NB / 8;
+    uint64_t q[NQ];
+    std::memcpy(q, ir, 8 * NQ);
+    for (int64_t j = 0; j < ng; ++j, Tj += kTabBytes) {
+      ir += j + 1 < ng ? co_pad : 0;
+      uint64_t qn[NQ];
+      std::memcpy(qn, ir, 8 * NQ);
+#pragma GCC unroll 8
+      for (int w = 0; w < NQ; ++w)
+#pragma GCC unroll 8
+        for (int e = 0; e < 8; ++e)
+          a[w * 8 + e] = V::add(a[w * 8 + e], V::load(reinterpret_cast<const float*>(Tj + (size_t)((q[w] >> (8 * e)) & 255u) * 8)));
+#pragma GCC unroll 8
+      for (int w = 0; w < NQ; ++w) q[w] = qn[w];
+    }
+  } else {
+    for (int64_t j = 0; j < ng; ++j, Tj += kTabBytes, ir += co_pad) {
+      uint32_t off[NB];
+      lut_offsets<NB>(ir, off);
 #pragma GCC unroll 32
-    for (int c = 0; c < NB; ++c) {
-      a[c] = V::add(a[c], V::load(reinterpret_cast<const float*>(Tj + (size_t)off[c] * 8)));
+      for (int c = 0; c < NB; ++c) {
+        a[c] = V::add(a[c], V::load(reinterpret_cast<const float*>(Tj + (size_t)off[c] * 8)));
+      }
     }
   }
   if (epi == nullptr) {
@@ -419,17 +441,43 @@ KDBNN_LUT_INL void r4_block(const float* T, int64_t nu, const uint8_t* ir, int64
   for (int c = 0; c < NB; ++c)
 #pragma GCC unroll 4
     for (int r = 0; r < kR; ++r) a[c][r] = first ? V::zero() : V::load(accp + (c * kR + r) * kLutPx);
-  for (int64_t u = 0; u < nu; ++u) {
-    const float* Tu = T + u * NV * kVec;
+  if constexpr (NB == 4) {
+    // the 4 offsets of the next index row are loaded (one dword) while this row's lookups run
+    // (measured ~10% faster at 64->64 @80x80 on Zen 5 than byte loads just before use: lookups
+    // whose address waits on a load issue more slowly)
+    const int64_t nrow = nu * KW;
+    uint32_t q;
+    std::memcpy(&q, ir, 4);
+    int64_t row = 0;
+    for (int64_t u = 0; u < nu; ++u) {
+      const float* Tu = T + u * NV * kVec;
 #pragma GCC unroll 5
-    for (int kw = 0; kw < KW; ++kw) {
-      uint32_t off[NB];
-      lut_offsets<NB>(ir + (u * KW + kw) * co_pad, off);
-#pragma GCC unroll 32
-      for (int c = 0; c < NB; ++c) {
-        const float* e = reinterpret_cast<const float*>(reinterpret_cast<const char*>(Tu + kw * kVec) + (size_t)off[c] * 8);
+      for (int kw = 0; kw < KW; ++kw) {
+        ++row;
+        uint32_t qn;
+        std::memcpy(&qn, ir + (row < nrow ? row : 0) * co_pad, 4);
 #pragma GCC unroll 4
-        for (int r = 0; r < kR; ++r) a[c][r] = V::add(a[c][r], V::load(e + r * kVec));
+        for (int c = 0; c < NB; ++c) {
+          const char* e = reinterpret_cast<const char*>(Tu + kw * kVec) + (size_t)((q >> (8 * c)) & 255u) * 8;
+#pragma GCC unroll 4
+          for (int r = 0; r < kR; ++r) a[c][r] = V::add(a[c][r], V::load(reinterpret_cast<const float*>(e) + r * kVec));
+        }
+        q = qn;
+      }
+    }
+  } else {
+    for (int64_t u = 0; u < nu; ++u) {
+      const float* Tu = T + u * NV * kVec;
+#pragma GCC unroll 5
+      for (int kw = 0; kw < KW; ++kw) {
+        uint32_t off[NB];
+        lut_offsets<NB>(ir + (u * KW + kw) * co_pad, off);
+#pragma GCC unroll 32
+        for (int c = 0; c < NB; ++c) {
+          const float* e = reinterpret_cast<const float*>(reinterpret_cast<const char*>(Tu + kw * kVec) + (size_t)off[c] * 8);
+#pragma GCC unroll 4
+          for (int r = 0; r < kR; ++r) a[c][r] = V::add(a[c][r], V::load(e + r * kVec));
+        }
       }
     }
   }
