@@ -589,47 +589,30 @@ KDBNN_LUT_FN void lut_range(const LutArgs& A, int64_t tb, int64_t te, float* wor
 // ---------------------------------------------------------------- index preparation
 // Offsets of taps [kb, ke): idx[row(kk, j) * co_pad + o] = (bits j*G .. j*G+G-1 of channel o's packed
 // word row at tap kk) * 8; channels o >= c_out get 0. row(kk, j) = kk * ngrp + j, or
-// (kh * ngrp + j) * KW + kw for r4. Eight output channels at a time, as 32-bit lanes of one ymm
-// (AVX2 instructions, which every path of this header has).
-template <int G, class I>
-KDBNN_LUT_INL void lut_fields8(const uint32_t* w32, int64_t nk, int64_t bit, I* dst) {
-  const int64_t k = bit >> 5;
-  const int sh = (int)(bit & 31);
-  __m256i v = _mm256_srl_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w32 + 8 * k)), _mm_cvtsi32_si128(sh));
-  if (sh > 32 - G && k + 1 < nk)
-    v = _mm256_or_si256(v, _mm256_sll_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w32 + 8 * (k + 1))),
-                                            _mm_cvtsi32_si128(32 - sh)));
-  v = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32((1 << G) - 1)), 3);
-  const __m256i p = _mm256_packus_epi32(v, v);  // 16-bit: [v0..v3 v0..v3 | v4..v7 v4..v7]
-  if constexpr (sizeof(I) == 2) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(_mm256_permute4x64_epi64(p, 0x08)));
-  } else {
-    const __m256i q = _mm256_packus_epi16(p, p);  // bytes: [v0..v3 x4 | v4..v7 x4]
-    const __m256i r = _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(r));
-  }
-}
-
+// (kh * ngrp + j) * KW + kw for r4. V::kPrepLanes output channels at a time, as the 32-bit lanes
+// of one vector (V::prep_fields: 8 lanes on AVX2, 16 on AVX-512).
 template <int G>
 KDBNN_LUT_FN void lut_prep_idx_t(const uint64_t* wp, const LutArgs& A, int64_t nw, int64_t kb, int64_t ke, void* out) {
   using I = typename LutIdxT<G>::type;
+  constexpr int L = V::kPrepLanes;  // output channels per field extraction (8 or 16)
   I* idx = static_cast<I*>(out);
   const int64_t KK = A.KH * A.KW, co_pad = A.co_pad, nk = 2 * nw;
-  std::vector<uint32_t> w32(nk * 8);  // [32-bit word k][8 channels]
+  std::vector<uint32_t> w32(nk * L);  // [32-bit word k][L channels]
   for (int64_t kk = kb; kk < ke; ++kk) {
     const int64_t kh = kk / A.KW, kw = kk % A.KW;
     const int64_t row0 = A.r4 ? kh * A.ngrp * A.KW + kw : kk * A.ngrp, rstep = A.r4 ? A.KW : 1;
-    for (int64_t o0 = 0; o0 < co_pad; o0 += 8) {
-      for (int e = 0; e < 8; ++e) {
+    for (int64_t o0 = 0; o0 < co_pad; o0 += L) {
+      const int n = (int)std::min<int64_t>(L, co_pad - o0);  // a multiple of 8
+      for (int e = 0; e < L; ++e) {
         const uint64_t* src = wp + ((o0 + e) * KK + kk) * nw;
         const bool ok = o0 + e < A.c_out;
         for (int64_t wi = 0; wi < nw; ++wi) {
           const uint64_t w = ok ? src[wi] : 0ULL;
-          w32[(2 * wi) * 8 + e] = (uint32_t)w, w32[(2 * wi + 1) * 8 + e] = (uint32_t)(w >> 32);
+          w32[(2 * wi) * L + e] = (uint32_t)w, w32[(2 * wi + 1) * L + e] = (uint32_t)(w >> 32);
         }
       }
       I* dst = idx + row0 * co_pad + o0;
-      for (int64_t j = 0; j < A.ngrp; ++j, dst += rstep * co_pad) lut_fields8<G>(w32.data(), nk, j * G, dst);
+      for (int64_t j = 0; j < A.ngrp; ++j, dst += rstep * co_pad) V::template prep_fields<G>(w32.data(), nk, j * G, dst, n);
     }
   }
 }
