@@ -187,11 +187,12 @@ KDBNN_LUT_INL void lut_block(const float* T, int64_t ng, const typename LutIdxT<
 #pragma GCC unroll 32
   for (int c = 0; c < NB; ++c) a[c] = first ? V::zero() : V::load(accp + c * kLutPx);
   const char* Tj = reinterpret_cast<const char*>(T);
-  if constexpr (sizeof(I) == 1 && NB % 8 == 0) {
+  if constexpr (sizeof(I) == 1) {
     // the offset qwords of table j + 1 are loaded while table j's lookups run (measured 3-4%
     // faster on Zen 5 than loading them just before use: lookups whose address waits on a load
-    // issue more slowly)
-    constexpr int NQ = NB / 8;
+    // issue more slowly). NB not a multiple of 8 reads up to 7 bytes past the block (the index
+    // buffer has 8 zero bytes after its last row: kLutIdxSlack in bwn.cpp).
+    constexpr int NQ = (NB + 7) / 8;
     uint64_t q[NQ];
     std::memcpy(q, ir, 8 * NQ);
     for (int64_t j = 0; j < ng; ++j, Tj += kTabBytes) {
@@ -202,7 +203,7 @@ KDBNN_LUT_INL void lut_block(const float* T, int64_t ng, const typename LutIdxT<
       for (int w = 0; w < NQ; ++w)
 #pragma GCC unroll 8
         for (int e = 0; e < 8; ++e)
-          a[w * 8 + e] = V::add(a[w * 8 + e], V::load(reinterpret_cast<const float*>(Tj + (size_t)((q[w] >> (8 * e)) & 255u) * 8)));
+          if (w * 8 + e < NB) a[w * 8 + e] = V::add(a[w * 8 + e], V::load(reinterpret_cast<const float*>(Tj + (size_t)((q[w] >> (8 * e)) & 255u) * 8)));
 #pragma GCC unroll 8
       for (int w = 0; w < NQ; ++w) q[w] = qn[w];
     }
@@ -441,8 +442,8 @@ KDBNN_LUT_INL void r4_block(const float* T, int64_t nu, const uint8_t* ir, int64
   for (int c = 0; c < NB; ++c)
 #pragma GCC unroll 4
     for (int r = 0; r < kR; ++r) a[c][r] = first ? V::zero() : V::load(accp + (c * kR + r) * kLutPx);
-  if constexpr (NB == 4) {
-    // the 4 offsets of the next index row are loaded (one dword) while this row's lookups run
+  if constexpr (NB <= 4) {
+    // the NB offsets of the next index row are loaded (one dword) while this row's lookups run
     // (measured ~10% faster at 64->64 @80x80 on Zen 5 than byte loads just before use: lookups
     // whose address waits on a load issue more slowly)
     const int64_t nrow = nu * KW;
