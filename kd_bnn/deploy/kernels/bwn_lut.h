@@ -187,7 +187,31 @@ KDBNN_LUT_INL void lut_block(const float* T, int64_t ng, const typename LutIdxT<
 #pragma GCC unroll 32
   for (int c = 0; c < NB; ++c) a[c] = first ? V::zero() : V::load(accp + c * kLutPx);
   const char* Tj = reinterpret_cast<const char*>(T);
-  if constexpr (sizeof(I) == 1) {
+  if constexpr (sizeof(I) == 1 && NB == 16) {
+    // 16 offsets per table as one xmm loaded kOffAhead tables ahead, moved to two qwords by
+    // vmovq/vpextrq: measured 1.7 lookups/cycle in a Zen 5 microbenchmark, against 1.5 with the
+    // qwords loaded one table ahead and 1.4 loaded just before use (a lookup whose address was
+    // loaded shortly before issues slowly)
+    constexpr int kOffAhead = 3;
+    const int64_t last = ng - 1;
+    __m128i ring[kOffAhead];
+#pragma GCC unroll 4
+    for (int d = 0; d < kOffAhead; ++d)
+      ring[d] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ir + std::min<int64_t>(d, last) * co_pad));
+    for (int64_t j = 0; j < ng; ++j, Tj += kTabBytes) {
+      const __m128i v = ring[0];
+#pragma GCC unroll 4
+      for (int d = 0; d + 1 < kOffAhead; ++d) ring[d] = ring[d + 1];
+      ring[kOffAhead - 1] =
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(ir + std::min<int64_t>(j + kOffAhead, last) * co_pad));
+      const uint64_t q[2] = {(uint64_t)_mm_cvtsi128_si64(v), (uint64_t)_mm_extract_epi64(v, 1)};
+#pragma GCC unroll 2
+      for (int w = 0; w < 2; ++w)
+#pragma GCC unroll 8
+        for (int e = 0; e < 8; ++e)
+          a[w * 8 + e] = V::add(a[w * 8 + e], V::load(reinterpret_cast<const float*>(Tj + (size_t)((q[w] >> (8 * e)) & 255u) * 8)));
+    }
+  } else if constexpr (sizeof(I) == 1) {
     // the offset qwords of table j + 1 are loaded while table j's lookups run (measured 3-4%
     // faster on Zen 5 than loading them just before use: lookups whose address waits on a load
     // issue more slowly). NB not a multiple of 8 reads up to 7 bytes past the block (the index
