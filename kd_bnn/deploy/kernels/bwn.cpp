@@ -93,6 +93,8 @@ void ftile_scalar(const FTile& t) {
 }
 
 // ---------------------------------------------------------------- lookup-table kernel set-up
+constexpr int64_t kLutIdxSlack = 8;  // bytes after the index rows (see lut_block in bwn_lut.h)
+
 // Table size and kernel: the ISA's plan, or (tuning) KDBNN_BWN_G (4..6), KDBNN_BWN_PG (>= 1) and
 // KDBNN_BWN_R4 (0/1; where the r4 kernel applies).
 void lut_choose(const BwnLutKernel& k, LutArgs& A) {
@@ -190,7 +192,11 @@ at::Tensor bwn_conv(at::Tensor x, at::Tensor wpacked, at::Tensor alpha, c10::opt
       A.Xp = xpad.data_ptr<float>(), A.Hp = H + 2 * pad, A.Wp = W + 2 * pad;
     }
     // table offsets: one byte (g <= 5) or two (g = 6) per g weights, rebuilt per call
-    std::unique_ptr<uint8_t[]> idx(new uint8_t[KK * A.ngrp * A.co_pad * (A.g == 6 ? 2 : 1)]);  // all written
+    // all written; the lookups load offsets a qword at a time and may read up to 7 bytes past the
+    // last row (unused): kLutIdxSlack zero bytes there
+    const int64_t idx_bytes = KK * A.ngrp * A.co_pad * (A.g == 6 ? 2 : 1);
+    std::unique_ptr<uint8_t[]> idx(new uint8_t[idx_bytes + kLutIdxSlack]);
+    std::memset(idx.get() + idx_bytes, 0, kLutIdxSlack);
     A.idx = idx.get();
     A.alpha = a.data_ptr<float>(), A.bias = bi.data(), A.act = act, A.O = out.data_ptr<float>();
     const uint64_t* wp = reinterpret_cast<const uint64_t*>(wpk.data_ptr<int64_t>());

@@ -50,6 +50,21 @@ struct V {
   KDBNN_LUT_INL static T gather(const float* p, const int32_t* pos, M valid) {
     return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, _mm512_load_si512(pos), p, 4);
   }
+  // index preparation (bwn_lut.h, lut_prep_idx): the G-bit fields at bit `bit` of 16 channels'
+  // words (w32[k * 16 + lane]) as offsets field * 8, the first n (8 or 16) stored to dst
+  static constexpr int kPrepLanes = 16;
+  template <int G, class I>
+  KDBNN_LUT_INL static void prep_fields(const uint32_t* w32, int64_t nk, int64_t bit, I* dst, int n) {
+    const int64_t k = bit >> 5;
+    const int sh = (int)(bit & 31);
+    __m512i v = _mm512_srl_epi32(_mm512_loadu_si512(w32 + 16 * k), _mm_cvtsi32_si128(sh));
+    if (sh > 32 - G && k + 1 < nk)
+      v = _mm512_or_si512(v, _mm512_sll_epi32(_mm512_loadu_si512(w32 + 16 * (k + 1)), _mm_cvtsi32_si128(32 - sh)));
+    v = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32((1 << G) - 1)), 3);
+    const __mmask16 m = n == 16 ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
+    if constexpr (sizeof(I) == 2) _mm512_mask_cvtepi32_storeu_epi16(dst, m, v);
+    else _mm512_mask_cvtepi32_storeu_epi8(dst, m, v);
+  }
   // r4 kernel (bwn_lut.h): out[r] lane l = p[4l + r] for r < 4, and out[4 + k] lane l = p[4l + 4 + k]
   static constexpr int kNB4 = 4;  // channels per register block: 4 x 4 accumulators
   template <int NV>

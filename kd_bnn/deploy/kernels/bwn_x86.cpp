@@ -68,6 +68,27 @@ struct V {
             _mm256_mask_i32gather_ps(z, p, _mm256_load_si256(reinterpret_cast<const __m256i*>(pos + 8)),
                                      _mm256_castsi256_ps(valid.b), 4)};
   }
+  // index preparation (bwn_lut.h, lut_prep_idx): the G-bit fields at bit `bit` of 8 channels'
+  // words (w32[k * 8 + lane]) as offsets field * 8, stored to dst[0..7]
+  static constexpr int kPrepLanes = 8;
+  template <int G, class I>
+  KDBNN_LUT_INL static void prep_fields(const uint32_t* w32, int64_t nk, int64_t bit, I* dst, int) {
+    const int64_t k = bit >> 5;
+    const int sh = (int)(bit & 31);
+    __m256i v = _mm256_srl_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w32 + 8 * k)), _mm_cvtsi32_si128(sh));
+    if (sh > 32 - G && k + 1 < nk)
+      v = _mm256_or_si256(v, _mm256_sll_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w32 + 8 * (k + 1))),
+                                              _mm_cvtsi32_si128(32 - sh)));
+    v = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32((1 << G) - 1)), 3);
+    const __m256i p = _mm256_packus_epi32(v, v);  // 16-bit: [v0..v3 v0..v3 | v4..v7 v4..v7]
+    if constexpr (sizeof(I) == 2) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(_mm256_permute4x64_epi64(p, 0x08)));
+    } else {
+      const __m256i q = _mm256_packus_epi16(p, p);  // bytes: [v0..v3 x4 | v4..v7 x4]
+      const __m256i r = _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(r));
+    }
+  }
   // r4 kernel (bwn_lut.h): out[r] lane l = p[4l + r] for r < 4, and out[4 + k] lane l = p[4l + 4 + k]
   static constexpr int kNB4 = 1;  // channels per register block: 4 accumulators = 8 ymm
   // 8 lanes (l = 0..7) of the 4 streams of p[0..31]: 4x4 transposes in each 128-bit half
