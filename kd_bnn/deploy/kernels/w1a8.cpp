@@ -156,12 +156,27 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
   const int64_t OH = (Hp - KH) / stride + 1, OW = (Wp - KW) / stride + 1;
 
   W8Args A{};
-  A.C = C, A.Cg = (C + 3) / 4 * 4, A.KH = KH, A.KW = KW, A.stride = stride, A.OH = OH, A.OW = OW, A.c_out = c_out;
+  A.C = C, A.KH = KH, A.KW = KW, A.stride = stride, A.OH = OH, A.OW = OW, A.c_out = c_out;
+  const W1a8Kernel* k = w1a8_kernel(isa);
+  A.g = 4;
+  if (k != nullptr) {
+    k->plan(A);
+    if (const char* e = std::getenv("KDBNN_W1A8_G")) {  // tuning overrides
+      const long v = std::strtol(e, nullptr, 10);
+      if (v == 4 || v == 5) A.g = v, A.pg = v == 5 ? 16 : 32;
+    }
+    if (const char* e = std::getenv("KDBNN_W1A8_PG")) {
+      const long v = std::strtol(e, nullptr, 10);
+      if (v >= 1) A.pg = v;
+    }
+    A.pg = std::min<int64_t>(A.pg, w8_max_pass(A.g));  // the int16 bound (w1a8_lut.h)
+  }
+  A.Cg = (C + A.g - 1) / A.g * A.g;
   TORCH_CHECK(128 * A.Cg * KK < (int64_t)INT32_MAX, "kd_bnn.w1a8_conv: C_in*KH*KW too large for int32 sums");
   A.Hq = (Hp + stride - 1) / stride, A.Wq = (Wp + stride - 1) / stride;
   A.cplane = stride * stride * A.Hq * A.Wq, A.img = A.Cg * A.cplane;
   A.qtot = (OH - 1) * A.Wq + OW;
-  A.ngrp = A.Cg / 4;
+  A.ngrp = A.Cg / A.g;
   A.co_pad = (c_out + 7) / 8 * 8;
   std::vector<int64_t> toff(KK);
   for (int64_t kh = 0; kh < KH; ++kh)
@@ -189,17 +204,10 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
   A.X = xbuf.get();
   const uint64_t* wp = reinterpret_cast<const uint64_t*>(wpk.data_ptr<int64_t>());
 
-  const W1a8Kernel* k = w1a8_kernel(isa);
   if (k == nullptr) {
     w8_direct(A, N, wp, nw);
     return out;
   }
-  A.pg = k->pg;
-  if (const char* e = std::getenv("KDBNN_W1A8_PG")) {
-    const long v = std::strtol(e, nullptr, 10);
-    if (v >= 1) A.pg = v;
-  }
-  A.pg = std::min<int64_t>(A.pg, kW8MaxPass);  // the int16 bound (w1a8_lut.h)
   std::unique_ptr<uint8_t[]> idx(new uint8_t[KK * A.ngrp * A.co_pad]);  // all written
   A.idx = idx.get();
   at::parallel_for(0, KK, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, A.ngrp * A.co_pad)),

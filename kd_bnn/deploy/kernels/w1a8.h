@@ -5,7 +5,7 @@
 //
 // Input domain: the driver copies the int8 input once per call into a zero-padded, stride-phase
 // split layout, so every tap of every kernel reads plain contiguous bytes:
-//   image n, channel c (rounded up to a multiple of 4 with zero planes), phase (a, b) of the
+//   image n, channel c (rounded up to a multiple of g with zero planes), phase (a, b) of the
 //   stride s (a, b < s), row i < Hq, column j < Wq:  Xpad[s*i + a][s*j + b]  (0 outside the input),
 //   with Hq = ceil(Hp / s), Wq = ceil(Wp / s), Hp = H + 2 pad, Wp = W + 2 pad.
 // Output position (oh, ow) is q = oh * Wq + ow of that "phase-row" domain, and tap (kh, kw) of
@@ -28,11 +28,12 @@ struct W8Args {
   int64_t C, Cg, KH, KW, stride, Hq, Wq, OH, OW, c_out;
   int64_t qtot;         // positions per image: (OH - 1) * Wq + OW
   const int64_t* toff;  // per tap: byte offset in the channel block
-  int64_t ngrp;         // groups of 4 input channels: Cg / 4
+  int64_t g;            // input channels per table: 4 or 5 (2^g entries)
+  int64_t ngrp;         // groups of g input channels: Cg / g
   int64_t pg;           // tables per pass (<= kW8MaxPass)
   int64_t co_pad;       // c_out rounded up to 8 (an index row)
   int64_t co_chunk;     // output channels per work item (a multiple of 8)
-  const uint8_t* idx;   // [kk * ngrp + j][co_pad]: 8 * (the 4 weight bits of group j at tap kk)
+  const uint8_t* idx;   // [kk * ngrp + j][co_pad]: 8 * (the g weight bits of group j at tap kk)
   const float* scale;   // per output channel, then bias, then the activation
   const float* bias;
   int64_t act;
@@ -50,15 +51,16 @@ struct W8OutPlan {
   bool full;  // one run of all 32 lanes
 };
 
-// The most tables (int16 sums of 4 inputs, |entry| <= 4 * 128) added in one int16 accumulator:
-// 63 * 512 = 32256 <= 32767, so no int16 overflow even for -128 inputs.
-constexpr int64_t kW8MaxPass = 63;
+// The most tables (int16 sums of g inputs, |entry| <= g * 128) added in one int16 accumulator:
+// g = 4: 63 * 512 = 32256 <= 32767, g = 5: 51 * 640 = 32640 <= 32767, so no int16 overflow even
+// for -128 inputs.
+inline int64_t w8_max_pass(int64_t g) { return 32767 / (128 * g); }
 
 inline int64_t w8_tiles_per_image(const W8Args& A) { return (A.qtot + 31) / 32; }
 
-// int32 of per-thread scratch: one pass of tables (pg * 16 entries * 32 int16) and the int32
+// int32 of per-thread scratch: one pass of tables (pg * 2^g entries * 32 int16) and the int32
 // accumulators (co_pad * 32), plus 64 bytes for alignment.
-inline int64_t w8_work_ints(const W8Args& A) { return A.pg * 16 * 16 + A.co_pad * 32 + 16; }
+inline int64_t w8_work_ints(const W8Args& A) { return A.pg * (int64_t(16) << A.g) + A.co_pad * 32 + 16; }
 
 struct W1a8Kernel {
   // Work items [tb, te): item t is tile t / n_chunks (32 positions of image tile / tiles_per_image)
@@ -66,7 +68,7 @@ struct W1a8Kernel {
   void (*range)(const W8Args& A, int64_t tb, int64_t te, int32_t* work);
   // Index rows of taps [kb, ke) from packed weights (C_out, KH*KW, nw) into idx.
   void (*prep_idx)(const uint64_t* wp, const W8Args& A, int64_t nw, int64_t kb, int64_t ke, uint8_t* idx);
-  int64_t pg;  // default tables per pass
+  void (*plan)(W8Args& A);  // g and pg (tables per pass) for the layer whose geometry A holds
 };
 
 #if KDBNN_X86

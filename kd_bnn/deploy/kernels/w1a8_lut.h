@@ -16,8 +16,8 @@
 // integers. For binary weights, output channel o at a tile of 32 output positions is
 //   acc[o] = sum_{tap kk, group j} T_{kk,j}[s_{o,kk,j}],
 //   T[s] = sum_{i<4} (bit i of s ? +x_i : -x_i),
-// where group j is the 4 input channels 4j..4j+3 at tap kk, x_i the 32 input bytes of channel
-// 4j+i that the tile's positions read at that tap (sign-extended to int16), and s the 4 weight
+// where group j is the g = 4 (or 5) input channels gj.. at tap kk, x_i the 32 input bytes of channel
+// gj+i that the tile's positions read at that tap (sign-extended to int16), and s the 4 weight
 // bits of channel o (bit set = +1; pack_signs' layout, so s is nibble j of the packed word row).
 // The 16 entries of one table (32 int16 = 64 bytes each, 1 KB) are built once per (tile, tap,
 // group) and every output channel adds the entry its bits select: one
@@ -44,8 +44,8 @@
 //          one image, tap kk reads 32 contiguous bytes at q0 + toff[kk].
 //   indices: one byte per (u, output channel), 8 * s (the kernel addresses table + 8 * byte).
 
-constexpr int64_t kW8Tab = 16 * kW8Px;        // int16 per table
-constexpr int64_t kW8TabBytes = kW8Tab * 2;   // 1 KB
+template <int G>
+constexpr int64_t kW8Tab = (int64_t(1) << G) * kW8Px;  // int16 per table (G = 4: 1 KB, 5: 2 KB)
 
 struct W8Epi {
   const W8Args* A;
@@ -53,24 +53,40 @@ struct W8Epi {
 };
 
 // ---------------------------------------------------------------- table build
-// The 16 entries of one table from the 32-byte rows of its 4 input channels (cplane apart).
+// The 2^G entries of one table from the 32-byte rows of its G input channels (cplane apart).
+// P: the 2^a sign sums of x[0..a-1] (bit i of the index set = +x_i), Q: those of x[a..G-1] with
+// the top input negative; T[i + 2^a k] = P[i] + Q[k], T[~s] = -T[s].
+template <int G>
 KDBNN_W8_INL void w8_table(const int8_t* src, int64_t cplane, int16_t* T) {
   using VT = V::T;
-  const VT x0 = V::load_x(src), x1 = V::load_x(src + cplane), x2 = V::load_x(src + 2 * cplane),
-           x3 = V::load_x(src + 3 * cplane);
+  constexpr int a = G - G / 2, E = 1 << G;
+  static_assert(G == 4 || G == 5, "w1a8 tables: G = 4 or 5");
+  VT x[G];
+#pragma GCC unroll 8
+  for (int i = 0; i < G; ++i) x[i] = V::load_x(src + i * cplane);
   const VT z = V::zero();
-  const VT p3 = V::add(x0, x1), p1 = V::sub(x0, x1);
-  const VT P[4] = {V::sub(z, p3), p1, V::sub(z, p1), p3};  // bit 0: +x0, bit 1: +x1
-  const VT q = V::add(x2, x3);
-  const VT Q[2] = {V::sub(z, q), V::sub(x2, x3)};  // bit 2: +x2; bit 3 clear: -x3
+  VT P[1 << a];
+  {
+    const VT p3 = V::add(x[0], x[1]), p1 = V::sub(x[0], x[1]);
+    const VT p[4] = {V::sub(z, p3), p1, V::sub(z, p1), p3};
+    if constexpr (a == 2) {
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) P[i] = p[i];
+    } else {
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) P[i] = V::sub(p[i], x[2]), P[i + 4] = V::add(p[i], x[2]);
+    }
+  }
+  const VT q = V::add(x[a], x[a + 1]);
+  const VT Q[2] = {V::sub(z, q), V::sub(x[a], x[a + 1])};
 #pragma GCC unroll 2
   for (int k = 0; k < 2; ++k) {
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) {
-      const int s = i + 4 * k;
+#pragma GCC unroll 8
+    for (int i = 0; i < (1 << a); ++i) {
+      const int s = i + (k << a);
       const VT y = V::add(P[i], Q[k]);
       V::store(T + s * kW8Px, y);
-      V::store(T + (15 - s) * kW8Px, V::sub(z, y));
+      V::store(T + (E - 1 - s) * kW8Px, V::sub(z, y));
     }
   }
 }
@@ -94,7 +110,7 @@ KDBNN_W8_INL void w8_offsets(const uint8_t* ir, uint32_t* off) {
 
 // One register block of NB output channels over ng tables: int16 sums, then widened into the
 // int32 accumulators (first pass: stored), or in the last pass the epilogue and the output.
-template <int NB>
+template <int G, int NB>
 KDBNN_W8_INL void w8_block(const int16_t* T, int64_t ng, const uint8_t* ir, int64_t co_pad, int32_t* accp,
                            bool first, const W8Epi* epi, int64_t c0) {
   using VT = V::T;
@@ -102,7 +118,7 @@ KDBNN_W8_INL void w8_block(const int16_t* T, int64_t ng, const uint8_t* ir, int6
 #pragma GCC unroll 32
   for (int c = 0; c < NB; ++c) a[c] = V::zero();
   const char* Tj = reinterpret_cast<const char*>(T);
-  for (int64_t j = 0; j < ng; ++j, Tj += kW8TabBytes, ir += co_pad) {
+  for (int64_t j = 0; j < ng; ++j, Tj += 2 * kW8Tab<G>, ir += co_pad) {
     uint32_t off[NB];
     w8_offsets<NB>(ir, off);
 #pragma GCC unroll 32
@@ -129,40 +145,41 @@ KDBNN_W8_INL void w8_block(const int16_t* T, int64_t ng, const uint8_t* ir, int6
   }
 }
 
-template <int NB>
+template <int G, int NB>
 KDBNN_W8_INL void w8_blocks(const int16_t* tab, int64_t ng, const uint8_t* ir, int64_t co_pad, int32_t* acc,
                             bool first, const W8Epi* e, int64_t co_b, int64_t co_e) {
   constexpr int S = V::kStep;
   int64_t cb = co_b;
-  for (; cb + NB <= co_e; cb += NB) w8_block<NB>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
+  for (; cb + NB <= co_e; cb += NB) w8_block<G, NB>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
   const int64_t rest = co_e - cb;  // a multiple of S below NB
   if constexpr (NB > S) {
-    if (rest == S) w8_block<S>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
+    if (rest == S) w8_block<G, S>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
   }
   if constexpr (NB > 2 * S) {
-    if (rest == 2 * S) w8_block<2 * S>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
+    if (rest == 2 * S) w8_block<G, 2 * S>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
   }
   if constexpr (NB > 3 * S) {
-    if (rest == 3 * S) w8_block<3 * S>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
+    if (rest == 3 * S) w8_block<G, 3 * S>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
   }
 }
 
 // ---------------------------------------------------------------- one tile
+template <int G>
 KDBNN_W8_FN void w8_tile(const W8Args& A, const int8_t* xq, const W8OutPlan& op, int32_t* work, int64_t co_b,
                          int64_t co_e) {
   const int64_t U = A.KH * A.KW * A.ngrp, pg = A.pg, co_pad = A.co_pad;
   const int64_t n_pass = (U + pg - 1) / pg;
   int16_t* tab = reinterpret_cast<int16_t*>(work);
-  int32_t* acc = work + pg * kW8Tab / 2;
+  int32_t* acc = work + pg * kW8Tab<G> / 2;
   const W8Epi epi{&A, &op};
   for (int64_t p = 0; p < n_pass; ++p) {
     const int64_t u0 = p * pg, ng = std::min(pg, U - u0);
     for (int64_t i = 0; i < ng; ++i) {
       const int64_t u = u0 + i, kk = u / A.ngrp, j = u % A.ngrp;
-      w8_table(xq + 4 * j * A.cplane + A.toff[kk], A.cplane, tab + i * kW8Tab);
+      w8_table<G>(xq + G * j * A.cplane + A.toff[kk], A.cplane, tab + i * kW8Tab<G>);
     }
     const W8Epi* e = p == n_pass - 1 ? &epi : nullptr;
-    w8_blocks<V::kNB>(tab, ng, A.idx + u0 * co_pad, co_pad, acc, p == 0, e, co_b, co_e);
+    w8_blocks<G, V::kNB>(tab, ng, A.idx + u0 * co_pad, co_pad, acc, p == 0, e, co_b, co_e);
   }
 }
 
@@ -192,30 +209,35 @@ KDBNN_W8_FN void w8_range(const W8Args& A, int64_t tb, int64_t te, int32_t* work
     const int64_t co_e = std::min(A.co_pad, co_b + A.co_chunk);
     const int64_t n = tile / per_img, q0 = tile % per_img * kW8Px;
     if (tile != planned) w8_plan_out(A, n, q0, op), planned = tile;
-    w8_tile(A, A.X + n * A.img + q0, op, work, co_b, co_e);
+    if (A.g == 5) w8_tile<5>(A, A.X + n * A.img + q0, op, work, co_b, co_e);
+    else w8_tile<4>(A, A.X + n * A.img + q0, op, work, co_b, co_e);
   }
 }
 
 // ---------------------------------------------------------------- index preparation
-// idx[(kk * ngrp + j) * co_pad + o] = 8 * (bits 4j..4j+3 of channel o's packed words at tap kk);
+// idx[(kk * ngrp + j) * co_pad + o] = 8 * (bits gj..gj+g-1 of channel o's packed words at tap kk);
 // channels o >= c_out get 0. V::kPrepCh channels at a time (V::prep: 32-bit words -> bytes).
 KDBNN_W8_FN void w8_prep_idx(const uint64_t* wp, const W8Args& A, int64_t nw, int64_t kb, int64_t ke, uint8_t* idx) {
   constexpr int CH = V::kPrepCh;
-  const int64_t KK = A.KH * A.KW, co_pad = A.co_pad, ngrp = A.ngrp;
-  alignas(64) uint32_t w32[2][CH];
+  const int64_t KK = A.KH * A.KW, co_pad = A.co_pad, ngrp = A.ngrp, nk = 2 * nw, g = A.g;
+  std::vector<uint32_t> buf(nk * CH + CH + 16);
+  uint32_t* w32 = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
   for (int64_t kk = kb; kk < ke; ++kk) {
     for (int64_t o0 = 0; o0 < co_pad; o0 += CH) {
       const int64_t nc = std::min<int64_t>(CH, co_pad - o0);
-      for (int64_t wi = 0; wi < nw; ++wi) {
-        for (int e = 0; e < CH; ++e) {
-          const uint64_t w = (e < nc && o0 + e < A.c_out) ? wp[((o0 + e) * KK + kk) * nw + wi] : 0ULL;
-          w32[0][e] = (uint32_t)w, w32[1][e] = (uint32_t)(w >> 32);
+      for (int e = 0; e < CH; ++e) {
+        const bool ok = e < nc && o0 + e < A.c_out;
+        const uint64_t* src = wp + ((o0 + e) * KK + kk) * nw;
+        for (int64_t wi = 0; wi < nw; ++wi) {
+          const uint64_t w = ok ? src[wi] : 0ULL;
+          w32[(2 * wi) * CH + e] = (uint32_t)w, w32[(2 * wi + 1) * CH + e] = (uint32_t)(w >> 32);
         }
-        for (int t = 0; t < 16; ++t) {
-          const int64_t j = wi * 16 + t;
-          if (j >= ngrp) break;
-          V::prep(w32[t >> 3], 4 * (t & 7), idx + (kk * ngrp + j) * co_pad + o0, (int)nc);
-        }
+      }
+      for (int64_t j = 0; j < ngrp; ++j) {
+        const int64_t bit = j * g, k = bit >> 5;
+        const int sh = (int)(bit & 31);
+        const uint32_t* next = (sh > 32 - g && k + 1 < nk) ? w32 + (k + 1) * CH : nullptr;
+        V::prep(w32 + k * CH, next, sh, (int)g, idx + (kk * ngrp + j) * co_pad + o0, (int)nc);
       }
     }
   }

@@ -11,6 +11,8 @@
 
 #if KDBNN_X86
 
+#include <vector>
+
 namespace kdbnn {
 
 namespace {
@@ -124,10 +126,13 @@ struct V {
       }
     }
   }
-  // bytes 8 * ((w[e] >> sh) & 15) for the 8 channels e
-  KDBNN_W8_INL static void prep(const uint32_t* w, int sh, uint8_t* dst, int /*nc: always 8*/) {
+  // bytes 8 * (g bits of channel e from bit sh of w[e], continued in next[e] when non-null), for
+  // the 8 channels e
+  KDBNN_W8_INL static void prep(const uint32_t* w, const uint32_t* next, int sh, int g, uint8_t* dst, int /*nc: 8*/) {
     __m256i v = _mm256_srl_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(w)), _mm_cvtsi32_si128(sh));
-    v = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(15)), 3);
+    if (next != nullptr)
+      v = _mm256_or_si256(v, _mm256_sll_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(next)), _mm_cvtsi32_si128(32 - sh)));
+    v = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32((1 << g) - 1)), 3);
     const __m256i p = _mm256_packus_epi32(v, v);  // 16-bit: [v0..v3 v0..v3 | v4..v7 v4..v7]
     const __m256i q = _mm256_packus_epi16(p, p);  // bytes: [v0..v3 x4 | v4..v7 x4]
     const __m256i r = _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
@@ -140,9 +145,15 @@ struct V {
 #undef KDBNN_W8_INL
 #undef KDBNN_W8_FN
 
+// g = 5 for >= 256 output channels, else 4; 32 KB of tables per pass.
+void plan_avx2(W8Args& A) {
+  A.g = A.c_out >= 256 ? 5 : 4;
+  A.pg = A.g == 5 ? 16 : 32;
+}
+
 }  // namespace
 
-const W1a8Kernel kW1a8Avx2 = {w8_range, w8_prep_idx, 32};
+const W1a8Kernel kW1a8Avx2 = {w8_range, w8_prep_idx, plan_avx2};
 
 }  // namespace kdbnn
 
