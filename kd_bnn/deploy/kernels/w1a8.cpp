@@ -161,15 +161,28 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
   A.g = 4;
   if (k != nullptr) {
     k->plan(A);
-    if (const char* e = std::getenv("KDBNN_W1A8_G")) {  // tuning overrides
-      const long v = std::strtol(e, nullptr, 10);
-      if (v == 4 || v == 5) A.g = v, A.pg = v == 5 ? 16 : 32;
+    // tuning overrides: KDBNN_W1A8_G (4/5), KDBNN_W1A8_R4 (0/1, where the r4 kernel applies),
+    // KDBNN_W1A8_PG (tables, r4: units, per pass; clamped to the int16 bound below)
+    const char* eg = std::getenv("KDBNN_W1A8_G");
+    const char* er = std::getenv("KDBNN_W1A8_R4");
+    if (eg != nullptr) {
+      const long v = std::strtol(eg, nullptr, 10);
+      if (v == 4 || v == 5) A.g = v;
     }
+    if (er != nullptr) A.r4 = std::strtol(er, nullptr, 10) != 0 && w8_r4_ok(A) && k->has_r4;
+    if (eg != nullptr || er != nullptr)
+      A.pg = A.r4 ? std::max<int64_t>(1, 24576 / ((A.KW + 3) * (int64_t(64) << A.g))) : A.g == 5 ? 16 : 32;
     if (const char* e = std::getenv("KDBNN_W1A8_PG")) {
       const long v = std::strtol(e, nullptr, 10);
       if (v >= 1) A.pg = v;
     }
-    A.pg = std::min<int64_t>(A.pg, w8_max_pass(A.g));  // the int16 bound (w1a8_lut.h)
+    // the int16 bound (w1a8_lut.h): at most w8_max_pass(g) entries per int16 sum
+    if (A.r4) {
+      A.pg = std::min<int64_t>(A.pg, w8_max_pass(A.g) / A.KW);
+      A.win = w8_max_pass(A.g) / (A.pg * A.KW);
+    } else {
+      A.pg = std::min<int64_t>(A.pg, w8_max_pass(A.g));
+    }
   }
   A.Cg = (C + A.g - 1) / A.g * A.g;
   TORCH_CHECK(128 * A.Cg * KK < (int64_t)INT32_MAX, "kd_bnn.w1a8_conv: C_in*KH*KW too large for int32 sums");
@@ -214,7 +227,7 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
                    [&](int64_t b, int64_t e) { k->prep_idx(wp, A, nw, b, e, idx.get()); });
   // work items: tiles, or (tile, output-channel chunk) pairs when there are fewer than 4 tiles per
   // thread (the tables are then built once per chunk; chunks keep >= 32 channels)
-  const int64_t n_tiles = N * w8_tiles_per_image(A), threads = at::get_num_threads();
+  const int64_t n_tiles = N * (A.r4 ? w8_r4_tiles_per_image(A) : w8_tiles_per_image(A)), threads = at::get_num_threads();
   int64_t n_chunks = 1;
   if (threads > 1 && n_tiles < 4 * threads)
     n_chunks = std::max<int64_t>(1, std::min((4 * threads + n_tiles - 1) / n_tiles, A.co_pad / 32));

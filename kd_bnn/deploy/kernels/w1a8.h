@@ -19,7 +19,7 @@
 namespace kdbnn {
 
 constexpr int kW8Px = 32;           // positions per tile (one vector of 32 int16)
-constexpr int64_t kW8Slack = 128;  // zero bytes after the padded copy (a tile's junk lanes read there)
+constexpr int64_t kW8Slack = 512;  // zero bytes after the padded copy (a tile's junk lanes read there)
 
 struct W8Args {
   const int8_t* X;      // padded phase-split copy (see above), N * img bytes + kW8Slack
@@ -33,7 +33,10 @@ struct W8Args {
   int64_t pg;           // tables per pass (<= kW8MaxPass)
   int64_t co_pad;       // c_out rounded up to 8 (an index row)
   int64_t co_chunk;     // output channels per work item (a multiple of 8)
-  const uint8_t* idx;   // [kk * ngrp + j][co_pad]: 8 * (the g weight bits of group j at tap kk)
+  const uint8_t* idx;   // [kk * ngrp + j][co_pad]: 8 * (the g weight bits of group j at tap kk);
+                        // r4: rows ordered [kh][j][kw]
+  int64_t r4;           // 1: the kw-sharing kernel (stride 1, w1a8_lut.h), tiles of 128 positions
+  int64_t win;          // r4: passes per int16 window
   const float* scale;   // per output channel, then bias, then the activation
   const float* bias;
   int64_t act;
@@ -51,16 +54,31 @@ struct W8OutPlan {
   bool full;  // one run of all 32 lanes
 };
 
+// r4 kernel: per output vector m (positions q0 + 16m + [0, 16) of a 128-position tile), runs of
+// consecutive outputs.
+struct R4OutPlan {
+  uint32_t bits[8][17];
+  int64_t base[8][17];
+  int nr[8];
+  bool full[8];
+};
+
 // The most tables (int16 sums of g inputs, |entry| <= g * 128) added in one int16 accumulator:
 // g = 4: 63 * 512 = 32256 <= 32767, g = 5: 51 * 640 = 32640 <= 32767, so no int16 overflow even
 // for -128 inputs.
 inline int64_t w8_max_pass(int64_t g) { return 32767 / (128 * g); }
 
 inline int64_t w8_tiles_per_image(const W8Args& A) { return (A.qtot + 31) / 32; }
+inline int64_t w8_r4_tiles_per_image(const W8Args& A) { return (A.qtot + 127) / 128; }
+inline bool w8_r4_ok(const W8Args& A) { return A.stride == 1 && (A.KW == 2 || A.KW == 3); }
 
 // int32 of per-thread scratch: one pass of tables (pg * 2^g entries * 32 int16) and the int32
 // accumulators (co_pad * 32), plus 64 bytes for alignment.
-inline int64_t w8_work_ints(const W8Args& A) { return A.pg * (int64_t(16) << A.g) + A.co_pad * 32 + 16; }
+// r4: pg units of (KW + 3) tables, int16 and int32 sums of 4 vectors per channel.
+inline int64_t w8_work_ints(const W8Args& A) {
+  if (A.r4) return A.pg * (A.KW + 3) * (int64_t(16) << A.g) + A.co_pad * 4 * (16 + 32) + 16;
+  return A.pg * (int64_t(16) << A.g) + A.co_pad * 32 + 16;
+}
 
 struct W1a8Kernel {
   // Work items [tb, te): item t is tile t / n_chunks (32 positions of image tile / tiles_per_image)
@@ -68,7 +86,8 @@ struct W1a8Kernel {
   void (*range)(const W8Args& A, int64_t tb, int64_t te, int32_t* work);
   // Index rows of taps [kb, ke) from packed weights (C_out, KH*KW, nw) into idx.
   void (*prep_idx)(const uint64_t* wp, const W8Args& A, int64_t nw, int64_t kb, int64_t ke, uint8_t* idx);
-  void (*plan)(W8Args& A);  // g and pg (tables per pass) for the layer whose geometry A holds
+  void (*plan)(W8Args& A);  // g, r4 and pg (tables per pass) for the layer whose geometry A holds
+  bool has_r4;              // whether range() has the kw-sharing kernel
 };
 
 #if KDBNN_X86

@@ -100,9 +100,73 @@ struct V {
     if (nc == 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), b);
     else _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), b);
   }
+  // ---- r4 kernel (w1a8_lut.h): 4 channels per register block (16 zmm of sums)
+  static constexpr int kNB4 = 4;
+  // out[v] lane l = p[4l + v], v < NV (<= 6): a 4x4 byte transpose per 128-bit lane (vpshufb),
+  // then dword gathers across two registers (vpermt2d); AVX-512F/BW only.
+  template <int NV>
+  KDBNN_W8_INL static void deint(const int8_t* p, T* out) {
+    const __m512i S = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+    const __m512i I01 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+    const __m512i I23 = _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31);
+    const __m512i a = _mm512_shuffle_epi8(_mm512_loadu_si512(p), S), b = _mm512_shuffle_epi8(_mm512_loadu_si512(p + 64), S);
+    const __m512i r01 = _mm512_permutex2var_epi32(a, I01, b), r23 = _mm512_permutex2var_epi32(a, I23, b);
+    out[0] = lo_x(r01), out[1] = hi_x(r01), out[2] = lo_x(r23), out[3] = hi_x(r23);
+    if constexpr (NV > 4) {  // the same streams one lane later
+      const __m512i c = _mm512_shuffle_epi8(_mm512_loadu_si512(p + 4), S), d = _mm512_shuffle_epi8(_mm512_loadu_si512(p + 68), S);
+      const __m512i r45 = _mm512_permutex2var_epi32(c, I01, d);
+      out[4] = lo_x(r45);
+      if constexpr (NV > 5) out[5] = hi_x(r45);
+    }
+  }
+  KDBNN_W8_INL static T lo_x(__m512i v) { return _mm512_cvtepi8_epi16(_mm512_castsi512_si256(v)); }
+  KDBNN_W8_INL static T hi_x(__m512i v) { return _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(v, 1)); }
+  // The epilogue of one channel of an r4 tile: a[r] lane l = position 4l + r (+ the int32 sums b).
+  KDBNN_W8_INL static void epi4(const int32_t* b, const T* a, float sc, float bi, int64_t act, int64_t quant_out,
+                                float inv, void* O, int64_t ooff, const R4OutPlan& op) {
+    const __m512 vs = _mm512_set1_ps(sc), vb = _mm512_set1_ps(bi), vi = _mm512_set1_ps(inv);
+    __m512 f[4][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      __m512i lo = lo32(a[r]), hi = hi32(a[r]);
+      if (b != nullptr)
+        lo = _mm512_add_epi32(lo, _mm512_load_si512(b + r * 32)), hi = _mm512_add_epi32(hi, _mm512_load_si512(b + r * 32 + 16));
+      f[r][0] = transform(lo, vs, vb, act), f[r][1] = transform(hi, vs, vb, act);
+    }
+    // output vector m = 4h + k, lane i (position 16m + i) = f[i % 4][h] lane 4k + i / 4
+    const __m512i q4 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i j1 = _mm512_setr_epi32(0, 16, 0, 0, 0, 16, 0, 0, 0, 16, 0, 0, 0, 16, 0, 0);
+    const __m512i j3 = _mm512_setr_epi32(0, 0, 0, 16, 0, 0, 0, 16, 0, 0, 0, 16, 0, 0, 0, 16);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        const int m = 4 * h + k;
+        if (op.nr[m] == 0) continue;
+        const __m512i base = _mm512_add_epi32(q4, _mm512_set1_epi32(4 * k));
+        const __m512 b01 = _mm512_permutex2var_ps(f[0][h], _mm512_add_epi32(base, j1), f[1][h]);
+        const __m512 b23 = _mm512_permutex2var_ps(f[2][h], _mm512_add_epi32(base, j3), f[3][h]);
+        const __m512 y = _mm512_mask_blend_ps((__mmask16)0xCCCC, b01, b23);
+        if (quant_out) {
+          const __m128i q = quant(y, vi);
+          int8_t* dst = static_cast<int8_t*>(O) + ooff;
+          if (op.full[m]) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + op.base[m][0]), q);
+          else
+            for (int r = 0; r < op.nr[m]; ++r) _mm_mask_storeu_epi8(dst + op.base[m][r], (__mmask16)op.bits[m][r], q);
+        } else {
+          float* dst = static_cast<float*>(O) + ooff;
+          if (op.full[m]) _mm512_storeu_ps(dst + op.base[m][0], y);
+          else
+            for (int r = 0; r < op.nr[m]; ++r) _mm512_mask_storeu_ps(dst + op.base[m][r], (__mmask16)op.bits[m][r], y);
+        }
+      }
+    }
+  }
 };
 
+#define KDBNN_W8_R4 1
 #include "w1a8_lut.h"
+#undef KDBNN_W8_R4
 
 #undef KDBNN_W8_INL
 #undef KDBNN_W8_FN
@@ -111,12 +175,14 @@ struct V {
 // 32-entry tables, else 4; 32 KB of tables per pass (32 x 1 KB or 16 x 2 KB), L1-resident.
 void plan_avx512(W8Args& A) {
   A.g = A.c_out >= 256 ? 5 : 4;
+  A.r4 = w8_r4_ok(A) && A.c_out <= 128 && A.OW >= 32;
   A.pg = A.g == 5 ? 16 : 32;
+  if (A.r4) A.pg = std::max<int64_t>(1, 24576 / ((A.KW + 3) * (int64_t(64) << A.g)));
 }
 
 }  // namespace
 
-const W1a8Kernel kW1a8Avx512 = {w8_range, w8_prep_idx, plan_avx512};
+const W1a8Kernel kW1a8Avx512 = {w8_range, w8_prep_idx, plan_avx512, true};
 
 }  // namespace kdbnn
 

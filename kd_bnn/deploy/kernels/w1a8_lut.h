@@ -57,13 +57,10 @@ struct W8Epi {
 // P: the 2^a sign sums of x[0..a-1] (bit i of the index set = +x_i), Q: those of x[a..G-1] with
 // the top input negative; T[i + 2^a k] = P[i] + Q[k], T[~s] = -T[s].
 template <int G>
-KDBNN_W8_INL void w8_table(const int8_t* src, int64_t cplane, int16_t* T) {
+KDBNN_W8_INL void w8_table_x(const V::T* x, int16_t* T) {
   using VT = V::T;
   constexpr int a = G - G / 2, E = 1 << G;
   static_assert(G == 4 || G == 5, "w1a8 tables: G = 4 or 5");
-  VT x[G];
-#pragma GCC unroll 8
-  for (int i = 0; i < G; ++i) x[i] = V::load_x(src + i * cplane);
   const VT z = V::zero();
   VT P[1 << a];
   {
@@ -89,6 +86,14 @@ KDBNN_W8_INL void w8_table(const int8_t* src, int64_t cplane, int16_t* T) {
       V::store(T + (E - 1 - s) * kW8Px, V::sub(z, y));
     }
   }
+}
+
+template <int G>
+KDBNN_W8_INL void w8_table(const int8_t* src, int64_t cplane, int16_t* T) {
+  V::T x[G];
+#pragma GCC unroll 8
+  for (int i = 0; i < G; ++i) x[i] = V::load_x(src + i * cplane);
+  w8_table_x<G>(x, T);
 }
 
 // ---------------------------------------------------------------- lookups
@@ -200,7 +205,7 @@ inline void w8_plan_out(const W8Args& A, int64_t n, int64_t q0, W8OutPlan& op) {
   op.full = nr == 1 && op.bits[0] == 0xFFFFFFFFu;
 }
 
-KDBNN_W8_FN void w8_range(const W8Args& A, int64_t tb, int64_t te, int32_t* work) {
+KDBNN_W8_FN void w8_range1(const W8Args& A, int64_t tb, int64_t te, int32_t* work) {
   const int64_t per_img = w8_tiles_per_image(A), n_chunks = (A.co_pad + A.co_chunk - 1) / A.co_chunk;
   W8OutPlan op;
   int64_t planned = -1;
@@ -212,6 +217,166 @@ KDBNN_W8_FN void w8_range(const W8Args& A, int64_t tb, int64_t te, int32_t* work
     if (A.g == 5) w8_tile<5>(A, A.X + n * A.img + q0, op, work, co_b, co_e);
     else w8_tile<4>(A, A.X + n * A.img + q0, op, work, co_b, co_e);
   }
+}
+
+#ifdef KDBNN_W8_R4
+// ---------------------------------------------------------------- kw-sharing kernel (r4)
+// Stride 1 only (the ISA file defines KDBNN_W8_R4 and V::deint / V::inter / V::kNB4). A tile is
+// 128 consecutive positions q0.. of the position domain held as 4 vectors: lane l of vector r is
+// position q0 + 4l + r. Tap (kh, kw) of vector r then reads the bytes at q0 + kh*Wq + 4l + (r + kw):
+// "input vector" r + kw of the same interleaved layout, so the 4 + KW - 1 input vectors of one
+// kernel row and group are tabulated once and serve all KW taps (6 tables instead of 12 for 3x3),
+// and each weight index byte selects 4 lookups (one per vector). A pass unit is (kernel row,
+// group): 4 + KW - 1 tables; pg units per pass. The int16 sums of a channel persist across the
+// passes of a window (a per-thread int16 buffer) and are widened to int32 once per window: win
+// passes of pg * KW entries per vector, win * pg * KW <= w8_max_pass(g) (the same bound as above).
+// The epilogue re-interleaves the 4 vectors into position order (V::inter).
+constexpr int kR = 4;
+
+struct R4Epi {
+  const W8Args* A;
+  const R4OutPlan* op;
+};
+
+template <int G, int NV>
+KDBNN_W8_INL void r4_build(const int8_t* src, int64_t cplane, int16_t* T) {
+  V::T x[G][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < G; ++i) V::template deint<NV>(src + i * cplane, x[i]);
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    V::T xv[G];
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i) xv[i] = x[i][v];
+    w8_table_x<G>(xv, T + v * kW8Tab<G>);
+  }
+}
+
+// out: 0 store the int16 sums, 1 widen and store them as int32, 2 widen and add, 3 epilogue
+// (adding the int32 sums when add32).
+template <int G, int NB, int KW>
+KDBNN_W8_INL void r4_block(const int16_t* T, int64_t nu, const uint8_t* ir, int64_t co_pad, int16_t* a16p,
+                           int32_t* a32p, bool load16, int out, bool add32, const R4Epi* epi, int64_t c0) {
+  using VT = V::T;
+  constexpr int NV = kR + KW - 1;
+  constexpr int64_t kVec = kW8Tab<G>;  // int16 per table
+  VT a[NB][kR];
+#pragma GCC unroll 32
+  for (int c = 0; c < NB; ++c)
+#pragma GCC unroll 4
+    for (int r = 0; r < kR; ++r) a[c][r] = load16 ? V::load(a16p + (c * kR + r) * kW8Px) : V::zero();
+  for (int64_t u = 0; u < nu; ++u) {
+    const int16_t* Tu = T + u * NV * kVec;
+#pragma GCC unroll 5
+    for (int kw = 0; kw < KW; ++kw) {
+      uint32_t off[NB];
+      w8_offsets<NB>(ir + (u * KW + kw) * co_pad, off);
+#pragma GCC unroll 32
+      for (int c = 0; c < NB; ++c) {
+        const int16_t* e = reinterpret_cast<const int16_t*>(reinterpret_cast<const char*>(Tu + kw * kVec) + (size_t)off[c] * 8);
+#pragma GCC unroll 4
+        for (int r = 0; r < kR; ++r) a[c][r] = V::add(a[c][r], V::load(e + r * kVec));
+      }
+    }
+  }
+  if (out == 0) {
+#pragma GCC unroll 32
+    for (int c = 0; c < NB; ++c)
+#pragma GCC unroll 4
+      for (int r = 0; r < kR; ++r) V::store(a16p + (c * kR + r) * kW8Px, a[c][r]);
+    return;
+  }
+  if (out != 3) {
+#pragma GCC unroll 32
+    for (int c = 0; c < NB; ++c)
+#pragma GCC unroll 4
+      for (int r = 0; r < kR; ++r) {
+        if (out == 1) V::widen_store(a32p + (c * kR + r) * kW8Px, a[c][r]);
+        else V::widen_add(a32p + (c * kR + r) * kW8Px, a[c][r]);
+      }
+    return;
+  }
+  const W8Args& A = *epi->A;
+  const int64_t plane = A.OH * A.OW;
+#pragma GCC unroll 32
+  for (int c = 0; c < NB; ++c) {
+    const int64_t o = c0 + c;
+    if (o >= A.c_out) break;
+    V::epi4(add32 ? a32p + c * kR * kW8Px : nullptr, a[c], A.scale[o], A.bias[o], A.act, A.quant, A.inv, A.O,
+            o * plane, *epi->op);
+  }
+}
+
+template <int G, int KW>
+KDBNN_W8_FN void r4_tile(const W8Args& A, const int8_t* xq, const R4OutPlan& op, int32_t* work, int64_t co_b,
+                         int64_t co_e) {
+  constexpr int NV = kR + KW - 1, NB = V::kNB4;
+  constexpr int64_t kUnit = NV * kW8Tab<G>;  // int16 per pass unit
+  const int64_t U = A.KH * A.ngrp, pg = A.pg, co_pad = A.co_pad, win = A.win;
+  const int64_t n_pass = (U + pg - 1) / pg;
+  int16_t* tab = reinterpret_cast<int16_t*>(work);
+  int16_t* a16 = tab + pg * kUnit;
+  int32_t* a32 = reinterpret_cast<int32_t*>(a16 + co_pad * kR * kW8Px);
+  const R4Epi epi{&A, &op};
+  for (int64_t p = 0; p < n_pass; ++p) {
+    const int64_t u0 = p * pg, nu = std::min(pg, U - u0);
+    for (int64_t i = 0; i < nu; ++i) {
+      const int64_t u = u0 + i, kh = u / A.ngrp, j = u % A.ngrp;
+      r4_build<G, NV>(xq + G * j * A.cplane + kh * A.Wq, A.cplane, tab + i * kUnit);
+    }
+    const bool last = p == n_pass - 1, load16 = p % win != 0, add32 = p >= win;
+    const int out = last ? 3 : p % win == win - 1 ? (add32 ? 2 : 1) : 0;
+    const uint8_t* ir = A.idx + u0 * KW * co_pad;
+    for (int64_t cb = co_b; cb < co_e; cb += NB)
+      r4_block<G, NB, KW>(tab, nu, ir + cb, co_pad, a16 + cb * kR * kW8Px, a32 + cb * kR * kW8Px, load16, out, add32,
+                          last ? &epi : nullptr, cb);
+  }
+}
+
+inline void r4_plan_out(const W8Args& A, int64_t n, int64_t q0, R4OutPlan& op) {
+  const int64_t obase = n * A.c_out * A.OH * A.OW;
+  for (int m = 0; m < 8; ++m) {
+    int nr = 0, last_l = -2;
+    int64_t next = -1;
+    for (int l = 0; l < 16; ++l) {
+      const int64_t q = q0 + 16 * m + l, oh = q / A.Wq, ow = q % A.Wq;
+      if (q >= A.qtot || ow >= A.OW) continue;
+      const int64_t o = oh * A.OW + ow;
+      if (nr == 0 || o != next || l != last_l + 1) op.base[m][nr] = obase + o - l, op.bits[m][nr] = 0, ++nr;
+      op.bits[m][nr - 1] |= 1u << l;
+      next = o + 1, last_l = l;
+    }
+    op.nr[m] = nr;
+    op.full[m] = nr == 1 && op.bits[m][0] == 0xFFFFu;
+  }
+}
+
+KDBNN_W8_FN void r4_range(const W8Args& A, int64_t tb, int64_t te, int32_t* work) {
+  const int64_t per_img = w8_r4_tiles_per_image(A), n_chunks = (A.co_pad + A.co_chunk - 1) / A.co_chunk;
+  R4OutPlan op;
+  int64_t planned = -1;
+  for (int64_t t = tb; t < te; ++t) {
+    const int64_t tile = t / n_chunks, co_b = t % n_chunks * A.co_chunk;
+    const int64_t co_e = std::min(A.co_pad, co_b + A.co_chunk);
+    const int64_t n = tile / per_img, q0 = tile % per_img * (kR * kW8Px);
+    if (tile != planned) r4_plan_out(A, n, q0, op), planned = tile;
+    const int8_t* xq = A.X + n * A.img + q0;
+    switch (A.KW * 8 + A.g) {
+      case 2 * 8 + 4: r4_tile<4, 2>(A, xq, op, work, co_b, co_e); break;
+      case 3 * 8 + 4: r4_tile<4, 3>(A, xq, op, work, co_b, co_e); break;
+      case 2 * 8 + 5: r4_tile<5, 2>(A, xq, op, work, co_b, co_e); break;
+      case 3 * 8 + 5: r4_tile<5, 3>(A, xq, op, work, co_b, co_e); break;
+      default: break;  // w8_r4_ok() admits only the cases above
+    }
+  }
+}
+#endif  // KDBNN_W8_R4
+
+KDBNN_W8_FN void w8_range(const W8Args& A, int64_t tb, int64_t te, int32_t* work) {
+#ifdef KDBNN_W8_R4
+  if (A.r4) return r4_range(A, tb, te, work);
+#endif
+  w8_range1(A, tb, te, work);
 }
 
 // ---------------------------------------------------------------- index preparation
@@ -237,7 +402,8 @@ KDBNN_W8_FN void w8_prep_idx(const uint64_t* wp, const W8Args& A, int64_t nw, in
         const int64_t bit = j * g, k = bit >> 5;
         const int sh = (int)(bit & 31);
         const uint32_t* next = (sh > 32 - g && k + 1 < nk) ? w32 + (k + 1) * CH : nullptr;
-        V::prep(w32 + k * CH, next, sh, (int)g, idx + (kk * ngrp + j) * co_pad + o0, (int)nc);
+        const int64_t row = A.r4 ? ((kk / A.KW) * ngrp + j) * A.KW + kk % A.KW : kk * ngrp + j;
+        V::prep(w32 + k * CH, next, sh, (int)g, idx + row * co_pad + o0, (int)nc);
       }
     }
   }

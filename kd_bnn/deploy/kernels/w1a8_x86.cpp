@@ -153,7 +153,7 @@ void plan_avx2(W8Args& A) {
 
 }  // namespace
 
-const W1a8Kernel kW1a8Avx2 = {w8_range, w8_prep_idx, plan_avx2};
+const W1a8Kernel kW1a8Avx2 = {w8_range, w8_prep_idx, plan_avx2, false};
 
 }  // namespace kdbnn
 
