@@ -182,6 +182,7 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
       A.win = w8_max_pass(A.g) / (A.pg * A.KW);
     } else {
       A.pg = std::min<int64_t>(A.pg, w8_max_pass(A.g));
+      A.win = w8_max_pass(A.g) / A.pg;
     }
   }
   A.Cg = (C + A.g - 1) / A.g * A.g;

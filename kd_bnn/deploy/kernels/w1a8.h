@@ -36,7 +36,7 @@ struct W8Args {
   const uint8_t* idx;   // [kk * ngrp + j][co_pad]: 8 * (the g weight bits of group j at tap kk);
                         // r4: rows ordered [kh][j][kw]
   int64_t r4;           // 1: the kw-sharing kernel (stride 1, w1a8_lut.h), tiles of 128 positions
-  int64_t win;          // r4: passes per int16 window
+  int64_t win;          // passes per int16 window (w1a8_lut.h)
   const float* scale;   // per output channel, then bias, then the activation
   const float* bias;
   int64_t act;
@@ -72,12 +72,12 @@ inline int64_t w8_tiles_per_image(const W8Args& A) { return (A.qtot + 31) / 32; 
 inline int64_t w8_r4_tiles_per_image(const W8Args& A) { return (A.qtot + 127) / 128; }
 inline bool w8_r4_ok(const W8Args& A) { return A.stride == 1 && (A.KW == 2 || A.KW == 3); }
 
-// int32 of per-thread scratch: one pass of tables (pg * 2^g entries * 32 int16) and the int32
-// accumulators (co_pad * 32), plus 64 bytes for alignment.
+// int32 of per-thread scratch: one pass of tables (pg * 2^g entries * 32 int16), the int16 and
+// the int32 sums (co_pad * 32 each), plus 64 bytes for alignment.
 // r4: pg units of (KW + 3) tables, int16 and int32 sums of 4 vectors per channel.
 inline int64_t w8_work_ints(const W8Args& A) {
   if (A.r4) return A.pg * (A.KW + 3) * (int64_t(16) << A.g) + A.co_pad * 4 * (16 + 32) + 16;
-  return A.pg * (int64_t(16) << A.g) + A.co_pad * 32 + 16;
+  return A.pg * (int64_t(16) << A.g) + A.co_pad * (16 + 32) + 16;
 }
 
 struct W1a8Kernel {

@@ -113,15 +113,16 @@ KDBNN_W8_INL void w8_offsets(const uint8_t* ir, uint32_t* off) {
   }
 }
 
-// One register block of NB output channels over ng tables: int16 sums, then widened into the
-// int32 accumulators (first pass: stored), or in the last pass the epilogue and the output.
+// One register block of NB output channels over ng tables. The int16 sums start at 0 or from
+// a16p (load16); then out: 0 back to a16p, 1 widened and stored to the int32 sums a32p, 2 widened
+// and added, 3 the epilogue and the output (adding the int32 sums when add32).
 template <int G, int NB>
-KDBNN_W8_INL void w8_block(const int16_t* T, int64_t ng, const uint8_t* ir, int64_t co_pad, int32_t* accp,
-                           bool first, const W8Epi* epi, int64_t c0) {
+KDBNN_W8_INL void w8_block(const int16_t* T, int64_t ng, const uint8_t* ir, int64_t co_pad, int16_t* a16p,
+                           int32_t* a32p, bool load16, int out, bool add32, const W8Epi* epi, int64_t c0) {
   using VT = V::T;
   VT a[NB];
 #pragma GCC unroll 32
-  for (int c = 0; c < NB; ++c) a[c] = V::zero();
+  for (int c = 0; c < NB; ++c) a[c] = load16 ? V::load(a16p + c * kW8Px) : V::zero();
   const char* Tj = reinterpret_cast<const char*>(T);
   for (int64_t j = 0; j < ng; ++j, Tj += 2 * kW8Tab<G>, ir += co_pad) {
     uint32_t off[NB];
@@ -129,14 +130,19 @@ KDBNN_W8_INL void w8_block(const int16_t* T, int64_t ng, const uint8_t* ir, int6
 #pragma GCC unroll 32
     for (int c = 0; c < NB; ++c) a[c] = V::add(a[c], V::load(reinterpret_cast<const int16_t*>(Tj + (size_t)off[c] * 8)));
   }
-  if (epi == nullptr) {
-    if (first) {
+  if (out == 0) {
 #pragma GCC unroll 32
-      for (int c = 0; c < NB; ++c) V::widen_store(accp + c * kW8Px, a[c]);
-    } else {
+    for (int c = 0; c < NB; ++c) V::store(a16p + c * kW8Px, a[c]);
+    return;
+  }
+  if (out == 1) {
 #pragma GCC unroll 32
-      for (int c = 0; c < NB; ++c) V::widen_add(accp + c * kW8Px, a[c]);
-    }
+    for (int c = 0; c < NB; ++c) V::widen_store(a32p + c * kW8Px, a[c]);
+    return;
+  }
+  if (out == 2) {
+#pragma GCC unroll 32
+    for (int c = 0; c < NB; ++c) V::widen_add(a32p + c * kW8Px, a[c]);
     return;
   }
   const W8Args& A = *epi->A;
@@ -145,37 +151,43 @@ KDBNN_W8_INL void w8_block(const int16_t* T, int64_t ng, const uint8_t* ir, int6
   for (int c = 0; c < NB; ++c) {
     const int64_t o = c0 + c;
     if (o >= A.c_out) break;
-    V::epi(first ? nullptr : accp + c * kW8Px, a[c], A.scale[o], A.bias[o], A.act, A.quant, A.inv, A.O, o * plane,
+    V::epi(add32 ? a32p + c * kW8Px : nullptr, a[c], A.scale[o], A.bias[o], A.act, A.quant, A.inv, A.O, o * plane,
            *epi->op);
   }
 }
 
 template <int G, int NB>
-KDBNN_W8_INL void w8_blocks(const int16_t* tab, int64_t ng, const uint8_t* ir, int64_t co_pad, int32_t* acc,
-                            bool first, const W8Epi* e, int64_t co_b, int64_t co_e) {
+KDBNN_W8_INL void w8_blocks(const int16_t* tab, int64_t ng, const uint8_t* ir, int64_t co_pad, int16_t* a16,
+                            int32_t* a32, bool load16, int out, bool add32, const W8Epi* e, int64_t co_b, int64_t co_e) {
   constexpr int S = V::kStep;
   int64_t cb = co_b;
-  for (; cb + NB <= co_e; cb += NB) w8_block<G, NB>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
+  for (; cb + NB <= co_e; cb += NB)
+    w8_block<G, NB>(tab, ng, ir + cb, co_pad, a16 + cb * kW8Px, a32 + cb * kW8Px, load16, out, add32, e, cb);
   const int64_t rest = co_e - cb;  // a multiple of S below NB
   if constexpr (NB > S) {
-    if (rest == S) w8_block<G, S>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
+    if (rest == S) w8_block<G, S>(tab, ng, ir + cb, co_pad, a16 + cb * kW8Px, a32 + cb * kW8Px, load16, out, add32, e, cb);
   }
   if constexpr (NB > 2 * S) {
-    if (rest == 2 * S) w8_block<G, 2 * S>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
+    if (rest == 2 * S)
+      w8_block<G, 2 * S>(tab, ng, ir + cb, co_pad, a16 + cb * kW8Px, a32 + cb * kW8Px, load16, out, add32, e, cb);
   }
   if constexpr (NB > 3 * S) {
-    if (rest == 3 * S) w8_block<G, 3 * S>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
+    if (rest == 3 * S)
+      w8_block<G, 3 * S>(tab, ng, ir + cb, co_pad, a16 + cb * kW8Px, a32 + cb * kW8Px, load16, out, add32, e, cb);
   }
 }
 
 // ---------------------------------------------------------------- one tile
+// Passes of pg tables; windows of win passes share one int16 sum per channel (win * pg <=
+// w8_max_pass(g)), widened into the int32 sums at the end of each window.
 template <int G>
 KDBNN_W8_FN void w8_tile(const W8Args& A, const int8_t* xq, const W8OutPlan& op, int32_t* work, int64_t co_b,
                          int64_t co_e) {
-  const int64_t U = A.KH * A.KW * A.ngrp, pg = A.pg, co_pad = A.co_pad;
+  const int64_t U = A.KH * A.KW * A.ngrp, pg = A.pg, co_pad = A.co_pad, win = A.win;
   const int64_t n_pass = (U + pg - 1) / pg;
   int16_t* tab = reinterpret_cast<int16_t*>(work);
-  int32_t* acc = work + pg * kW8Tab<G> / 2;
+  int16_t* a16 = tab + pg * kW8Tab<G>;
+  int32_t* a32 = reinterpret_cast<int32_t*>(a16 + co_pad * kW8Px);
   const W8Epi epi{&A, &op};
   for (int64_t p = 0; p < n_pass; ++p) {
     const int64_t u0 = p * pg, ng = std::min(pg, U - u0);
@@ -183,8 +195,10 @@ KDBNN_W8_FN void w8_tile(const W8Args& A, const int8_t* xq, const W8OutPlan& op,
       const int64_t u = u0 + i, kk = u / A.ngrp, j = u % A.ngrp;
       w8_table<G>(xq + G * j * A.cplane + A.toff[kk], A.cplane, tab + i * kW8Tab<G>);
     }
-    const W8Epi* e = p == n_pass - 1 ? &epi : nullptr;
-    w8_blocks<G, V::kNB>(tab, ng, A.idx + u0 * co_pad, co_pad, acc, p == 0, e, co_b, co_e);
+    const bool last = p == n_pass - 1, load16 = p % win != 0, add32 = p >= win;
+    const int out = last ? 3 : p % win == win - 1 ? (add32 ? 2 : 1) : 0;
+    w8_blocks<G, V::kNB>(tab, ng, A.idx + u0 * co_pad, co_pad, a16, a32, load16, out, add32, last ? &epi : nullptr,
+                         co_b, co_e);
   }
 }
 
@@ -193,8 +207,9 @@ inline void w8_plan_out(const W8Args& A, int64_t n, int64_t q0, W8OutPlan& op) {
   const int64_t obase = n * A.c_out * A.OH * A.OW;
   int nr = 0, last_l = -2;
   int64_t next = -1;
-  for (int l = 0; l < kW8Px; ++l) {
-    const int64_t q = q0 + l, oh = q / A.Wq, ow = q % A.Wq;
+  int64_t oh = q0 / A.Wq, ow = q0 % A.Wq;  // of position q0 + l (one division per tile)
+  for (int l = 0; l < kW8Px; ++l, ow = ow + 1 == A.Wq ? (++oh, 0) : ow + 1) {
+    const int64_t q = q0 + l;
     if (q >= A.qtot || ow >= A.OW) continue;
     const int64_t o = oh * A.OW + ow;
     if (nr == 0 || o != next || l != last_l + 1) op.base[nr] = obase + o - l, op.bits[nr] = 0, ++nr;
@@ -338,8 +353,9 @@ inline void r4_plan_out(const W8Args& A, int64_t n, int64_t q0, R4OutPlan& op) {
   for (int m = 0; m < 8; ++m) {
     int nr = 0, last_l = -2;
     int64_t next = -1;
-    for (int l = 0; l < 16; ++l) {
-      const int64_t q = q0 + 16 * m + l, oh = q / A.Wq, ow = q % A.Wq;
+    int64_t oh = (q0 + 16 * m) / A.Wq, ow = (q0 + 16 * m) % A.Wq;
+    for (int l = 0; l < 16; ++l, ow = ow + 1 == A.Wq ? (++oh, 0) : ow + 1) {
+      const int64_t q = q0 + 16 * m + l;
       if (q >= A.qtot || ow >= A.OW) continue;
       const int64_t o = oh * A.OW + ow;
       if (nr == 0 || o != next || l != last_l + 1) op.base[m][nr] = obase + o - l, op.bits[m][nr] = 0, ++nr;
