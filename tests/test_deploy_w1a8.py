@@ -19,7 +19,9 @@ SHAPES = [
     (1, 5, 3, 4, 4, 3, 1, 1),  # tiny
     (1, 256, 260, 6, 5, 3, 1, 1),  # >= 256 output channels: 5-input tables
     (1, 130, 40, 1, 1, 3, 1, 1),  # 1x1 map, padding only around it
-    (1, 9, 8, 40, 37, 3, 1, 1),  # wide rows: many tiles, rows split across tiles
+    (1, 9, 8, 40, 37, 3, 1, 1),  # many tiles, rows split across tiles
+    (2, 21, 24, 5, 70, 3, 1, 1),  # rows >= 64 wide, <= 64 channels: the kw-sharing kernel (avx512)
+    (1, 11, 9, 7, 9, 2, 1, 1),  # 2x2 kernel
 ]
 ACTS = ["none", "relu", "leaky"]
 
@@ -69,24 +71,30 @@ def test_w1a8_bit_exact_int8_and_float_output(isa, shape):
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("g", [4, 5])
 @pytest.mark.parametrize("pg", [1, 7, 1000])
-def test_w1a8_table_size_and_pass_variants(isa, g, pg, monkeypatch):
-    """Every table size and pass length (1000: clamped to the int16 bound) gives the same integers."""
+@pytest.mark.parametrize("r4", [0, 1])
+def test_w1a8_table_size_pass_and_kernel_variants(isa, g, pg, r4, monkeypatch):
+    """Every table size, pass length (1000: clamped to the int16 bound; windows of several passes
+    share an int16 sum) and kernel (r4: kw-sharing, stride 1 only) gives the same integers."""
     _isa_or_skip(isa)
     monkeypatch.setenv("KDBNN_W1A8_G", str(g))
     monkeypatch.setenv("KDBNN_W1A8_PG", str(pg))
-    for shape in (SHAPES[1], SHAPES[2], SHAPES[5]):
-        got, ref = _both(shape, isa, "leaky", 3.0)
-        assert torch.equal(got, ref), (isa, g, pg, shape)
+    monkeypatch.setenv("KDBNN_W1A8_R4", str(r4))
+    for shape in (SHAPES[1], SHAPES[2], SHAPES[5], SHAPES[8], SHAPES[9]):
+        for inv in (3.0, None):
+            got, ref = _both(shape, isa, "leaky", inv)
+            assert torch.equal(got, ref), (isa, g, pg, r4, shape, inv)
 
 
 @pytest.mark.parametrize("isa", K.ISAS)
 @pytest.mark.parametrize("g", [4, 5])
-def test_w1a8_extreme_inputs_never_overflow_int16(isa, g, monkeypatch):
+@pytest.mark.parametrize("r4", [0, 1])
+def test_w1a8_extreme_inputs_never_overflow_int16(isa, g, r4, monkeypatch):
     """All +127 / all -127 (and -128) inputs with all-+1 weights: every table entry at its bound
     and long int16 runs (the longest pass the bound allows): sums must stay exact."""
     _isa_or_skip(isa)
     monkeypatch.setenv("KDBNN_W1A8_G", str(g))
     monkeypatch.setenv("KDBNN_W1A8_PG", "1000")
+    monkeypatch.setenv("KDBNN_W1A8_R4", str(r4))
     ci, co, k = 640, 24, 3
     wp = pack_signs(torch.ones(co, ci, k, k))
     wp_neg = pack_signs(-torch.ones(co, ci, k, k))

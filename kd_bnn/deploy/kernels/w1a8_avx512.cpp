@@ -171,12 +171,16 @@ struct V {
 #undef KDBNN_W8_INL
 #undef KDBNN_W8_FN
 
-// Per layer (measured on Zen 5, 1 thread): g = 5 where >= 256 output channels amortize the
-// 32-entry tables, else 4; 32 KB of tables per pass (32 x 1 KB or 16 x 2 KB), L1-resident.
+// Per layer (measured on Zen 5, 1 thread, interleaved A/B runs): the kw-sharing kernel (r4, 5-input
+// tables, 2 units = 24 KB per pass) for stride-1 layers of <= 64 output channels on rows >= 64
+// wide, where building tables costs most next to the few lookups per table; elsewhere 5-input
+// tables (12 = 24 KB per pass, int16 windows of 4 passes) for >= 128 output channels, 4-input
+// tables (32 KB per pass) below. On the benchmark layers r4 won only at 64 channels (0.59 vs
+// 0.62 ms at 80x80); at 128-512 channels it lost (0.56-0.62 vs 0.46-0.52 ms).
 void plan_avx512(W8Args& A) {
-  A.g = A.c_out >= 256 ? 5 : 4;
-  A.r4 = w8_r4_ok(A) && A.c_out <= 128 && A.OW >= 32;
-  A.pg = A.g == 5 ? 16 : 32;
+  A.r4 = w8_r4_ok(A) && A.c_out <= 64 && A.OW >= 64;
+  A.g = A.r4 || A.c_out >= 128 ? 5 : 4;
+  A.pg = A.g == 5 ? 12 : 32;
   if (A.r4) A.pg = std::max<int64_t>(1, 24576 / ((A.KW + 3) * (int64_t(64) << A.g)));
 }
 

@@ -145,10 +145,11 @@ struct V {
 #undef KDBNN_W8_INL
 #undef KDBNN_W8_FN
 
-// g = 5 for >= 256 output channels, else 4; 32 KB of tables per pass.
+// As the avx512 path without r4: 5-input tables (12 per pass) for >= 128 output channels, else
+// 4-input tables (32 per pass).
 void plan_avx2(W8Args& A) {
-  A.g = A.c_out >= 256 ? 5 : 4;
-  A.pg = A.g == 5 ? 16 : 32;
+  A.g = A.c_out >= 128 ? 5 : 4;
+  A.pg = A.g == 5 ? 12 : 32;
 }
 
 }  // namespace
