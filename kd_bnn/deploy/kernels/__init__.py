@@ -35,9 +35,13 @@ pure-torch path with identical results:
   ``sum sign(W) * xq``, then the float32 epilogue ``float(acc)*scale[o] + bias[o]``, activation,
   and float or re-quantized int8 output (:func:`quantize_activations`' rounding), bit for bit the
   same as its torch path. ``avx2`` and ``avx512`` paths: the BWN lookup table in integers
-  (``w1a8_lut.h``: per 32 output positions and 4 input channels at one tap an int16 table of the
-  16 signed sums, one ``vpaddw`` per 4 MACs x 32 positions, int16 sums widened to int32 before
-  they could overflow); ``scalar``/``popcnt``: a direct int32 conv (``w1a8.cpp``).
+  (``w1a8_lut.h``; T-MAC / BiQGEMM style): per 32 output positions and g = 4 or 5 input channels
+  at one tap an int16 table of the 2^g signed sums, one ``vpaddw`` per g MACs x 32 positions,
+  int16 sums widened to int32 before they could overflow (proved bound, -128 included); a
+  kw-sharing variant (``avx512``, stride 1) tabulates a kernel row once for its KW taps. The input
+  is copied once per call (zero-padded, stride phases split, int8) and the table offsets rebuilt
+  per call (one byte per g weights). ``scalar``/``popcnt``: a direct int32 conv (``w1a8.cpp``).
+  Tuning: ``KDBNN_W1A8_G`` (4/5), ``KDBNN_W1A8_PG`` (tables per pass), ``KDBNN_W1A8_R4`` (0/1).
 * :func:`stem_conv2d` - a float conv with few input channels (a detector's first conv,
   ``C_in <= 8``): direct conv vectorised over the output width from zero-padded per-row copies of
   the input (``stem.cpp``; AVX-512F / AVX2+FMA row kernels in ``stem_x86.cpp``), bias and

@@ -1,7 +1,9 @@
 // kd_bnn kernels: W1A8 convolution (binary weights x int8 activations), shared declarations.
 //
-// The op (w1a8.cpp) and its kernels (w1a8_lut.h, included by w1a8_avx512.cpp and w1a8_x86.cpp;
-// the method and the exactness argument are in w1a8_lut.h). No torch here (see common.h).
+// Files: w1a8.cpp (the op: checks, input copy, table offsets, threads, the portable direct conv,
+// quantize_act), w1a8_lut.h (the lookup-table kernel over a 32-position int16 vector; the method
+// and the exactness argument are there), w1a8_avx512.cpp (one zmm per vector, plus the kw-sharing
+// kernel), w1a8_x86.cpp (AVX2: two ymm). No torch here (see common.h).
 //
 // Input domain: the driver copies the int8 input once per call into a zero-padded, stride-phase
 // split layout, so every tap of every kernel reads plain contiguous bytes:

@@ -15,26 +15,29 @@
 // every weight pattern selects, then each output needs one lookup per pattern), transposed to
 // integers. For binary weights, output channel o at a tile of 32 output positions is
 //   acc[o] = sum_{tap kk, group j} T_{kk,j}[s_{o,kk,j}],
-//   T[s] = sum_{i<4} (bit i of s ? +x_i : -x_i),
-// where group j is the g = 4 (or 5) input channels gj.. at tap kk, x_i the 32 input bytes of channel
-// gj+i that the tile's positions read at that tap (sign-extended to int16), and s the 4 weight
-// bits of channel o (bit set = +1; pack_signs' layout, so s is nibble j of the packed word row).
-// The 16 entries of one table (32 int16 = 64 bytes each, 1 KB) are built once per (tile, tap,
-// group) and every output channel adds the entry its bits select: one
-// `vpaddw zmm, zmm, [table + s*64]` = 32 positions x 4 multiply-adds.
-//   build: P = the 4 sign sums of x0, x1; Q = those of x2, x3 with x3 negative; T[i + 4k] =
-//          P[i] + Q[k] for the 8 indices with bit 3 clear, and T[~s] = -T[s] (sign flip) for the
-//          other 8: 7 + 8 + 8 int16 ops, 16 stores per table.
+//   T[s] = sum_{i<g} (bit i of s ? +x_i : -x_i),
+// where group j is the g (4 or 5) input channels gj..gj+g-1 at tap kk, x_i the 32 input bytes of
+// channel gj+i that the tile's positions read at that tap (sign-extended to int16), and s the g
+// weight bits of channel o for those channels (bit set = +1; pack_signs' layout: bits gj.. of the
+// packed word row). The 2^g entries of one table (32 int16 = 64 bytes each: 1 or 2 KB) are built
+// once per (tile, tap, group) and every output channel adds the entry its bits select: one
+// `vpaddw zmm, zmm, [table + s*64]` = 32 positions x g multiply-adds.
+//   build: P = the 2^a sign sums of x0..x(a-1) (a = 2 or 3), Q = those of the last two inputs with
+//          the top one negative; T[i + 2^a k] = P[i] + Q[k] for the indices with the top bit clear
+//          and T[~s] = -T[s] (sign flip) for the others: 2^g int16 ops and 2^g stores per table.
 //   passes: the tables of all (tap, group) pairs u = kk * ngrp + j are consumed in passes of pg
-//          tables (pg KB, L1-resident), built at the start of the pass. Output channels run in
-//          register blocks of kNB int16 accumulators; at the end of each pass a block's int16 sums
-//          are widened and added into per-channel int32 accumulators (a per-thread buffer); the
-//          last pass applies the epilogue and stores.
-//   exactness: every table entry is a sum of 4 products +-x with |x| <= 128, so |entry| <= 512
-//          (exact in int16); a pass adds at most pg <= 63 entries into a zeroed int16 accumulator:
-//          |sum| <= 63 * 512 = 32256 < 32767, never wrapping (kW8MaxPass, enforced by the driver);
-//          the int32 accumulators hold |acc| <= 128 * C * KH * KW < 2^31 (checked by the driver).
-//          So acc is the exact integer dot product for every int8 input, -128 included.
+//          tables (24-32 KB, L1-resident), built at the start of the pass. Output channels run in
+//          register blocks of kNB int16 accumulators. The int16 sums of a channel persist across
+//          the passes of a window (win passes, a per-thread int16 buffer between passes) and are
+//          widened into int32 sums (a per-thread buffer) once per window; the last pass applies
+//          the epilogue and stores.
+//   exactness: every table entry is a sum of g values +-x with |x| <= 128, so |entry| <= 128 g
+//          (exact in int16); an int16 sum adds at most w8_max_pass(g) = floor(32767 / (128 g))
+//          entries (63 for g = 4, 51 for g = 5) starting from 0: |sum| <= 32256 resp. 32640 <=
+//          32767, never wrapping (the driver clamps pg and win so that win * pg * (r4: KW) <=
+//          w8_max_pass(g)); the int32 sums hold |acc| <= 128 * Cg * KH * KW < 2^31 (checked by
+//          the driver). So acc is the exact integer dot product for every int8 input, -128
+//          included (tests: all +-127 / -128 inputs with all-equal weights, the longest windows).
 //   epilogue (float32, one rounding per op, no contraction: the vector files keep the product in
 //          a register through an empty asm, so it cannot become an FMA):
 //          y = float(acc) * scale[o]; y = y + bias[o]; act (relu: max(y, 0), leaky: y > 0 ? y :
@@ -43,6 +46,12 @@
 //   input: the driver's padded phase-split copy (w1a8.h): a tile is 32 consecutive positions q of
 //          one image, tap kk reads 32 contiguous bytes at q0 + toff[kk].
 //   indices: one byte per (u, output channel), 8 * s (the kernel addresses table + 8 * byte).
+//   r4:    a second kernel for stride 1 (avx512) shares the tables of one kernel row between its
+//          KW taps (128-position tiles as 4 interleaved vectors, see "kw-sharing kernel" below).
+//   speed: the lookups are load-bound (about 4.5 G `vpaddw zmm, [mem]` per second measured on one
+//          Zen 5 core, i.e. ~0.6 T int8 MAC/s at g = 4); building the tables costs 2^g stores
+//          per table, amortized over the output channels (hence g = 5 only for >= 128 channels,
+//          and r4, which halves the builds of a 3x3 conv, for narrow layers on wide rows).
 
 template <int G>
 constexpr int64_t kW8Tab = (int64_t(1) << G) * kW8Px;  // int16 per table (G = 4: 1 KB, 5: 2 KB)
