@@ -672,7 +672,9 @@ def w1a8_conv2d(
     ``out_scale_inv`` is given (a float32 scalar: the next layer's ``1 / s_in``), int8
     ``clamp(rint(y * out_scale_inv), -127, 127)`` (round half to even) for the next W1A8 layer.
     The C++ paths and the torch path (``backend="torch"`` or ``KDBNN_NO_EXT=1``: a float64 conv of
-    the exact integers, exact since ``|acc| < 2**53``) are bit-identical.
+    the exact integers, exact since ``|acc| < 2**53``) are bit-identical (``torch.equal``; a NaN
+    ``y`` from a NaN/inf scale or bias gives an unspecified int8 value). ``stride`` and ``padding``
+    are ints (the same on both axes); ``isa``: force an ISA path (see ``ISAS``).
     """
     kh, kw = _pair(kernel_size)
     if xq.dtype != torch.int8:
