@@ -133,19 +133,22 @@ def test_w1a8_reference_matches_float64_of_dequantized_values():
     assert torch.equal(q, K.quantize_activations(y, 20.0, backend="torch"))
 
 
-@pytest.mark.parametrize("backend", [None, "torch"])
-def test_quantize_activations_rounds_half_to_even_and_clamps(backend):
-    if backend is None and not K.extension_available():
-        pytest.skip("C++ kernels unavailable")
+@pytest.mark.parametrize("path", ["torch", *K.ISAS])
+def test_quantize_activations_rounds_half_to_even_and_clamps(path):
+    kw = {"backend": "torch"} if path == "torch" else {"isa": path}
+    if path != "torch":
+        _isa_or_skip(path)
     x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 127.4, 300.0, -127.5, -1e9, 0.0, -0.0, 3.49999])
-    q = K.quantize_activations(x, 1.0, backend=backend)
-    assert q.dtype == torch.int8
-    assert q.tolist() == [0, 2, 2, 0, -2, -2, 126, 127, 127, -127, -127, 0, 0, 3]
+    want = [0, 2, 2, 0, -2, -2, 126, 127, 127, -127, -127, 0, 0, 3]
+    for reps in (1, 5):  # 14 values: the scalar tail; 70: the vector loops too
+        q = K.quantize_activations(x.repeat(reps), 1.0, **kw)
+        assert q.dtype == torch.int8 and q.tolist() == want * reps
+    halves = torch.arange(-600, 601, dtype=torch.float32) * 0.25  # every .5 and .25 up to +-150
+    assert torch.equal(K.quantize_activations(halves, 1.0, **kw), K.quantize_activations(halves, 1.0, backend="torch"))
     g = torch.Generator().manual_seed(1)
     big = torch.randn(3, 5, 17, 19, generator=g) * 40
     inv = 1 / 0.37
-    assert torch.equal(K.quantize_activations(big, inv, backend=backend),
-                       K.quantize_activations(big, inv, backend="torch"))
+    assert torch.equal(K.quantize_activations(big, inv, **kw), K.quantize_activations(big, inv, backend="torch"))
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])

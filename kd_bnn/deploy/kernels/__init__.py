@@ -628,18 +628,19 @@ def _quantize_torch(x: torch.Tensor, inv_scale: float) -> torch.Tensor:
 
 
 def quantize_activations(
-    x: torch.Tensor, inv_scale: float, backend: str | None = None
+    x: torch.Tensor, inv_scale: float, backend: str | None = None, isa: str | None = None
 ) -> torch.Tensor:
     """Float activations -> the int8 input of :func:`w1a8_conv2d`: ``clamp(rint(x * inv_scale),
     -127, 127)`` with ``inv_scale`` rounded to float32 and rint = round half to even (so ``x =
     xq / inv_scale`` approximately, never -128). Same shape, int8, no autograd. NaN is not
     supported (the result is unspecified). ``backend="torch"`` forces the torch path (identical
-    values)."""
+    values); ``isa`` forces an ISA path of the C++ one (``avx512``/``avx2`` vector loops, else
+    portable)."""
     if not x.dtype.is_floating_point:
         raise ValueError(f"quantize_activations expects a float tensor, found {x.dtype}")
     ext = _use_ext(backend)
     if ext is not None:
-        return ext.quantize_act(_f32(x), float(inv_scale))
+        return ext.quantize_act(_f32(x), float(inv_scale), -1 if isa is None else resolve_isa(isa))
     return _quantize_torch(x.detach().float(), float(inv_scale))
 
 

@@ -242,24 +242,25 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
   return out;
 }
 
-// float x -> int8 clamp(rint(x * inv), -127, 127). For |z| <= 127, (z + 1.5 * 2^23) - 1.5 * 2^23
-// is z rounded to an integer, half to even (the sum lies in [2^23, 2^24), whose spacing is 1),
-// and vectorizes on any SSE2 target; NaN inputs are not supported.
-at::Tensor quantize_act(at::Tensor x, double inv_scale) {
+// float x -> int8 clamp(rint(x * inv), -127, 127) (w8_quant1; the vector paths: clamp in float,
+// then the round-half-even conversion, the same values); ISA path isa, or the best one (-1).
+at::Tensor quantize_act(at::Tensor x, double inv_scale, int64_t isa) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "kd_bnn.quantize_act: expected float32 input, found ", x.scalar_type());
   auto xc = x.contiguous();
   auto out = at::empty(xc.sizes(), at::kChar);
   const float* src = xc.data_ptr<float>();
   int8_t* dst = out.data_ptr<int8_t>();
   const float inv = (float)inv_scale;
+  QuantizeFn fn = nullptr;
+#if KDBNN_X86
+  if (isa < 0) isa = cpu_has(ISA_AVX512) ? ISA_AVX512 : cpu_has(ISA_AVX2) ? ISA_AVX2 : ISA_SCALAR;
+  TORCH_CHECK(isa == ISA_SCALAR || cpu_has(isa), "kd_bnn: this CPU lacks the instructions of ISA path ", isa);
+  if (isa == ISA_AVX512) fn = quantize_avx512;
+  else if (isa == ISA_AVX2) fn = quantize_avx2;
+#endif
   at::parallel_for(0, xc.numel(), 65536, [&](int64_t b, int64_t e) {
-    const float magic = 12582912.0f;
-    for (int64_t i = b; i < e; ++i) {
-      float z = src[i] * inv;
-      z = z > -127.0f ? z : -127.0f;
-      z = z < 127.0f ? z : 127.0f;
-      dst[i] = (int8_t)(int32_t)((z + magic) - magic);
-    }
+    if (fn != nullptr) return fn(src + b, e - b, inv, dst + b);
+    for (int64_t i = b; i < e; ++i) dst[i] = w8_quant1(src[i], inv);
   });
   return out;
 }

@@ -92,10 +92,25 @@ struct W1a8Kernel {
   bool has_r4;              // whether range() has the kw-sharing kernel
 };
 
+// float -> int8 clamp(rint(x * inv), -127, 127) of n values (round half to even).
+using QuantizeFn = void (*)(const float* x, int64_t n, float inv, int8_t* q);
+
+// One value as every path computes it: for |z| <= 127, (z + 1.5 * 2^23) - 1.5 * 2^23 is z rounded
+// to an integer, half to even (the sum lies in [2^23, 2^24), whose spacing is 1); NaN unsupported.
+inline int8_t w8_quant1(float x, float inv) {
+  float z = x * inv;
+  z = z > -127.0f ? z : -127.0f;
+  z = z < 127.0f ? z : 127.0f;
+  const float magic = 12582912.0f;
+  return (int8_t)(int32_t)((z + magic) - magic);
+}
+
 #if KDBNN_X86
 // w1a8_avx512.cpp (AVX-512 F/BW/VL), w1a8_x86.cpp (AVX2)
 extern const W1a8Kernel kW1a8Avx512;
 extern const W1a8Kernel kW1a8Avx2;
+void quantize_avx512(const float* x, int64_t n, float inv, int8_t* q);  // AVX-512F
+void quantize_avx2(const float* x, int64_t n, float inv, int8_t* q);
 #endif
 
 }  // namespace kdbnn

@@ -188,6 +188,16 @@ void plan_avx512(W8Args& A) {
 
 const W1a8Kernel kW1a8Avx512 = {w8_range, w8_prep_idx, plan_avx512, true};
 
+__attribute__((target("avx512f"))) void quantize_avx512(const float* x, int64_t n, float inv, int8_t* q) {
+  const __m512 vi = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 z = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), vi), lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(z)));
+  }
+  for (; i < n; ++i) q[i] = w8_quant1(x[i], inv);
+}
+
 }  // namespace kdbnn
 
 #endif  // KDBNN_X86

@@ -200,9 +200,13 @@ KDBNN_W8_FN void w8_tile(const W8Args& A, const int8_t* xq, const W8OutPlan& op,
   const W8Epi epi{&A, &op};
   for (int64_t p = 0; p < n_pass; ++p) {
     const int64_t u0 = p * pg, ng = std::min(pg, U - u0);
+    // tables of u = kk * ngrp + j, u0 <= u < u0 + ng (one division per pass)
+    int64_t kk = u0 / A.ngrp, j = u0 % A.ngrp;
+    const int8_t* src = xq + G * j * A.cplane + A.toff[kk];
     for (int64_t i = 0; i < ng; ++i) {
-      const int64_t u = u0 + i, kk = u / A.ngrp, j = u % A.ngrp;
-      w8_table<G>(xq + G * j * A.cplane + A.toff[kk], A.cplane, tab + i * kW8Tab<G>);
+      w8_table<G>(src, A.cplane, tab + i * kW8Tab<G>);
+      if (++j == A.ngrp) j = 0, ++kk, src = xq + A.toff[kk < A.KH * A.KW ? kk : 0];
+      else src += G * A.cplane;
     }
     const bool last = p == n_pass - 1, load16 = p % win != 0, add32 = p >= win;
     const int out = last ? 3 : p % win == win - 1 ? (add32 ? 2 : 1) : 0;
@@ -344,9 +348,10 @@ KDBNN_W8_FN void r4_tile(const W8Args& A, const int8_t* xq, const R4OutPlan& op,
   const R4Epi epi{&A, &op};
   for (int64_t p = 0; p < n_pass; ++p) {
     const int64_t u0 = p * pg, nu = std::min(pg, U - u0);
+    int64_t kh = u0 / A.ngrp, j = u0 % A.ngrp;  // unit u = kh * ngrp + j (one division per pass)
     for (int64_t i = 0; i < nu; ++i) {
-      const int64_t u = u0 + i, kh = u / A.ngrp, j = u % A.ngrp;
       r4_build<G, NV>(xq + G * j * A.cplane + kh * A.Wq, A.cplane, tab + i * kUnit);
+      if (++j == A.ngrp) j = 0, ++kh;
     }
     const bool last = p == n_pass - 1, load16 = p % win != 0, add32 = p >= win;
     const int out = last ? 3 : p % win == win - 1 ? (add32 ? 2 : 1) : 0;

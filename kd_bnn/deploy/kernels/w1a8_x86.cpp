@@ -156,6 +156,19 @@ void plan_avx2(W8Args& A) {
 
 const W1a8Kernel kW1a8Avx2 = {w8_range, w8_prep_idx, plan_avx2, false};
 
+__attribute__((target("avx2"))) void quantize_avx2(const float* x, int64_t n, float inv, int8_t* q) {
+  const __m256 vi = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 z0 = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vi), lo), hi);
+    const __m256 z1 = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), vi), lo), hi);
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(z0), _mm256_cvtps_epi32(z1)), 0xD8);
+    const __m128i b = _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), b);
+  }
+  for (; i < n; ++i) q[i] = w8_quant1(x[i], inv);
+}
+
 }  // namespace kdbnn
 
 #endif  // KDBNN_X86
