@@ -45,18 +45,20 @@ def _kernels_run(args: argparse.Namespace) -> int:
         f"kernel ISA paths available: {available_isas()}; timed: {rows[0].isa}; threads: {args.threads}; "
         f"{args.clock} clock, min of {args.repeat} interleaved rounds"
     )
-    head = f"{'layer':28s} {'torch fp32':>10s} {'xnor':>8s} {'x':>6s} {'xnor pk':>8s} {'x':>6s} {'bwn':>8s} {'x':>6s} {'w fp32':>8s} {'w bin':>8s}"
+    head = f"{'layer':28s} {'torch fp32':>10s} {'xnor':>8s} {'x':>6s} {'xnor pk':>8s} {'x':>6s} {'bwn':>8s} {'x':>6s} {'w1a8':>8s} {'x':>6s} {'w1a8 f':>8s} {'w fp32':>8s} {'w bin':>8s}"
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
             f"{r.shape:28s} {r.torch_fp32_ms:8.2f}ms {r.xnor_ms:6.2f}ms {r.xnor_speedup:5.2f}x "
             f"{r.xnor_packed_ms:6.2f}ms {r.xnor_packed_speedup:5.2f}x {r.bwn_ms:6.2f}ms {r.bwn_speedup:5.2f}x "
+            f"{r.w1a8_ms:6.3f}ms {r.w1a8_speedup:5.2f}x {r.w1a8_float_ms:6.3f}ms "
             f"{r.weight_bytes_fp32 / 1024:6.0f}KB {r.weight_bytes_packed / 1024:6.1f}KB"
         )
     print(
         "ratios = torch fp32 time / kernel time (torch = best of NCHW and channels_last); "
-        "'xnor' = float in/out incl. binarize+pack, 'xnor pk' = packed in/out (chained layers)"
+        "'xnor' = float in/out incl. binarize+pack, 'xnor pk' = packed in/out (chained layers), "
+        "'w1a8' = int8 in -> int8 out (chained W1A8 layers), 'w1a8 f' = int8 in -> float out"
     )
     if args.json:
         atomic_write_text(args.json, json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
@@ -129,7 +131,7 @@ SUBCOMMANDS: dict[
     "kernels": (
         _kernels_args,
         _kernels_run,
-        "torch fp32 conv2d vs XNOR / BWN kernels on standard layers",
+        "torch fp32 conv2d vs XNOR / BWN / W1A8 kernels on standard layers",
     ),
     "train": (_train_args, _train_run, "images/s of teacher, student and KD training steps (kd_bnn.engine.bench)"),
     "model": (_model_args, _model_run, "whole .kdbnn student (packed kernels) vs float teacher: latency, memory, size"),

@@ -35,9 +35,13 @@ pure-torch path with identical results:
   ``sum sign(W) * xq``, then the float32 epilogue ``float(acc)*scale[o] + bias[o]``, activation,
   and float or re-quantized int8 output (:func:`quantize_activations`' rounding), bit for bit the
   same as its torch path. ``avx2`` and ``avx512`` paths: the BWN lookup table in integers
-  (``w1a8_lut.h``: per 32 output positions and 4 input channels at one tap an int16 table of the
-  16 signed sums, one ``vpaddw`` per 4 MACs x 32 positions, int16 sums widened to int32 before
-  they could overflow); ``scalar``/``popcnt``: a direct int32 conv (``w1a8.cpp``).
+  (``w1a8_lut.h``; T-MAC / BiQGEMM style): per 32 output positions and g = 4 or 5 input channels
+  at one tap an int16 table of the 2^g signed sums, one ``vpaddw`` per g MACs x 32 positions,
+  int16 sums widened to int32 before they could overflow (proved bound, -128 included); a
+  kw-sharing variant (``avx512``, stride 1) tabulates a kernel row once for its KW taps. The input
+  is copied once per call (zero-padded, stride phases split, int8) and the table offsets rebuilt
+  per call (one byte per g weights). ``scalar``/``popcnt``: a direct int32 conv (``w1a8.cpp``).
+  Tuning: ``KDBNN_W1A8_G`` (4/5), ``KDBNN_W1A8_PG`` (tables per pass), ``KDBNN_W1A8_R4`` (0/1).
 * :func:`stem_conv2d` - a float conv with few input channels (a detector's first conv,
   ``C_in <= 8``): direct conv vectorised over the output width from zero-padded per-row copies of
   the input (``stem.cpp``; AVX-512F / AVX2+FMA row kernels in ``stem_x86.cpp``), bias and
@@ -751,18 +755,19 @@ def _quantize_torch(x: torch.Tensor, inv_scale: float) -> torch.Tensor:
 
 
 def quantize_activations(
-    x: torch.Tensor, inv_scale: float, backend: str | None = None
+    x: torch.Tensor, inv_scale: float, backend: str | None = None, isa: str | None = None
 ) -> torch.Tensor:
     """Float activations -> the int8 input of :func:`w1a8_conv2d`: ``clamp(rint(x * inv_scale),
     -127, 127)`` with ``inv_scale`` rounded to float32 and rint = round half to even (so ``x =
     xq / inv_scale`` approximately, never -128). Same shape, int8, no autograd. NaN is not
     supported (the result is unspecified). ``backend="torch"`` forces the torch path (identical
-    values)."""
+    values); ``isa`` forces an ISA path of the C++ one (``avx512``/``avx2`` vector loops, else
+    portable)."""
     if not x.dtype.is_floating_point:
         raise ValueError(f"quantize_activations expects a float tensor, found {x.dtype}")
     ext = _use_ext(backend)
     if ext is not None:
-        return ext.quantize_act(_f32(x), float(inv_scale))
+        return ext.quantize_act(_f32(x), float(inv_scale), -1 if isa is None else resolve_isa(isa))
     return _quantize_torch(x.detach().float(), float(inv_scale))
 
 
@@ -795,7 +800,9 @@ def w1a8_conv2d(
     ``out_scale_inv`` is given (a float32 scalar: the next layer's ``1 / s_in``), int8
     ``clamp(rint(y * out_scale_inv), -127, 127)`` (round half to even) for the next W1A8 layer.
     The C++ paths and the torch path (``backend="torch"`` or ``KDBNN_NO_EXT=1``: a float64 conv of
-    the exact integers, exact since ``|acc| < 2**53``) are bit-identical.
+    the exact integers, exact since ``|acc| < 2**53``) are bit-identical (``torch.equal``; a NaN
+    ``y`` from a NaN/inf scale or bias gives an unspecified int8 value). ``stride`` and ``padding``
+    are ints (the same on both axes); ``isa``: force an ISA path (see ``ISAS``).
     """
     kh, kw = _pair(kernel_size)
     if xq.dtype != torch.int8:

@@ -1,4 +1,4 @@
-"""Kernel micro-benchmark: torch fp32 conv2d vs the XNOR and BWN kernels on one layer.
+"""Kernel micro-benchmark: torch fp32 conv2d vs the XNOR, BWN and W1A8 kernels on one layer.
 
 Timings are interleaved (one repetition of every method per round, in a shuffled order so no
 method always runs right after torch's large working set) and the minimum over rounds is kept,
@@ -71,6 +71,11 @@ class KernelTiming:
     bwn_speedup: float
     weight_bytes_fp32: int
     weight_bytes_packed: int
+    # int8 in (quantized outside the timed region, as a layer of a W1A8 chain receives it), bit-packed
+    # weights, exact integer sums, leaky, int8 out re-quantized for the next layer
+    w1a8_ms: float = float("nan")
+    w1a8_float_ms: float = float("nan")  # the same with float32 output
+    w1a8_speedup: float = float("nan")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -95,6 +100,9 @@ def _methods(
     wf_cl = wf.contiguous(memory_format=torch.channels_last)
     wp = pack_signs(w)
     xp = K.pack_input(x, s.padding, -1.0)
+    s_in = float(x.abs().max()) / 127.0
+    xq = K.quantize_activations(x, 1.0 / s_in)  # int8 input: prepared outside the timed region
+    qscale = alpha * s_in
     panel = K.weight_panel(wp)  # a runtime computes it once at load time
     methods: dict[str, Callable[[], object]] = {
         "nchw": lambda: F.conv2d(x, wf, bias, s.stride, s.padding),
@@ -132,6 +140,12 @@ def _methods(
         "bwn": lambda: K.bwn_conv2d(
             x, wp, alpha, s.kernel, s.stride, s.padding, bias=bias, isa=isa
         ),
+        "w1a8": lambda: K.w1a8_conv2d(
+            xq, wp, qscale, s.kernel, s.stride, s.padding, bias, "leaky", 8.0, isa=isa
+        ),
+        "w1a8_float": lambda: K.w1a8_conv2d(
+            xq, wp, qscale, s.kernel, s.stride, s.padding, bias, "leaky", None, isa=isa
+        ),
     }
     return methods, w, wp
 
@@ -145,7 +159,7 @@ def benchmark_kernels(
     seed: int = 0,
     clock: str = "wall",
 ) -> list[KernelTiming]:
-    """Time torch fp32 conv2d (best of NCHW / channels_last), XNOR and BWN kernels per shape.
+    """Time torch fp32 conv2d (best of NCHW / channels_last), XNOR, BWN and W1A8 kernels per shape.
 
     ``clock="cpu"`` times with the calling thread's CPU clock (``time.thread_time``), which
     ignores time the thread spends descheduled on a busy machine; it needs ``threads=1``.
@@ -197,6 +211,9 @@ def benchmark_kernels(
                         bwn_speedup=ref / best["bwn"],
                         weight_bytes_fp32=w.numel() * 4,
                         weight_bytes_packed=wp.numel() * 8,
+                        w1a8_ms=best["w1a8"],
+                        w1a8_float_ms=best["w1a8_float"],
+                        w1a8_speedup=ref / best["w1a8"],
                     )
                 )
     finally:

@@ -45,8 +45,9 @@ at::Tensor bwn_conv(at::Tensor x, at::Tensor wpacked, at::Tensor alpha, c10::opt
 at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::optional<at::Tensor> bias, int64_t KH,
                      int64_t KW, int64_t stride, int64_t pad, int64_t act, c10::optional<double> out_scale_inv,
                      int64_t isa);
-// w1a8.cpp: float32 -> int8 clamp(rint(x * inv_scale), -127, 127) (round half to even).
-at::Tensor quantize_act(at::Tensor x, double inv_scale);
+// w1a8.cpp: float32 -> int8 clamp(rint(x * inv_scale), -127, 127) (round half to even); isa -1:
+// the best path.
+at::Tensor quantize_act(at::Tensor x, double inv_scale, int64_t isa);
 
 // stem.cpp: float conv with few input channels (C <= 8, KH, KW <= 7, stride 1/2, zero padding),
 // act(conv2d(x, w, bias, stride, pad)) -> float (N, C_out, OH, OW); pool_pad 0/1: then Darknet's

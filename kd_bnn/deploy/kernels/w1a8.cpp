@@ -156,12 +156,41 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
   const int64_t OH = (Hp - KH) / stride + 1, OW = (Wp - KW) / stride + 1;
 
   W8Args A{};
-  A.C = C, A.Cg = (C + 3) / 4 * 4, A.KH = KH, A.KW = KW, A.stride = stride, A.OH = OH, A.OW = OW, A.c_out = c_out;
+  A.C = C, A.KH = KH, A.KW = KW, A.stride = stride, A.OH = OH, A.OW = OW, A.c_out = c_out;
+  const W1a8Kernel* k = w1a8_kernel(isa);
+  A.g = 4;
+  if (k != nullptr) {
+    k->plan(A);
+    // tuning overrides: KDBNN_W1A8_G (4/5), KDBNN_W1A8_R4 (0/1, where the r4 kernel applies),
+    // KDBNN_W1A8_PG (tables, r4: units, per pass; clamped to the int16 bound below)
+    const char* eg = std::getenv("KDBNN_W1A8_G");
+    const char* er = std::getenv("KDBNN_W1A8_R4");
+    if (eg != nullptr) {
+      const long v = std::strtol(eg, nullptr, 10);
+      if (v == 4 || v == 5) A.g = v;
+    }
+    if (er != nullptr) A.r4 = std::strtol(er, nullptr, 10) != 0 && w8_r4_ok(A) && k->has_r4;
+    if (eg != nullptr || er != nullptr)
+      A.pg = A.r4 ? std::max<int64_t>(1, 24576 / ((A.KW + 3) * (int64_t(64) << A.g))) : A.g == 5 ? 16 : 32;
+    if (const char* e = std::getenv("KDBNN_W1A8_PG")) {
+      const long v = std::strtol(e, nullptr, 10);
+      if (v >= 1) A.pg = v;
+    }
+    // the int16 bound (w1a8_lut.h): at most w8_max_pass(g) entries per int16 sum
+    if (A.r4) {
+      A.pg = std::min<int64_t>(A.pg, w8_max_pass(A.g) / A.KW);
+      A.win = w8_max_pass(A.g) / (A.pg * A.KW);
+    } else {
+      A.pg = std::min<int64_t>(A.pg, w8_max_pass(A.g));
+      A.win = w8_max_pass(A.g) / A.pg;
+    }
+  }
+  A.Cg = (C + A.g - 1) / A.g * A.g;
   TORCH_CHECK(128 * A.Cg * KK < (int64_t)INT32_MAX, "kd_bnn.w1a8_conv: C_in*KH*KW too large for int32 sums");
   A.Hq = (Hp + stride - 1) / stride, A.Wq = (Wp + stride - 1) / stride;
   A.cplane = stride * stride * A.Hq * A.Wq, A.img = A.Cg * A.cplane;
   A.qtot = (OH - 1) * A.Wq + OW;
-  A.ngrp = A.Cg / 4;
+  A.ngrp = A.Cg / A.g;
   A.co_pad = (c_out + 7) / 8 * 8;
   std::vector<int64_t> toff(KK);
   for (int64_t kh = 0; kh < KH; ++kh)
@@ -189,24 +218,17 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
   A.X = xbuf.get();
   const uint64_t* wp = reinterpret_cast<const uint64_t*>(wpk.data_ptr<int64_t>());
 
-  const W1a8Kernel* k = w1a8_kernel(isa);
   if (k == nullptr) {
     w8_direct(A, N, wp, nw);
     return out;
   }
-  A.pg = k->pg;
-  if (const char* e = std::getenv("KDBNN_W1A8_PG")) {
-    const long v = std::strtol(e, nullptr, 10);
-    if (v >= 1) A.pg = v;
-  }
-  A.pg = std::min<int64_t>(A.pg, kW8MaxPass);  // the int16 bound (w1a8_lut.h)
   std::unique_ptr<uint8_t[]> idx(new uint8_t[KK * A.ngrp * A.co_pad]);  // all written
   A.idx = idx.get();
   at::parallel_for(0, KK, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, A.ngrp * A.co_pad)),
                    [&](int64_t b, int64_t e) { k->prep_idx(wp, A, nw, b, e, idx.get()); });
   // work items: tiles, or (tile, output-channel chunk) pairs when there are fewer than 4 tiles per
   // thread (the tables are then built once per chunk; chunks keep >= 32 channels)
-  const int64_t n_tiles = N * w8_tiles_per_image(A), threads = at::get_num_threads();
+  const int64_t n_tiles = N * (A.r4 ? w8_r4_tiles_per_image(A) : w8_tiles_per_image(A)), threads = at::get_num_threads();
   int64_t n_chunks = 1;
   if (threads > 1 && n_tiles < 4 * threads)
     n_chunks = std::max<int64_t>(1, std::min((4 * threads + n_tiles - 1) / n_tiles, A.co_pad / 32));
@@ -220,24 +242,25 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
   return out;
 }
 
-// float x -> int8 clamp(rint(x * inv), -127, 127). For |z| <= 127, (z + 1.5 * 2^23) - 1.5 * 2^23
-// is z rounded to an integer, half to even (the sum lies in [2^23, 2^24), whose spacing is 1),
-// and vectorizes on any SSE2 target; NaN inputs are not supported.
-at::Tensor quantize_act(at::Tensor x, double inv_scale) {
+// float x -> int8 clamp(rint(x * inv), -127, 127) (w8_quant1; the vector paths: clamp in float,
+// then the round-half-even conversion, the same values); ISA path isa, or the best one (-1).
+at::Tensor quantize_act(at::Tensor x, double inv_scale, int64_t isa) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "kd_bnn.quantize_act: expected float32 input, found ", x.scalar_type());
   auto xc = x.contiguous();
   auto out = at::empty(xc.sizes(), at::kChar);
   const float* src = xc.data_ptr<float>();
   int8_t* dst = out.data_ptr<int8_t>();
   const float inv = (float)inv_scale;
+  QuantizeFn fn = nullptr;
+#if KDBNN_X86
+  if (isa < 0) isa = cpu_has(ISA_AVX512) ? ISA_AVX512 : cpu_has(ISA_AVX2) ? ISA_AVX2 : ISA_SCALAR;
+  TORCH_CHECK(isa == ISA_SCALAR || cpu_has(isa), "kd_bnn: this CPU lacks the instructions of ISA path ", isa);
+  if (isa == ISA_AVX512) fn = quantize_avx512;
+  else if (isa == ISA_AVX2) fn = quantize_avx2;
+#endif
   at::parallel_for(0, xc.numel(), 65536, [&](int64_t b, int64_t e) {
-    const float magic = 12582912.0f;
-    for (int64_t i = b; i < e; ++i) {
-      float z = src[i] * inv;
-      z = z > -127.0f ? z : -127.0f;
-      z = z < 127.0f ? z : 127.0f;
-      dst[i] = (int8_t)(int32_t)((z + magic) - magic);
-    }
+    if (fn != nullptr) return fn(src + b, e - b, inv, dst + b);
+    for (int64_t i = b; i < e; ++i) dst[i] = w8_quant1(src[i], inv);
   });
   return out;
 }

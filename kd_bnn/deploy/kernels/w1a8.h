@@ -1,11 +1,13 @@
 // kd_bnn kernels: W1A8 convolution (binary weights x int8 activations), shared declarations.
 //
-// The op (w1a8.cpp) and its kernels (w1a8_lut.h, included by w1a8_avx512.cpp and w1a8_x86.cpp;
-// the method and the exactness argument are in w1a8_lut.h). No torch here (see common.h).
+// Files: w1a8.cpp (the op: checks, input copy, table offsets, threads, the portable direct conv,
+// quantize_act), w1a8_lut.h (the lookup-table kernel over a 32-position int16 vector; the method
+// and the exactness argument are there), w1a8_avx512.cpp (one zmm per vector, plus the kw-sharing
+// kernel), w1a8_x86.cpp (AVX2: two ymm). No torch here (see common.h).
 //
 // Input domain: the driver copies the int8 input once per call into a zero-padded, stride-phase
 // split layout, so every tap of every kernel reads plain contiguous bytes:
-//   image n, channel c (rounded up to a multiple of 4 with zero planes), phase (a, b) of the
+//   image n, channel c (rounded up to a multiple of g with zero planes), phase (a, b) of the
 //   stride s (a, b < s), row i < Hq, column j < Wq:  Xpad[s*i + a][s*j + b]  (0 outside the input),
 //   with Hq = ceil(Hp / s), Wq = ceil(Wp / s), Hp = H + 2 pad, Wp = W + 2 pad.
 // Output position (oh, ow) is q = oh * Wq + ow of that "phase-row" domain, and tap (kh, kw) of
@@ -19,7 +21,7 @@
 namespace kdbnn {
 
 constexpr int kW8Px = 32;           // positions per tile (one vector of 32 int16)
-constexpr int64_t kW8Slack = 128;  // zero bytes after the padded copy (a tile's junk lanes read there)
+constexpr int64_t kW8Slack = 512;  // zero bytes after the padded copy (a tile's junk lanes read there)
 
 struct W8Args {
   const int8_t* X;      // padded phase-split copy (see above), N * img bytes + kW8Slack
@@ -28,11 +30,15 @@ struct W8Args {
   int64_t C, Cg, KH, KW, stride, Hq, Wq, OH, OW, c_out;
   int64_t qtot;         // positions per image: (OH - 1) * Wq + OW
   const int64_t* toff;  // per tap: byte offset in the channel block
-  int64_t ngrp;         // groups of 4 input channels: Cg / 4
+  int64_t g;            // input channels per table: 4 or 5 (2^g entries)
+  int64_t ngrp;         // groups of g input channels: Cg / g
   int64_t pg;           // tables per pass (<= kW8MaxPass)
   int64_t co_pad;       // c_out rounded up to 8 (an index row)
   int64_t co_chunk;     // output channels per work item (a multiple of 8)
-  const uint8_t* idx;   // [kk * ngrp + j][co_pad]: 8 * (the 4 weight bits of group j at tap kk)
+  const uint8_t* idx;   // [kk * ngrp + j][co_pad]: 8 * (the g weight bits of group j at tap kk);
+                        // r4: rows ordered [kh][j][kw]
+  int64_t r4;           // 1: the kw-sharing kernel (stride 1, w1a8_lut.h), tiles of 128 positions
+  int64_t win;          // passes per int16 window (w1a8_lut.h)
   const float* scale;   // per output channel, then bias, then the activation
   const float* bias;
   int64_t act;
@@ -50,15 +56,31 @@ struct W8OutPlan {
   bool full;  // one run of all 32 lanes
 };
 
-// The most tables (int16 sums of 4 inputs, |entry| <= 4 * 128) added in one int16 accumulator:
-// 63 * 512 = 32256 <= 32767, so no int16 overflow even for -128 inputs.
-constexpr int64_t kW8MaxPass = 63;
+// r4 kernel: per output vector m (positions q0 + 16m + [0, 16) of a 128-position tile), runs of
+// consecutive outputs.
+struct R4OutPlan {
+  uint32_t bits[8][17];
+  int64_t base[8][17];
+  int nr[8];
+  bool full[8];
+};
+
+// The most tables (int16 sums of g inputs, |entry| <= g * 128) added in one int16 accumulator:
+// g = 4: 63 * 512 = 32256 <= 32767, g = 5: 51 * 640 = 32640 <= 32767, so no int16 overflow even
+// for -128 inputs.
+inline int64_t w8_max_pass(int64_t g) { return 32767 / (128 * g); }
 
 inline int64_t w8_tiles_per_image(const W8Args& A) { return (A.qtot + 31) / 32; }
+inline int64_t w8_r4_tiles_per_image(const W8Args& A) { return (A.qtot + 127) / 128; }
+inline bool w8_r4_ok(const W8Args& A) { return A.stride == 1 && (A.KW == 2 || A.KW == 3); }
 
-// int32 of per-thread scratch: one pass of tables (pg * 16 entries * 32 int16) and the int32
-// accumulators (co_pad * 32), plus 64 bytes for alignment.
-inline int64_t w8_work_ints(const W8Args& A) { return A.pg * 16 * 16 + A.co_pad * 32 + 16; }
+// int32 of per-thread scratch: one pass of tables (pg * 2^g entries * 32 int16), the int16 and
+// the int32 sums (co_pad * 32 each), plus 64 bytes for alignment.
+// r4: pg units of (KW + 3) tables, int16 and int32 sums of 4 vectors per channel.
+inline int64_t w8_work_ints(const W8Args& A) {
+  if (A.r4) return A.pg * (A.KW + 3) * (int64_t(16) << A.g) + A.co_pad * 4 * (16 + 32) + 16;
+  return A.pg * (int64_t(16) << A.g) + A.co_pad * (16 + 32) + 16;
+}
 
 struct W1a8Kernel {
   // Work items [tb, te): item t is tile t / n_chunks (32 positions of image tile / tiles_per_image)
@@ -66,13 +88,29 @@ struct W1a8Kernel {
   void (*range)(const W8Args& A, int64_t tb, int64_t te, int32_t* work);
   // Index rows of taps [kb, ke) from packed weights (C_out, KH*KW, nw) into idx.
   void (*prep_idx)(const uint64_t* wp, const W8Args& A, int64_t nw, int64_t kb, int64_t ke, uint8_t* idx);
-  int64_t pg;  // default tables per pass
+  void (*plan)(W8Args& A);  // g, r4 and pg (tables per pass) for the layer whose geometry A holds
+  bool has_r4;              // whether range() has the kw-sharing kernel
 };
+
+// float -> int8 clamp(rint(x * inv), -127, 127) of n values (round half to even).
+using QuantizeFn = void (*)(const float* x, int64_t n, float inv, int8_t* q);
+
+// One value as every path computes it: for |z| <= 127, (z + 1.5 * 2^23) - 1.5 * 2^23 is z rounded
+// to an integer, half to even (the sum lies in [2^23, 2^24), whose spacing is 1); NaN unsupported.
+inline int8_t w8_quant1(float x, float inv) {
+  float z = x * inv;
+  z = z > -127.0f ? z : -127.0f;
+  z = z < 127.0f ? z : 127.0f;
+  const float magic = 12582912.0f;
+  return (int8_t)(int32_t)((z + magic) - magic);
+}
 
 #if KDBNN_X86
 // w1a8_avx512.cpp (AVX-512 F/BW/VL), w1a8_x86.cpp (AVX2)
 extern const W1a8Kernel kW1a8Avx512;
 extern const W1a8Kernel kW1a8Avx2;
+void quantize_avx512(const float* x, int64_t n, float inv, int8_t* q);  // AVX-512F
+void quantize_avx2(const float* x, int64_t n, float inv, int8_t* q);
 #endif
 
 }  // namespace kdbnn

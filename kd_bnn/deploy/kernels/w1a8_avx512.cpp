@@ -10,6 +10,8 @@
 
 #if KDBNN_X86
 
+#include <vector>
+
 namespace kdbnn {
 
 namespace {
@@ -88,25 +90,113 @@ struct V {
       }
     }
   }
-  // bytes 8 * ((w[e] >> sh) & 15) for the nc (8 or 16) channels e
-  KDBNN_W8_INL static void prep(const uint32_t* w, int sh, uint8_t* dst, int nc) {
+  // bytes 8 * (g bits of channel e from bit sh of w[e], continued in next[e] when non-null), for
+  // the nc (8 or 16) channels e
+  KDBNN_W8_INL static void prep(const uint32_t* w, const uint32_t* next, int sh, int g, uint8_t* dst, int nc) {
     __m512i v = _mm512_srl_epi32(_mm512_load_si512(w), _mm_cvtsi32_si128(sh));
-    v = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(15)), 3);
+    if (next != nullptr) v = _mm512_or_si512(v, _mm512_sll_epi32(_mm512_load_si512(next), _mm_cvtsi32_si128(32 - sh)));
+    v = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32((1 << g) - 1)), 3);
     const __m128i b = _mm512_cvtepi32_epi8(v);
     if (nc == 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), b);
     else _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), b);
   }
+  // ---- r4 kernel (w1a8_lut.h): 4 channels per register block (16 zmm of sums)
+  static constexpr int kNB4 = 4;
+  // out[v] lane l = p[4l + v], v < NV (<= 6): a 4x4 byte transpose per 128-bit lane (vpshufb),
+  // then dword gathers across two registers (vpermt2d); AVX-512F/BW only.
+  template <int NV>
+  KDBNN_W8_INL static void deint(const int8_t* p, T* out) {
+    const __m512i S = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+    const __m512i I01 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+    const __m512i I23 = _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31);
+    const __m512i a = _mm512_shuffle_epi8(_mm512_loadu_si512(p), S), b = _mm512_shuffle_epi8(_mm512_loadu_si512(p + 64), S);
+    const __m512i r01 = _mm512_permutex2var_epi32(a, I01, b), r23 = _mm512_permutex2var_epi32(a, I23, b);
+    out[0] = lo_x(r01), out[1] = hi_x(r01), out[2] = lo_x(r23), out[3] = hi_x(r23);
+    if constexpr (NV > 4) {  // the same streams one lane later
+      const __m512i c = _mm512_shuffle_epi8(_mm512_loadu_si512(p + 4), S), d = _mm512_shuffle_epi8(_mm512_loadu_si512(p + 68), S);
+      const __m512i r45 = _mm512_permutex2var_epi32(c, I01, d);
+      out[4] = lo_x(r45);
+      if constexpr (NV > 5) out[5] = hi_x(r45);
+    }
+  }
+  KDBNN_W8_INL static T lo_x(__m512i v) { return _mm512_cvtepi8_epi16(_mm512_castsi512_si256(v)); }
+  KDBNN_W8_INL static T hi_x(__m512i v) { return _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(v, 1)); }
+  // The epilogue of one channel of an r4 tile: a[r] lane l = position 4l + r (+ the int32 sums b).
+  KDBNN_W8_INL static void epi4(const int32_t* b, const T* a, float sc, float bi, int64_t act, int64_t quant_out,
+                                float inv, void* O, int64_t ooff, const R4OutPlan& op) {
+    const __m512 vs = _mm512_set1_ps(sc), vb = _mm512_set1_ps(bi), vi = _mm512_set1_ps(inv);
+    __m512 f[4][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      __m512i lo = lo32(a[r]), hi = hi32(a[r]);
+      if (b != nullptr)
+        lo = _mm512_add_epi32(lo, _mm512_load_si512(b + r * 32)), hi = _mm512_add_epi32(hi, _mm512_load_si512(b + r * 32 + 16));
+      f[r][0] = transform(lo, vs, vb, act), f[r][1] = transform(hi, vs, vb, act);
+    }
+    // output vector m = 4h + k, lane i (position 16m + i) = f[i % 4][h] lane 4k + i / 4
+    const __m512i q4 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i j1 = _mm512_setr_epi32(0, 16, 0, 0, 0, 16, 0, 0, 0, 16, 0, 0, 0, 16, 0, 0);
+    const __m512i j3 = _mm512_setr_epi32(0, 0, 0, 16, 0, 0, 0, 16, 0, 0, 0, 16, 0, 0, 0, 16);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        const int m = 4 * h + k;
+        if (op.nr[m] == 0) continue;
+        const __m512i base = _mm512_add_epi32(q4, _mm512_set1_epi32(4 * k));
+        const __m512 b01 = _mm512_permutex2var_ps(f[0][h], _mm512_add_epi32(base, j1), f[1][h]);
+        const __m512 b23 = _mm512_permutex2var_ps(f[2][h], _mm512_add_epi32(base, j3), f[3][h]);
+        const __m512 y = _mm512_mask_blend_ps((__mmask16)0xCCCC, b01, b23);
+        if (quant_out) {
+          const __m128i q = quant(y, vi);
+          int8_t* dst = static_cast<int8_t*>(O) + ooff;
+          if (op.full[m]) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + op.base[m][0]), q);
+          else
+            for (int r = 0; r < op.nr[m]; ++r) _mm_mask_storeu_epi8(dst + op.base[m][r], (__mmask16)op.bits[m][r], q);
+        } else {
+          float* dst = static_cast<float*>(O) + ooff;
+          if (op.full[m]) _mm512_storeu_ps(dst + op.base[m][0], y);
+          else
+            for (int r = 0; r < op.nr[m]; ++r) _mm512_mask_storeu_ps(dst + op.base[m][r], (__mmask16)op.bits[m][r], y);
+        }
+      }
+    }
+  }
 };
 
+#define KDBNN_W8_R4 1
 #include "w1a8_lut.h"
+#undef KDBNN_W8_R4
 
 #undef KDBNN_W8_INL
 #undef KDBNN_W8_FN
 
+// Per layer (measured on Zen 5, 1 thread, interleaved A/B runs): the kw-sharing kernel (r4, 5-input
+// tables, 2 units = 24 KB per pass) for stride-1 layers of <= 64 output channels on rows >= 64
+// wide, where building tables costs most next to the few lookups per table; elsewhere 5-input
+// tables (12 = 24 KB per pass, int16 windows of 4 passes) for >= 128 output channels, 4-input
+// tables (32 KB per pass) below. On the benchmark layers r4 won only at 64 channels (0.59 vs
+// 0.62 ms at 80x80); at 128-512 channels it lost (0.56-0.62 vs 0.46-0.52 ms).
+void plan_avx512(W8Args& A) {
+  A.r4 = w8_r4_ok(A) && A.c_out <= 64 && A.OW >= 64;
+  A.g = A.r4 || A.c_out >= 128 ? 5 : 4;
+  A.pg = A.g == 5 ? 12 : 32;
+  if (A.r4) A.pg = std::max<int64_t>(1, 24576 / ((A.KW + 3) * (int64_t(64) << A.g)));
+}
+
 }  // namespace
 
-// 32 tables (32 KB) per pass: L1-resident next to the accumulators.
-const W1a8Kernel kW1a8Avx512 = {w8_range, w8_prep_idx, 32};
+const W1a8Kernel kW1a8Avx512 = {w8_range, w8_prep_idx, plan_avx512, true};
+
+__attribute__((target("avx512f"))) void quantize_avx512(const float* x, int64_t n, float inv, int8_t* q) {
+  const __m512 vi = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 z = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), vi), lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(z)));
+  }
+  for (; i < n; ++i) q[i] = w8_quant1(x[i], inv);
+}
 
 }  // namespace kdbnn
 

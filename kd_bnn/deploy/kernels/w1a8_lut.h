@@ -15,26 +15,29 @@
 // every weight pattern selects, then each output needs one lookup per pattern), transposed to
 // integers. For binary weights, output channel o at a tile of 32 output positions is
 //   acc[o] = sum_{tap kk, group j} T_{kk,j}[s_{o,kk,j}],
-//   T[s] = sum_{i<4} (bit i of s ? +x_i : -x_i),
-// where group j is the 4 input channels 4j..4j+3 at tap kk, x_i the 32 input bytes of channel
-// 4j+i that the tile's positions read at that tap (sign-extended to int16), and s the 4 weight
-// bits of channel o (bit set = +1; pack_signs' layout, so s is nibble j of the packed word row).
-// The 16 entries of one table (32 int16 = 64 bytes each, 1 KB) are built once per (tile, tap,
-// group) and every output channel adds the entry its bits select: one
-// `vpaddw zmm, zmm, [table + s*64]` = 32 positions x 4 multiply-adds.
-//   build: P = the 4 sign sums of x0, x1; Q = those of x2, x3 with x3 negative; T[i + 4k] =
-//          P[i] + Q[k] for the 8 indices with bit 3 clear, and T[~s] = -T[s] (sign flip) for the
-//          other 8: 7 + 8 + 8 int16 ops, 16 stores per table.
+//   T[s] = sum_{i<g} (bit i of s ? +x_i : -x_i),
+// where group j is the g (4 or 5) input channels gj..gj+g-1 at tap kk, x_i the 32 input bytes of
+// channel gj+i that the tile's positions read at that tap (sign-extended to int16), and s the g
+// weight bits of channel o for those channels (bit set = +1; pack_signs' layout: bits gj.. of the
+// packed word row). The 2^g entries of one table (32 int16 = 64 bytes each: 1 or 2 KB) are built
+// once per (tile, tap, group) and every output channel adds the entry its bits select: one
+// `vpaddw zmm, zmm, [table + s*64]` = 32 positions x g multiply-adds.
+//   build: P = the 2^a sign sums of x0..x(a-1) (a = 2 or 3), Q = those of the last two inputs with
+//          the top one negative; T[i + 2^a k] = P[i] + Q[k] for the indices with the top bit clear
+//          and T[~s] = -T[s] (sign flip) for the others: 2^g int16 ops and 2^g stores per table.
 //   passes: the tables of all (tap, group) pairs u = kk * ngrp + j are consumed in passes of pg
-//          tables (pg KB, L1-resident), built at the start of the pass. Output channels run in
-//          register blocks of kNB int16 accumulators; at the end of each pass a block's int16 sums
-//          are widened and added into per-channel int32 accumulators (a per-thread buffer); the
-//          last pass applies the epilogue and stores.
-//   exactness: every table entry is a sum of 4 products +-x with |x| <= 128, so |entry| <= 512
-//          (exact in int16); a pass adds at most pg <= 63 entries into a zeroed int16 accumulator:
-//          |sum| <= 63 * 512 = 32256 < 32767, never wrapping (kW8MaxPass, enforced by the driver);
-//          the int32 accumulators hold |acc| <= 128 * C * KH * KW < 2^31 (checked by the driver).
-//          So acc is the exact integer dot product for every int8 input, -128 included.
+//          tables (24-32 KB, L1-resident), built at the start of the pass. Output channels run in
+//          register blocks of kNB int16 accumulators. The int16 sums of a channel persist across
+//          the passes of a window (win passes, a per-thread int16 buffer between passes) and are
+//          widened into int32 sums (a per-thread buffer) once per window; the last pass applies
+//          the epilogue and stores.
+//   exactness: every table entry is a sum of g values +-x with |x| <= 128, so |entry| <= 128 g
+//          (exact in int16); an int16 sum adds at most w8_max_pass(g) = floor(32767 / (128 g))
+//          entries (63 for g = 4, 51 for g = 5) starting from 0: |sum| <= 32256 resp. 32640 <=
+//          32767, never wrapping (the driver clamps pg and win so that win * pg * (r4: KW) <=
+//          w8_max_pass(g)); the int32 sums hold |acc| <= 128 * Cg * KH * KW < 2^31 (checked by
+//          the driver). So acc is the exact integer dot product for every int8 input, -128
+//          included (tests: all +-127 / -128 inputs with all-equal weights, the longest windows).
 //   epilogue (float32, one rounding per op, no contraction: the vector files keep the product in
 //          a register through an empty asm, so it cannot become an FMA):
 //          y = float(acc) * scale[o]; y = y + bias[o]; act (relu: max(y, 0), leaky: y > 0 ? y :
@@ -43,9 +46,15 @@
 //   input: the driver's padded phase-split copy (w1a8.h): a tile is 32 consecutive positions q of
 //          one image, tap kk reads 32 contiguous bytes at q0 + toff[kk].
 //   indices: one byte per (u, output channel), 8 * s (the kernel addresses table + 8 * byte).
+//   r4:    a second kernel for stride 1 (avx512) shares the tables of one kernel row between its
+//          KW taps (128-position tiles as 4 interleaved vectors, see "kw-sharing kernel" below).
+//   speed: the lookups are load-bound (about 4.5 G `vpaddw zmm, [mem]` per second measured on one
+//          Zen 5 core, i.e. ~0.6 T int8 MAC/s at g = 4); building the tables costs 2^g stores
+//          per table, amortized over the output channels (hence g = 5 only for >= 128 channels,
+//          and r4, which halves the builds of a 3x3 conv, for narrow layers on wide rows).
 
-constexpr int64_t kW8Tab = 16 * kW8Px;        // int16 per table
-constexpr int64_t kW8TabBytes = kW8Tab * 2;   // 1 KB
+template <int G>
+constexpr int64_t kW8Tab = (int64_t(1) << G) * kW8Px;  // int16 per table (G = 4: 1 KB, 5: 2 KB)
 
 struct W8Epi {
   const W8Args* A;
@@ -53,26 +62,47 @@ struct W8Epi {
 };
 
 // ---------------------------------------------------------------- table build
-// The 16 entries of one table from the 32-byte rows of its 4 input channels (cplane apart).
-KDBNN_W8_INL void w8_table(const int8_t* src, int64_t cplane, int16_t* T) {
+// The 2^G entries of one table from the 32-byte rows of its G input channels (cplane apart).
+// P: the 2^a sign sums of x[0..a-1] (bit i of the index set = +x_i), Q: those of x[a..G-1] with
+// the top input negative; T[i + 2^a k] = P[i] + Q[k], T[~s] = -T[s].
+template <int G>
+KDBNN_W8_INL void w8_table_x(const V::T* x, int16_t* T) {
   using VT = V::T;
-  const VT x0 = V::load_x(src), x1 = V::load_x(src + cplane), x2 = V::load_x(src + 2 * cplane),
-           x3 = V::load_x(src + 3 * cplane);
+  constexpr int a = G - G / 2, E = 1 << G;
+  static_assert(G == 4 || G == 5, "w1a8 tables: G = 4 or 5");
   const VT z = V::zero();
-  const VT p3 = V::add(x0, x1), p1 = V::sub(x0, x1);
-  const VT P[4] = {V::sub(z, p3), p1, V::sub(z, p1), p3};  // bit 0: +x0, bit 1: +x1
-  const VT q = V::add(x2, x3);
-  const VT Q[2] = {V::sub(z, q), V::sub(x2, x3)};  // bit 2: +x2; bit 3 clear: -x3
-#pragma GCC unroll 2
-  for (int k = 0; k < 2; ++k) {
+  VT P[1 << a];
+  {
+    const VT p3 = V::add(x[0], x[1]), p1 = V::sub(x[0], x[1]);
+    const VT p[4] = {V::sub(z, p3), p1, V::sub(z, p1), p3};
+    if constexpr (a == 2) {
 #pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) {
-      const int s = i + 4 * k;
-      const VT y = V::add(P[i], Q[k]);
-      V::store(T + s * kW8Px, y);
-      V::store(T + (15 - s) * kW8Px, V::sub(z, y));
+      for (int i = 0; i < 4; ++i) P[i] = p[i];
+    } else {
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) P[i] = V::sub(p[i], x[2]), P[i + 4] = V::add(p[i], x[2]);
     }
   }
+  const VT q = V::add(x[a], x[a + 1]);
+  const VT Q[2] = {V::sub(z, q), V::sub(x[a], x[a + 1])};
+#pragma GCC unroll 2
+  for (int k = 0; k < 2; ++k) {
+#pragma GCC unroll 8
+    for (int i = 0; i < (1 << a); ++i) {
+      const int s = i + (k << a);
+      const VT y = V::add(P[i], Q[k]);
+      V::store(T + s * kW8Px, y);
+      V::store(T + (E - 1 - s) * kW8Px, V::sub(z, y));
+    }
+  }
+}
+
+template <int G>
+KDBNN_W8_INL void w8_table(const int8_t* src, int64_t cplane, int16_t* T) {
+  V::T x[G];
+#pragma GCC unroll 8
+  for (int i = 0; i < G; ++i) x[i] = V::load_x(src + i * cplane);
+  w8_table_x<G>(x, T);
 }
 
 // ---------------------------------------------------------------- lookups
@@ -92,30 +122,36 @@ KDBNN_W8_INL void w8_offsets(const uint8_t* ir, uint32_t* off) {
   }
 }
 
-// One register block of NB output channels over ng tables: int16 sums, then widened into the
-// int32 accumulators (first pass: stored), or in the last pass the epilogue and the output.
-template <int NB>
-KDBNN_W8_INL void w8_block(const int16_t* T, int64_t ng, const uint8_t* ir, int64_t co_pad, int32_t* accp,
-                           bool first, const W8Epi* epi, int64_t c0) {
+// One register block of NB output channels over ng tables. The int16 sums start at 0 or from
+// a16p (load16); then out: 0 back to a16p, 1 widened and stored to the int32 sums a32p, 2 widened
+// and added, 3 the epilogue and the output (adding the int32 sums when add32).
+template <int G, int NB>
+KDBNN_W8_INL void w8_block(const int16_t* T, int64_t ng, const uint8_t* ir, int64_t co_pad, int16_t* a16p,
+                           int32_t* a32p, bool load16, int out, bool add32, const W8Epi* epi, int64_t c0) {
   using VT = V::T;
   VT a[NB];
 #pragma GCC unroll 32
-  for (int c = 0; c < NB; ++c) a[c] = V::zero();
+  for (int c = 0; c < NB; ++c) a[c] = load16 ? V::load(a16p + c * kW8Px) : V::zero();
   const char* Tj = reinterpret_cast<const char*>(T);
-  for (int64_t j = 0; j < ng; ++j, Tj += kW8TabBytes, ir += co_pad) {
+  for (int64_t j = 0; j < ng; ++j, Tj += 2 * kW8Tab<G>, ir += co_pad) {
     uint32_t off[NB];
     w8_offsets<NB>(ir, off);
 #pragma GCC unroll 32
     for (int c = 0; c < NB; ++c) a[c] = V::add(a[c], V::load(reinterpret_cast<const int16_t*>(Tj + (size_t)off[c] * 8)));
   }
-  if (epi == nullptr) {
-    if (first) {
+  if (out == 0) {
 #pragma GCC unroll 32
-      for (int c = 0; c < NB; ++c) V::widen_store(accp + c * kW8Px, a[c]);
-    } else {
+    for (int c = 0; c < NB; ++c) V::store(a16p + c * kW8Px, a[c]);
+    return;
+  }
+  if (out == 1) {
 #pragma GCC unroll 32
-      for (int c = 0; c < NB; ++c) V::widen_add(accp + c * kW8Px, a[c]);
-    }
+    for (int c = 0; c < NB; ++c) V::widen_store(a32p + c * kW8Px, a[c]);
+    return;
+  }
+  if (out == 2) {
+#pragma GCC unroll 32
+    for (int c = 0; c < NB; ++c) V::widen_add(a32p + c * kW8Px, a[c]);
     return;
   }
   const W8Args& A = *epi->A;
@@ -124,45 +160,58 @@ KDBNN_W8_INL void w8_block(const int16_t* T, int64_t ng, const uint8_t* ir, int6
   for (int c = 0; c < NB; ++c) {
     const int64_t o = c0 + c;
     if (o >= A.c_out) break;
-    V::epi(first ? nullptr : accp + c * kW8Px, a[c], A.scale[o], A.bias[o], A.act, A.quant, A.inv, A.O, o * plane,
+    V::epi(add32 ? a32p + c * kW8Px : nullptr, a[c], A.scale[o], A.bias[o], A.act, A.quant, A.inv, A.O, o * plane,
            *epi->op);
   }
 }
 
-template <int NB>
-KDBNN_W8_INL void w8_blocks(const int16_t* tab, int64_t ng, const uint8_t* ir, int64_t co_pad, int32_t* acc,
-                            bool first, const W8Epi* e, int64_t co_b, int64_t co_e) {
+template <int G, int NB>
+KDBNN_W8_INL void w8_blocks(const int16_t* tab, int64_t ng, const uint8_t* ir, int64_t co_pad, int16_t* a16,
+                            int32_t* a32, bool load16, int out, bool add32, const W8Epi* e, int64_t co_b, int64_t co_e) {
   constexpr int S = V::kStep;
   int64_t cb = co_b;
-  for (; cb + NB <= co_e; cb += NB) w8_block<NB>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
+  for (; cb + NB <= co_e; cb += NB)
+    w8_block<G, NB>(tab, ng, ir + cb, co_pad, a16 + cb * kW8Px, a32 + cb * kW8Px, load16, out, add32, e, cb);
   const int64_t rest = co_e - cb;  // a multiple of S below NB
   if constexpr (NB > S) {
-    if (rest == S) w8_block<S>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
+    if (rest == S) w8_block<G, S>(tab, ng, ir + cb, co_pad, a16 + cb * kW8Px, a32 + cb * kW8Px, load16, out, add32, e, cb);
   }
   if constexpr (NB > 2 * S) {
-    if (rest == 2 * S) w8_block<2 * S>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
+    if (rest == 2 * S)
+      w8_block<G, 2 * S>(tab, ng, ir + cb, co_pad, a16 + cb * kW8Px, a32 + cb * kW8Px, load16, out, add32, e, cb);
   }
   if constexpr (NB > 3 * S) {
-    if (rest == 3 * S) w8_block<3 * S>(tab, ng, ir + cb, co_pad, acc + cb * kW8Px, first, e, cb);
+    if (rest == 3 * S)
+      w8_block<G, 3 * S>(tab, ng, ir + cb, co_pad, a16 + cb * kW8Px, a32 + cb * kW8Px, load16, out, add32, e, cb);
   }
 }
 
 // ---------------------------------------------------------------- one tile
+// Passes of pg tables; windows of win passes share one int16 sum per channel (win * pg <=
+// w8_max_pass(g)), widened into the int32 sums at the end of each window.
+template <int G>
 KDBNN_W8_FN void w8_tile(const W8Args& A, const int8_t* xq, const W8OutPlan& op, int32_t* work, int64_t co_b,
                          int64_t co_e) {
-  const int64_t U = A.KH * A.KW * A.ngrp, pg = A.pg, co_pad = A.co_pad;
+  const int64_t U = A.KH * A.KW * A.ngrp, pg = A.pg, co_pad = A.co_pad, win = A.win;
   const int64_t n_pass = (U + pg - 1) / pg;
   int16_t* tab = reinterpret_cast<int16_t*>(work);
-  int32_t* acc = work + pg * kW8Tab / 2;
+  int16_t* a16 = tab + pg * kW8Tab<G>;
+  int32_t* a32 = reinterpret_cast<int32_t*>(a16 + co_pad * kW8Px);
   const W8Epi epi{&A, &op};
   for (int64_t p = 0; p < n_pass; ++p) {
     const int64_t u0 = p * pg, ng = std::min(pg, U - u0);
+    // tables of u = kk * ngrp + j, u0 <= u < u0 + ng (one division per pass)
+    int64_t kk = u0 / A.ngrp, j = u0 % A.ngrp;
+    const int8_t* src = xq + G * j * A.cplane + A.toff[kk];
     for (int64_t i = 0; i < ng; ++i) {
-      const int64_t u = u0 + i, kk = u / A.ngrp, j = u % A.ngrp;
-      w8_table(xq + 4 * j * A.cplane + A.toff[kk], A.cplane, tab + i * kW8Tab);
+      w8_table<G>(src, A.cplane, tab + i * kW8Tab<G>);
+      if (++j == A.ngrp) j = 0, ++kk, src = xq + A.toff[kk < A.KH * A.KW ? kk : 0];
+      else src += G * A.cplane;
     }
-    const W8Epi* e = p == n_pass - 1 ? &epi : nullptr;
-    w8_blocks<V::kNB>(tab, ng, A.idx + u0 * co_pad, co_pad, acc, p == 0, e, co_b, co_e);
+    const bool last = p == n_pass - 1, load16 = p % win != 0, add32 = p >= win;
+    const int out = last ? 3 : p % win == win - 1 ? (add32 ? 2 : 1) : 0;
+    w8_blocks<G, V::kNB>(tab, ng, A.idx + u0 * co_pad, co_pad, a16, a32, load16, out, add32, last ? &epi : nullptr,
+                         co_b, co_e);
   }
 }
 
@@ -171,8 +220,9 @@ inline void w8_plan_out(const W8Args& A, int64_t n, int64_t q0, W8OutPlan& op) {
   const int64_t obase = n * A.c_out * A.OH * A.OW;
   int nr = 0, last_l = -2;
   int64_t next = -1;
-  for (int l = 0; l < kW8Px; ++l) {
-    const int64_t q = q0 + l, oh = q / A.Wq, ow = q % A.Wq;
+  int64_t oh = q0 / A.Wq, ow = q0 % A.Wq;  // of position q0 + l (one division per tile)
+  for (int l = 0; l < kW8Px; ++l, ow = ow + 1 == A.Wq ? (++oh, 0) : ow + 1) {
+    const int64_t q = q0 + l;
     if (q >= A.qtot || ow >= A.OW) continue;
     const int64_t o = oh * A.OW + ow;
     if (nr == 0 || o != next || l != last_l + 1) op.base[nr] = obase + o - l, op.bits[nr] = 0, ++nr;
@@ -183,7 +233,7 @@ inline void w8_plan_out(const W8Args& A, int64_t n, int64_t q0, W8OutPlan& op) {
   op.full = nr == 1 && op.bits[0] == 0xFFFFFFFFu;
 }
 
-KDBNN_W8_FN void w8_range(const W8Args& A, int64_t tb, int64_t te, int32_t* work) {
+KDBNN_W8_FN void w8_range1(const W8Args& A, int64_t tb, int64_t te, int32_t* work) {
   const int64_t per_img = w8_tiles_per_image(A), n_chunks = (A.co_pad + A.co_chunk - 1) / A.co_chunk;
   W8OutPlan op;
   int64_t planned = -1;
@@ -192,30 +242,198 @@ KDBNN_W8_FN void w8_range(const W8Args& A, int64_t tb, int64_t te, int32_t* work
     const int64_t co_e = std::min(A.co_pad, co_b + A.co_chunk);
     const int64_t n = tile / per_img, q0 = tile % per_img * kW8Px;
     if (tile != planned) w8_plan_out(A, n, q0, op), planned = tile;
-    w8_tile(A, A.X + n * A.img + q0, op, work, co_b, co_e);
+    if (A.g == 5) w8_tile<5>(A, A.X + n * A.img + q0, op, work, co_b, co_e);
+    else w8_tile<4>(A, A.X + n * A.img + q0, op, work, co_b, co_e);
   }
 }
 
+#ifdef KDBNN_W8_R4
+// ---------------------------------------------------------------- kw-sharing kernel (r4)
+// Stride 1 only (the ISA file defines KDBNN_W8_R4 and V::deint / V::inter / V::kNB4). A tile is
+// 128 consecutive positions q0.. of the position domain held as 4 vectors: lane l of vector r is
+// position q0 + 4l + r. Tap (kh, kw) of vector r then reads the bytes at q0 + kh*Wq + 4l + (r + kw):
+// "input vector" r + kw of the same interleaved layout, so the 4 + KW - 1 input vectors of one
+// kernel row and group are tabulated once and serve all KW taps (6 tables instead of 12 for 3x3),
+// and each weight index byte selects 4 lookups (one per vector). A pass unit is (kernel row,
+// group): 4 + KW - 1 tables; pg units per pass. The int16 sums of a channel persist across the
+// passes of a window (a per-thread int16 buffer) and are widened to int32 once per window: win
+// passes of pg * KW entries per vector, win * pg * KW <= w8_max_pass(g) (the same bound as above).
+// The epilogue re-interleaves the 4 vectors into position order (V::inter).
+constexpr int kR = 4;
+
+struct R4Epi {
+  const W8Args* A;
+  const R4OutPlan* op;
+};
+
+template <int G, int NV>
+KDBNN_W8_INL void r4_build(const int8_t* src, int64_t cplane, int16_t* T) {
+  V::T x[G][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < G; ++i) V::template deint<NV>(src + i * cplane, x[i]);
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    V::T xv[G];
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i) xv[i] = x[i][v];
+    w8_table_x<G>(xv, T + v * kW8Tab<G>);
+  }
+}
+
+// out: 0 store the int16 sums, 1 widen and store them as int32, 2 widen and add, 3 epilogue
+// (adding the int32 sums when add32).
+template <int G, int NB, int KW>
+KDBNN_W8_INL void r4_block(const int16_t* T, int64_t nu, const uint8_t* ir, int64_t co_pad, int16_t* a16p,
+                           int32_t* a32p, bool load16, int out, bool add32, const R4Epi* epi, int64_t c0) {
+  using VT = V::T;
+  constexpr int NV = kR + KW - 1;
+  constexpr int64_t kVec = kW8Tab<G>;  // int16 per table
+  VT a[NB][kR];
+#pragma GCC unroll 32
+  for (int c = 0; c < NB; ++c)
+#pragma GCC unroll 4
+    for (int r = 0; r < kR; ++r) a[c][r] = load16 ? V::load(a16p + (c * kR + r) * kW8Px) : V::zero();
+  for (int64_t u = 0; u < nu; ++u) {
+    const int16_t* Tu = T + u * NV * kVec;
+#pragma GCC unroll 5
+    for (int kw = 0; kw < KW; ++kw) {
+      uint32_t off[NB];
+      w8_offsets<NB>(ir + (u * KW + kw) * co_pad, off);
+#pragma GCC unroll 32
+      for (int c = 0; c < NB; ++c) {
+        const int16_t* e = reinterpret_cast<const int16_t*>(reinterpret_cast<const char*>(Tu + kw * kVec) + (size_t)off[c] * 8);
+#pragma GCC unroll 4
+        for (int r = 0; r < kR; ++r) a[c][r] = V::add(a[c][r], V::load(e + r * kVec));
+      }
+    }
+  }
+  if (out == 0) {
+#pragma GCC unroll 32
+    for (int c = 0; c < NB; ++c)
+#pragma GCC unroll 4
+      for (int r = 0; r < kR; ++r) V::store(a16p + (c * kR + r) * kW8Px, a[c][r]);
+    return;
+  }
+  if (out != 3) {
+#pragma GCC unroll 32
+    for (int c = 0; c < NB; ++c)
+#pragma GCC unroll 4
+      for (int r = 0; r < kR; ++r) {
+        if (out == 1) V::widen_store(a32p + (c * kR + r) * kW8Px, a[c][r]);
+        else V::widen_add(a32p + (c * kR + r) * kW8Px, a[c][r]);
+      }
+    return;
+  }
+  const W8Args& A = *epi->A;
+  const int64_t plane = A.OH * A.OW;
+#pragma GCC unroll 32
+  for (int c = 0; c < NB; ++c) {
+    const int64_t o = c0 + c;
+    if (o >= A.c_out) break;
+    V::epi4(add32 ? a32p + c * kR * kW8Px : nullptr, a[c], A.scale[o], A.bias[o], A.act, A.quant, A.inv, A.O,
+            o * plane, *epi->op);
+  }
+}
+
+template <int G, int KW>
+KDBNN_W8_FN void r4_tile(const W8Args& A, const int8_t* xq, const R4OutPlan& op, int32_t* work, int64_t co_b,
+                         int64_t co_e) {
+  constexpr int NV = kR + KW - 1, NB = V::kNB4;
+  constexpr int64_t kUnit = NV * kW8Tab<G>;  // int16 per pass unit
+  const int64_t U = A.KH * A.ngrp, pg = A.pg, co_pad = A.co_pad, win = A.win;
+  const int64_t n_pass = (U + pg - 1) / pg;
+  int16_t* tab = reinterpret_cast<int16_t*>(work);
+  int16_t* a16 = tab + pg * kUnit;
+  int32_t* a32 = reinterpret_cast<int32_t*>(a16 + co_pad * kR * kW8Px);
+  const R4Epi epi{&A, &op};
+  for (int64_t p = 0; p < n_pass; ++p) {
+    const int64_t u0 = p * pg, nu = std::min(pg, U - u0);
+    int64_t kh = u0 / A.ngrp, j = u0 % A.ngrp;  // unit u = kh * ngrp + j (one division per pass)
+    for (int64_t i = 0; i < nu; ++i) {
+      r4_build<G, NV>(xq + G * j * A.cplane + kh * A.Wq, A.cplane, tab + i * kUnit);
+      if (++j == A.ngrp) j = 0, ++kh;
+    }
+    const bool last = p == n_pass - 1, load16 = p % win != 0, add32 = p >= win;
+    const int out = last ? 3 : p % win == win - 1 ? (add32 ? 2 : 1) : 0;
+    const uint8_t* ir = A.idx + u0 * KW * co_pad;
+    for (int64_t cb = co_b; cb < co_e; cb += NB)
+      r4_block<G, NB, KW>(tab, nu, ir + cb, co_pad, a16 + cb * kR * kW8Px, a32 + cb * kR * kW8Px, load16, out, add32,
+                          last ? &epi : nullptr, cb);
+  }
+}
+
+inline void r4_plan_out(const W8Args& A, int64_t n, int64_t q0, R4OutPlan& op) {
+  const int64_t obase = n * A.c_out * A.OH * A.OW;
+  for (int m = 0; m < 8; ++m) {
+    int nr = 0, last_l = -2;
+    int64_t next = -1;
+    int64_t oh = (q0 + 16 * m) / A.Wq, ow = (q0 + 16 * m) % A.Wq;
+    for (int l = 0; l < 16; ++l, ow = ow + 1 == A.Wq ? (++oh, 0) : ow + 1) {
+      const int64_t q = q0 + 16 * m + l;
+      if (q >= A.qtot || ow >= A.OW) continue;
+      const int64_t o = oh * A.OW + ow;
+      if (nr == 0 || o != next || l != last_l + 1) op.base[m][nr] = obase + o - l, op.bits[m][nr] = 0, ++nr;
+      op.bits[m][nr - 1] |= 1u << l;
+      next = o + 1, last_l = l;
+    }
+    op.nr[m] = nr;
+    op.full[m] = nr == 1 && op.bits[m][0] == 0xFFFFu;
+  }
+}
+
+KDBNN_W8_FN void r4_range(const W8Args& A, int64_t tb, int64_t te, int32_t* work) {
+  const int64_t per_img = w8_r4_tiles_per_image(A), n_chunks = (A.co_pad + A.co_chunk - 1) / A.co_chunk;
+  R4OutPlan op;
+  int64_t planned = -1;
+  for (int64_t t = tb; t < te; ++t) {
+    const int64_t tile = t / n_chunks, co_b = t % n_chunks * A.co_chunk;
+    const int64_t co_e = std::min(A.co_pad, co_b + A.co_chunk);
+    const int64_t n = tile / per_img, q0 = tile % per_img * (kR * kW8Px);
+    if (tile != planned) r4_plan_out(A, n, q0, op), planned = tile;
+    const int8_t* xq = A.X + n * A.img + q0;
+    switch (A.KW * 8 + A.g) {
+      case 2 * 8 + 4: r4_tile<4, 2>(A, xq, op, work, co_b, co_e); break;
+      case 3 * 8 + 4: r4_tile<4, 3>(A, xq, op, work, co_b, co_e); break;
+      case 2 * 8 + 5: r4_tile<5, 2>(A, xq, op, work, co_b, co_e); break;
+      case 3 * 8 + 5: r4_tile<5, 3>(A, xq, op, work, co_b, co_e); break;
+      default: break;  // w8_r4_ok() admits only the cases above
+    }
+  }
+}
+#endif  // KDBNN_W8_R4
+
+KDBNN_W8_FN void w8_range(const W8Args& A, int64_t tb, int64_t te, int32_t* work) {
+#ifdef KDBNN_W8_R4
+  if (A.r4) return r4_range(A, tb, te, work);
+#endif
+  w8_range1(A, tb, te, work);
+}
+
 // ---------------------------------------------------------------- index preparation
-// idx[(kk * ngrp + j) * co_pad + o] = 8 * (bits 4j..4j+3 of channel o's packed words at tap kk);
+// idx[(kk * ngrp + j) * co_pad + o] = 8 * (bits gj..gj+g-1 of channel o's packed words at tap kk);
 // channels o >= c_out get 0. V::kPrepCh channels at a time (V::prep: 32-bit words -> bytes).
 KDBNN_W8_FN void w8_prep_idx(const uint64_t* wp, const W8Args& A, int64_t nw, int64_t kb, int64_t ke, uint8_t* idx) {
   constexpr int CH = V::kPrepCh;
-  const int64_t KK = A.KH * A.KW, co_pad = A.co_pad, ngrp = A.ngrp;
-  alignas(64) uint32_t w32[2][CH];
+  const int64_t KK = A.KH * A.KW, co_pad = A.co_pad, ngrp = A.ngrp, nk = 2 * nw, g = A.g;
+  std::vector<uint32_t> buf(nk * CH + CH + 16);
+  uint32_t* w32 = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
   for (int64_t kk = kb; kk < ke; ++kk) {
     for (int64_t o0 = 0; o0 < co_pad; o0 += CH) {
       const int64_t nc = std::min<int64_t>(CH, co_pad - o0);
-      for (int64_t wi = 0; wi < nw; ++wi) {
-        for (int e = 0; e < CH; ++e) {
-          const uint64_t w = (e < nc && o0 + e < A.c_out) ? wp[((o0 + e) * KK + kk) * nw + wi] : 0ULL;
-          w32[0][e] = (uint32_t)w, w32[1][e] = (uint32_t)(w >> 32);
+      for (int e = 0; e < CH; ++e) {
+        const bool ok = e < nc && o0 + e < A.c_out;
+        const uint64_t* src = wp + ((o0 + e) * KK + kk) * nw;
+        for (int64_t wi = 0; wi < nw; ++wi) {
+          const uint64_t w = ok ? src[wi] : 0ULL;
+          w32[(2 * wi) * CH + e] = (uint32_t)w, w32[(2 * wi + 1) * CH + e] = (uint32_t)(w >> 32);
         }
-        for (int t = 0; t < 16; ++t) {
-          const int64_t j = wi * 16 + t;
-          if (j >= ngrp) break;
-          V::prep(w32[t >> 3], 4 * (t & 7), idx + (kk * ngrp + j) * co_pad + o0, (int)nc);
-        }
+      }
+      for (int64_t j = 0; j < ngrp; ++j) {
+        const int64_t bit = j * g, k = bit >> 5;
+        const int sh = (int)(bit & 31);
+        const uint32_t* next = (sh > 32 - g && k + 1 < nk) ? w32 + (k + 1) * CH : nullptr;
+        const int64_t row = A.r4 ? ((kk / A.KW) * ngrp + j) * A.KW + kk % A.KW : kk * ngrp + j;
+        V::prep(w32 + k * CH, next, sh, (int)g, idx + row * co_pad + o0, (int)nc);
       }
     }
   }

@@ -11,6 +11,8 @@
 
 #if KDBNN_X86
 
+#include <vector>
+
 namespace kdbnn {
 
 namespace {
@@ -124,10 +126,13 @@ struct V {
       }
     }
   }
-  // bytes 8 * ((w[e] >> sh) & 15) for the 8 channels e
-  KDBNN_W8_INL static void prep(const uint32_t* w, int sh, uint8_t* dst, int /*nc: always 8*/) {
+  // bytes 8 * (g bits of channel e from bit sh of w[e], continued in next[e] when non-null), for
+  // the 8 channels e
+  KDBNN_W8_INL static void prep(const uint32_t* w, const uint32_t* next, int sh, int g, uint8_t* dst, int /*nc: 8*/) {
     __m256i v = _mm256_srl_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(w)), _mm_cvtsi32_si128(sh));
-    v = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(15)), 3);
+    if (next != nullptr)
+      v = _mm256_or_si256(v, _mm256_sll_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(next)), _mm_cvtsi32_si128(32 - sh)));
+    v = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32((1 << g) - 1)), 3);
     const __m256i p = _mm256_packus_epi32(v, v);  // 16-bit: [v0..v3 v0..v3 | v4..v7 v4..v7]
     const __m256i q = _mm256_packus_epi16(p, p);  // bytes: [v0..v3 x4 | v4..v7 x4]
     const __m256i r = _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
@@ -140,9 +145,29 @@ struct V {
 #undef KDBNN_W8_INL
 #undef KDBNN_W8_FN
 
+// As the avx512 path without r4: 5-input tables (12 per pass) for >= 128 output channels, else
+// 4-input tables (32 per pass).
+void plan_avx2(W8Args& A) {
+  A.g = A.c_out >= 128 ? 5 : 4;
+  A.pg = A.g == 5 ? 12 : 32;
+}
+
 }  // namespace
 
-const W1a8Kernel kW1a8Avx2 = {w8_range, w8_prep_idx, 32};
+const W1a8Kernel kW1a8Avx2 = {w8_range, w8_prep_idx, plan_avx2, false};
+
+__attribute__((target("avx2"))) void quantize_avx2(const float* x, int64_t n, float inv, int8_t* q) {
+  const __m256 vi = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 z0 = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vi), lo), hi);
+    const __m256 z1 = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), vi), lo), hi);
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(z0), _mm256_cvtps_epi32(z1)), 0xD8);
+    const __m128i b = _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), b);
+  }
+  for (; i < n; ++i) q[i] = w8_quant1(x[i], inv);
+}
 
 }  // namespace kdbnn
 
