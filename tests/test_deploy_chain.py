@@ -10,7 +10,9 @@ from test_deploy_runtime import SIZE, _family_student, _rel_err
 
 from kd_bnn.deploy.export import export
 from kd_bnn.deploy.kernels import (
+    _fma32,
     available_isas,
+    output_affine,
     output_table,
     pack_input,
     popcount_bounds,
@@ -69,6 +71,93 @@ def test_fused_epilogue_equals_unfused(isa, backend, c_in, c_out, stride, pad, a
     assert torch.equal(f4, ref4) and torch.equal(p4, pack_input(ref4, 0, -1.0, backend="torch"))
 
 
+def _mixed_fn(bn: torch.nn.BatchNorm2d, odd: tuple[int, ...]):
+    """``bn`` except in channels ``odd``: a map no affine can match (|v| there)."""
+
+    def fn(v):
+        y = bn(v)
+        y[:, list(odd)] = v[:, list(odd)].abs()
+        return y
+
+    return fn
+
+
+@pytest.mark.parametrize("isa,backend", BACKENDS)
+@pytest.mark.parametrize("c_in,c_out,stride,act", [(16, 16, 1, "none"), (70, 33, 2, "leaky"), (64, 130, 1, "none")])
+def test_output_affine_equals_table(isa, backend, c_in, c_out, stride, act):
+    """The BatchNorm after an XNOR conv as a fused multiply-add where it is one (checked at plan
+    time against the table), table rows elsewhere: the same outputs as the full table and as the
+    BatchNorm itself, on every ISA (hardware FMA) and the torch path (exact float64 emulation)."""
+    g = torch.Generator().manual_seed(c_out)
+    w = pack_signs(torch.randn(c_out, c_in, 3, 3, generator=g))
+    x = torch.randn(2, c_in, 11, 15, generator=g)
+    sc, bi = torch.rand(c_out, generator=g) * 0.1 + 0.01, torch.randn(c_out, generator=g)
+    oh, ow = (11 + 2 - 3) // stride + 1, (15 + 2 - 3) // stride + 1
+    r = torch.randn(2, c_out, oh, ow, generator=g)
+    kw = dict(isa=isa, backend=backend)
+    plain = xnor_conv2d(x, w, c_in, 3, stride, 1, -1.0, sc, bi, act, **kw)
+    bn = _bn(c_out, 2)
+    for fn, odd in [(bn, ()), (_mixed_fn(bn, (0, c_out - 1)), (0, c_out - 1))]:
+        m = output_affine(c_in, 3, sc, bi, act, fn, c_out)
+        full = output_table(c_in, 3, sc, bi, act, fn, c_out)
+        assert m.a[list(odd)].isnan().all() and (m.table is None) == (m.affine_channels == c_out)
+        if m.table is not None:  # only the tabulated channels' rows, in channel order
+            assert torch.equal(m.table, full[m.a.isnan()])
+        with torch.no_grad():
+            ref = fn(plain.clone())
+        for res in (None, r):
+            out = ref if res is None else ref + res
+            f, p = xnor_conv2d(x, w, c_in, 3, stride, 1, -1.0, sc, bi, act, output="both", table=m.table,
+                               affine=(m.a, m.b), residual=res, out_padding=1, **kw)
+            f_full = xnor_conv2d(x, w, c_in, 3, stride, 1, -1.0, sc, bi, act, table=full, residual=res, **kw)
+            assert torch.equal(f, out) and torch.equal(f_full, out)
+            assert torch.equal(p, pack_input(out, 1, -1.0, backend="torch"))
+
+
+def test_output_affine_decision():
+    """Which channels run as ``fma(v, a, b)``: all of an exact affine map and of torch's BatchNorm
+    where it is one (this build: an FMA); none where the map is another form."""
+    c_in, c_out, sc = 64, 24, torch.rand(24) * 0.01 + 0.001
+    exact = output_affine(c_in, 3, sc, None, "none", lambda v: v * 2.0 + 0.5, c_out)
+    assert exact.affine_channels == c_out and exact.table is None
+    assert torch.equal(exact.a, torch.full((c_out,), 2.0)) and torch.equal(exact.b, torch.full((c_out,), 0.5))
+    # two roundings (mul, then add) with coefficients that are not powers of two: no single fma matches
+    a = torch.rand(c_out) + 0.3
+    twice = output_affine(c_in, 3, sc, None, "none", lambda v: v * a.view(1, -1, 1, 1) + 0.1, c_out)
+    assert twice.affine_channels < c_out and twice.table.shape == (c_out - twice.affine_channels, c_in * 9 + 1)
+    bn = _bn(c_out, 3)
+    m = output_affine(c_in, 3, sc, None, "none", bn, c_out)
+    v = torch.randn(1, c_out, 5, 7)
+    with torch.no_grad():
+        fma_form = torch.equal(bn(v), _fma32(v, m.a.nan_to_num().view(1, -1, 1, 1),
+                                             m.b.view(1, -1, 1, 1)))
+    if fma_form:  # torch's BatchNorm is fma(x, alpha, beta) here: every channel affine
+        assert m.affine_channels == c_out and m.table is None
+
+
+def test_fma32_rounds_once():
+    """The torch path's fused multiply-add (float64 with a two-sum error term) equals the exactly
+    rounded result, also where the float64 sum lands on a float32 midpoint."""
+    from fractions import Fraction
+
+    g = torch.Generator().manual_seed(0)
+    v, a = torch.randn(4000, generator=g), torch.randn(4000, generator=g)
+    b = (-(v.double() * a.double()) + torch.randn(4000, generator=g, dtype=torch.float64)).float()
+    # v*a = half an ulp of b (+- a tiny part), b in [1, 2): sums on and near float32 midpoints
+    k = torch.arange(600)
+    v2 = (2.0 ** -24 + 2.0 ** -60 * (k % 7 - 3).double()).float()
+    a2 = (1.0 + (k % 3).double() * 2.0 ** -23).float()
+    b2 = (1.0 + k.double() * 2.0 ** -20).float()
+    v, a, b = torch.cat([v, v2]), torch.cat([a, a2]), torch.cat([b, b2])
+    got = _fma32(v, a, b)
+    for i in range(v.numel()):
+        x = Fraction(v[i].item()) * Fraction(a[i].item()) + Fraction(b[i].item())
+        f = torch.tensor(float(x), dtype=torch.float32)
+        cands = [torch.nextafter(f, torch.tensor(-float("inf"))), f, torch.nextafter(f, torch.tensor(float("inf")))]
+        best = min(cands, key=lambda c: (abs(Fraction(c.item()) - x), int(c.view(torch.int32)) & 1))
+        assert got[i].item() == best.item(), i
+
+
 def test_fused_epilogue_refuses_bad_combinations():
     w = pack_signs(torch.randn(8, 8, 3, 3))
     x = torch.randn(1, 8, 5, 5)
@@ -81,6 +170,12 @@ def test_fused_epilogue_refuses_bad_combinations():
         xnor_conv2d(x, w, 8, 3, 1, 1, output="float", packed_bounds=b)
     with pytest.raises(ValueError, match="table"):
         xnor_conv2d(x, w, 8, 3, 1, 1, output="float", table=torch.zeros(8, 10))
+    a = torch.ones(8)
+    a[3] = float("nan")  # one tabulated channel: a table of one row
+    with pytest.raises(ValueError, match=r"table must be \(1, 73\)"):
+        xnor_conv2d(x, w, 8, 3, 1, 1, output="float", affine=(a, torch.zeros(8)), table=torch.zeros(8, 73))
+    with pytest.raises(ValueError, match="affine coefficients"):
+        xnor_conv2d(x, w, 8, 3, 1, 1, output="float", affine=(torch.ones(7), torch.zeros(7)))
 
 
 @pytest.mark.parametrize("channels", [(16, 16), (70, 33, 5), (64, 64), (64, 130, 1), (96, 64)])

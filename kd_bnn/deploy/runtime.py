@@ -41,10 +41,11 @@ from torch import nn
 from kd_bnn.binary.blocks import BinaryBlock, LearnableBias, RPReLU, activation_slope
 from kd_bnn.deploy.format import FormatError, load_container
 from kd_bnn.deploy.kernels import (
+    OutputMap,
     block_epilogue,
     bwn_conv2d,
     default_isa,
-    output_table,
+    output_affine,
     pointwise_conv2d,
     pointwise_weights,
     popcount_bounds,
@@ -503,13 +504,14 @@ class PackedOps:
 
     def xnor_fused(self, conv: nn.Module, x: torch.Tensor, *, residual: torch.Tensor | None = None,
                    packed_for: nn.Module | None = None, bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   float_out: bool = True, x_padded: bool = False, table: torch.Tensor | None = None):
+                   float_out: bool = True, x_padded: bool = False, table: OutputMap | None = None):
         """``conv`` (a `chainable_xnor` conv) on ``x``: float NCHW, or packed words (``x_padded``:
         already padded for ``conv``). Float output ``act(conv) + residual``; with ``packed_for``
         also packed words from the same kernel pass, padded for that conv (None: unpadded): the
         signs of the float output, or with ``bounds`` (`sign_bounds`) bits of a monotone function
-        of it. ``table`` (`output_table`): the float output is a tabulated per-channel function of
-        the conv output (e.g. a BatchNorm after it), then the residual. Returns the float map, the
+        of it. ``table`` (`output_table`): the float output is a per-channel function of the conv
+        output (e.g. a BatchNorm after it: a fused multiply-add where exact, else looked up by
+        popcount), then the residual. Returns the float map, the
         packed words (``float_out=False``, bounds only), or both."""
         kh, kw = conv.kernel_size
         want_packed = packed_for is not None or bounds is not None
@@ -520,14 +522,17 @@ class PackedOps:
                            out_padding=pad_for.pad[0] if pad_for is not None else 0,
                            out_pad_value=pad_for.pad_value if pad_for is not None else -1.0,
                            x_is_padded=x_padded and self.is_packed(x), residual=residual, packed_bounds=bounds,
-                           table=table, panel=conv.panel, backend=conv.backend)
+                           table=None if table is None else table.table,
+                           affine=None if table is None else (table.a, table.b), panel=conv.panel,
+                           backend=conv.backend)
 
-    def output_table(self, conv: nn.Module, fn) -> torch.Tensor:
+    def output_table(self, conv: nn.Module, fn) -> OutputMap:
         """`xnor_fused`'s ``table`` of ``fn`` (a per-channel elementwise module or function, e.g. a
         BatchNorm in eval mode) after ``conv``: ``fn`` evaluated on every value the conv's float
-        output can take (exact)."""
-        return output_table(conv.in_channels, conv.kernel_size, conv.scale, conv.shift, conv.activation, fn,
-                            conv.out_channels)
+        output can take, kept as a per-channel fused multiply-add where that equals it on all of
+        them, as table rows elsewhere (exact either way: `kd_bnn.deploy.kernels.output_affine`)."""
+        return output_affine(conv.in_channels, conv.kernel_size, conv.scale, conv.shift, conv.activation, fn,
+                             conv.out_channels)
 
     def sign_bounds(self, conv: nn.Module, predicate) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Popcount bounds of ``conv`` for `xnor_fused`'s ``bounds``: bit ``c`` = ``predicate(v)[c]``

@@ -7,8 +7,10 @@ a binary conv of these families reads, and where the walk hands it packed words 
 float map it would binarize itself (one pack pass per conv):
 
 * **Bi-Real units** ``y = bn(conv(sign(x))) + shortcut(x)`` (no activation in XNOR mode; the
-  export does not fold ``bn`` into ``bconv``, so the walk tabulates it: ``bn`` of every value the
-  conv output can take, looked up by popcount in the kernel, exact): a unit followed by another
+  export does not fold ``bn`` into ``bconv``, so the walk evaluates it on every value the conv
+  output can take: per channel a fused multiply-add ``fma(v, a, b)`` in the kernel's vector
+  epilogue where that equals ``bn`` on all of them, as torch's BatchNorm is, else looked up by
+  popcount; exact, `PackedOps.output_table`): a unit followed by another
   chainable unit runs as one fused kernel pass that adds the shortcut and writes both the float ``y`` (the next unit's shortcut,
   the passthrough) and the packed signs of ``y``, padded for the next conv, which reads them
   as they are. The first unit reads the stem's float map.
@@ -58,7 +60,7 @@ class StudentPackedPlan:
     packed_in: dict[str, str] = field(default_factory=dict)
     float_in: dict[str, str] = field(default_factory=dict)
     units: dict[str, nn.Module | None] = field(default_factory=dict)  # Bi-Real unit path -> next conv
-    tables: dict[str, torch.Tensor] = field(default_factory=dict)  # Bi-Real unit path -> its BN by popcount
+    tables: dict[str, Any] = field(default_factory=dict)  # Bi-Real unit path -> its BN (kernels.OutputMap)
     blocks: dict[str, list[Any]] = field(default_factory=dict)  # dense block name -> per-layer bounds
     head: dict[str, Any] | None = None
 

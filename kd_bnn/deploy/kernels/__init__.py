@@ -64,7 +64,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +86,8 @@ __all__ = [
     "xnor_conv2d",
     "popcount_bounds",
     "output_table",
+    "OutputMap",
+    "output_affine",
     "bwn_conv2d",
     "w1a8_conv2d",
     "quantize_activations",
@@ -458,6 +460,7 @@ def xnor_conv2d(
     residual: torch.Tensor | None = None,
     packed_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
     table: torch.Tensor | None = None,
+    affine: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """XNOR convolution ``sign(x) * sign(W)``, then ``dot*scale + bias`` and an activation.
 
@@ -489,6 +492,11 @@ def xnor_conv2d(
             output of popcount ``p`` in channel ``c`` is ``table[c, p]`` instead of the transform
             (any per-channel function of the conv output tabulated exactly, e.g. a BatchNorm that
             was not folded: :func:`output_table`), then the residual.
+        affine: with ``table``, or alone: float ``(C_out,)`` coefficients ``(a, b)``; channels where
+            ``a[c]`` is a number output ``fma(v, a[c], b[c])`` (one rounding) of the transformed
+            value ``v`` (a vectorised epilogue instead of a lookup), and ``table`` then holds only
+            the rows of the channels where ``a[c]`` is NaN, in channel order (``(rows, K + 1)``; None
+            when there are none). :func:`output_affine` makes both, checked equal to the full table.
 
     ``output="both"`` returns ``(float, packed)`` from one kernel pass: the float output (with the
     residual) and, as ``packed`` above, the sign words of that float output (``>= 0`` -> +1, as
@@ -533,12 +541,19 @@ def xnor_conv2d(
     ow = (x.shape[2 if packed_in else 3] + (0 if x_is_padded else 2 * padding) - kw) // stride + 1
     if residual is not None and tuple(residual.shape) != (x.shape[0], c_out, oh, ow):
         raise ValueError(f"residual must be ({x.shape[0]}, {c_out}, {oh}, {ow}), found {tuple(residual.shape)}")
-    if table is not None:
+    if table is not None or affine is not None:
         if output not in ("float", "both") or packed_bounds is not None:
             raise ValueError("an output table needs output 'float' or 'both' and no packed_bounds")
-        if tuple(table.shape) != (c_out, c_in * kh * kw + 1):
-            raise ValueError(f"table must be ({c_out}, {c_in * kh * kw + 1}), found {tuple(table.shape)}")
-        table = _f32(table).contiguous()
+        rows = c_out
+        if affine is not None:
+            affine = tuple(_f32(t).reshape(-1).contiguous() for t in affine)
+            if any(t.numel() != c_out for t in affine):
+                raise ValueError(f"affine coefficients need {c_out} values each")
+            rows = int(affine[0].isnan().sum())
+        if rows and (table is None or tuple(table.shape) != (rows, c_in * kh * kw + 1)):
+            raise ValueError(f"table must be ({rows}, {c_in * kh * kw + 1}), found "
+                             f"{None if table is None else tuple(table.shape)}")
+        table = _f32(table).contiguous() if rows else None
     bounds = None
     if packed_bounds is not None:
         bounds = tuple(torch.as_tensor(b).to(torch.int32).reshape(-1).contiguous() for b in packed_bounds)
@@ -554,13 +569,14 @@ def xnor_conv2d(
                 xp = ext.pad_packed(xp, c_in, int(padding), float(pad_value))
         else:
             xp = ext.pack_input(_f32(x), int(padding), float(pad_value), thr, code)
-        if residual is not None or output == "both" or bounds is not None or table is not None:
+        if residual is not None or output == "both" or bounds is not None or table is not None or affine is not None:
             outs = ext.xnor_conv_ex(
                 xp, weight_panel(w_packed) if panel is None else panel, c_out, c_in, kh, kw, int(stride),
                 None if scale is None else _f32(scale), None if bias is None else _f32(bias), act,
                 None if residual is None else _f32(residual).contiguous(), output != "packed",
                 output != "float",
                 None if bounds is None else bounds[0], None if bounds is None else bounds[1], table,
+                None if affine is None else affine[0], None if affine is None else affine[1],
                 int(out_padding), float(out_pad_value), code,
             )
             return (outs[0], outs[1]) if output == "both" else outs[0]
@@ -594,11 +610,9 @@ def xnor_conv2d(
     dot = F.conv2d(xs, ws, stride=stride).round().to(torch.int32)  # exact: |dot| <= K < 2**24
     if output == "int":
         return dot
-    if table is not None:
-        cnt = torch.div(kh * kw * c_in - dot, 2, rounding_mode="floor").long()
-        v = table[torch.arange(c_out).view(1, -1, 1, 1), cnt]
-    else:
-        v = _transform(dot.float(), scale, bias, act)
+    v = _transform(dot.float(), scale, bias, act)
+    if table is not None or affine is not None:
+        v = _mapped(v, dot, kh * kw * c_in, table, affine)
     if residual is not None:
         v = v + residual.detach().float()
     if output == "float":
@@ -613,6 +627,74 @@ def xnor_conv2d(
         words = pad_packed(pack_activations(signs), c_out, out_padding, out_pad_value, backend="torch")
         return (v, words) if output == "both" else words
     return pad_packed(pack_activations(v), c_out, out_padding, out_pad_value, backend="torch")
+
+
+def _mapped(v: torch.Tensor, dot: torch.Tensor, k: int, table: torch.Tensor | None,
+            affine: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """The torch path of :func:`xnor_conv2d`'s ``table`` / ``affine`` output map of ``v``."""
+    c_out = v.shape[1]
+    if affine is None:
+        rows, out = torch.arange(c_out), None
+    else:
+        a, b = affine
+        out = _fma32(v, a.view(1, -1, 1, 1), b.view(1, -1, 1, 1))
+        tab = a.isnan()
+        if table is None:
+            return out
+        rows = (torch.cumsum(tab.long(), 0) - 1).clamp(min=0)
+    cnt = torch.div(k - dot, 2, rounding_mode="floor").long()
+    looked = table[rows.view(1, -1, 1, 1), cnt]
+    return looked if out is None else torch.where(tab.view(1, -1, 1, 1), looked, out)
+
+
+def _fma32(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``fma(v, a, b)`` of float32 tensors rounded once to float32, as the kernel's fused
+    multiply-add, through float64: ``p = v*a`` is exact there; ``r = p + b`` rounds once and its
+    error ``e`` is exact (Knuth's two-sum). Rounding ``r`` to float32 gives the single-rounded
+    result except where ``r`` is exactly halfway between two float32 values and ``e`` is not 0:
+    then the exact sum lies past the midpoint on ``e``'s side, and that neighbour is taken."""
+    p, bd = v.double() * a.double(), b.double()
+    r = p + bd
+    bp = r - p
+    e = (p - (r - bp)) + (bd - bp)
+    f = r.float()
+    fd = f.double()
+    up, down = torch.nextafter(f, torch.tensor(float("inf"))), torch.nextafter(f, torch.tensor(float("-inf")))
+    f = torch.where((r > fd) & ((fd + up.double()) / 2 == r) & (e > 0), up, f)
+    return torch.where((r < fd) & ((fd + down.double()) / 2 == r) & (e < 0), down, f)
+
+
+class OutputMap(NamedTuple):
+    """A per-channel function of an XNOR conv's float output for :func:`xnor_conv2d`
+    (``affine=(a, b), table=table``): fused multiply-adds where exact, table rows elsewhere."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    table: torch.Tensor | None
+
+    @property
+    def affine_channels(self) -> int:
+        return int((~self.a.isnan()).sum())
+
+
+def output_affine(c_in, kernel_size, scale, bias, activation, fn, c_out: int) -> OutputMap:
+    """:func:`output_table` of ``fn`` as a per-channel fused multiply-add ``fma(v, a[c], b[c])``
+    wherever that equals ``fn`` on every value ``v`` the conv output can take (checked bit for
+    bit against the table, as the kernel computes it), and the table rows only of the other
+    channels (``a[c]`` NaN). ``b = fn(0)`` and ``a = fn(2**64) / 2**64`` (exact for a map of the
+    form ``fma(v, a, b)``, such as torch's BatchNorm in eval mode on FMA builds); any other form
+    fails the check and keeps its table rows, so the result is always exactly ``fn``."""
+    table = output_table(c_in, kernel_size, scale, bias, activation, fn, c_out)
+    v = output_values(c_in, kernel_size, scale, bias, activation, c_out).reshape(c_out, -1)
+    probe = 2.0 ** 64
+    with torch.no_grad():
+        b = fn(torch.zeros(1, c_out, 1, 1)).detach().float().reshape(-1)
+        a = (fn(torch.full((1, c_out, 1, 1), probe)).detach().float().reshape(-1) / probe).contiguous()
+    f = _fma32(v, a.view(-1, 1), b.view(-1, 1))
+    ok = (f.view(torch.int32) == table.view(torch.int32)).all(1) & a.isfinite() & b.isfinite()
+    a = torch.where(ok, a, torch.tensor(float("nan")))
+    rows = table[~ok].contiguous()
+    return OutputMap(a, b.contiguous(), rows if rows.shape[0] else None)
 
 
 def output_values(

@@ -20,7 +20,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("xpad"), py::arg("panel"), py::arg("c_out"), py::arg("c_in"), py::arg("KH"), py::arg("KW"),
         py::arg("stride"), py::arg("scale"), py::arg("bias"), py::arg("act"), py::arg("residual"), py::arg("want_float"),
         py::arg("want_packed"),
-        py::arg("lo"), py::arg("hi"), py::arg("table"), py::arg("out_pad"), py::arg("out_pad_value"), py::arg("isa"));
+        py::arg("lo"), py::arg("hi"), py::arg("table"), py::arg("affine_a"), py::arg("affine_b"), py::arg("out_pad"), py::arg("out_pad_value"), py::arg("isa"));
   m.def("bwn_conv", &kdbnn::bwn_conv, "float x packed-binary-weight convolution");
   m.def("w1a8_conv", &kdbnn::w1a8_conv, "int8 x packed-binary-weight convolution (exact integer sums)",
         py::arg("xq"), py::arg("wpacked"), py::arg("scale"), py::arg("bias"), py::arg("KH"), py::arg("KW"),

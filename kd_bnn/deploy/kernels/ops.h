@@ -32,7 +32,8 @@ std::vector<at::Tensor> xnor_conv_ex(at::Tensor xpad, at::Tensor panel, int64_t 
                                      int64_t KW, int64_t stride, c10::optional<at::Tensor> scale,
                                      c10::optional<at::Tensor> bias, int64_t act, c10::optional<at::Tensor> residual,
                                      bool want_float, bool want_packed, c10::optional<at::Tensor> lo, c10::optional<at::Tensor> hi,
-                                     c10::optional<at::Tensor> table, int64_t out_pad, double out_pad_value,
+                                     c10::optional<at::Tensor> table, c10::optional<at::Tensor> affine_a,
+                                     c10::optional<at::Tensor> affine_b, int64_t out_pad, double out_pad_value,
                                      int64_t isa);
 
 // bwn.cpp: float input x packed binary weights, conv2d(x, alpha * sign(W), bias) -> activation.
