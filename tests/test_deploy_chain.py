@@ -12,6 +12,7 @@ from kd_bnn.deploy.export import export
 from kd_bnn.deploy.kernels import (
     _fma32,
     available_isas,
+    concat_packed,
     output_affine,
     output_table,
     pack_input,
@@ -178,13 +179,18 @@ def test_fused_epilogue_refuses_bad_combinations():
         xnor_conv2d(x, w, 8, 3, 1, 1, output="float", affine=(torch.ones(7), torch.zeros(7)))
 
 
-@pytest.mark.parametrize("channels", [(16, 16), (70, 33, 5), (64, 64), (64, 130, 1), (96, 64)])
-def test_concat_packed_equals_packed_concat(channels):
+@pytest.mark.parametrize("backend", [None, "torch"])
+@pytest.mark.parametrize("channels", [(16, 16), (70, 33, 5), (64, 64), (64, 130, 1), (96, 64), (200,)])
+def test_concat_packed_equals_packed_concat(channels, backend):
+    """The packed concat (C++ one pass, and the torch path) equals packing the float concat, padded
+    or not: word copies where a part starts on a 64-channel boundary, shifts elsewhere."""
     g = torch.Generator().manual_seed(len(channels))
     parts = [torch.randn(2, c, 4, 6, generator=g) for c in channels]
-    ops = PackedOps("torch")
-    got = ops.concat_packed([(pack_input(p, 0, -1.0, backend="torch"), p.shape[1]) for p in parts])
-    assert torch.equal(got, pack_input(torch.cat(parts, 1), 0, -1.0, backend="torch"))
+    packed = [(pack_input(p, 0, -1.0, backend="torch"), p.shape[1]) for p in parts]
+    for pad, value in [(0, -1.0), (1, 1.0), (2, -1.0)]:
+        got = concat_packed(packed, pad, value, backend=backend)
+        assert torch.equal(got, pack_input(torch.cat(parts, 1), pad, value, backend="torch")), (pad, value)
+    assert torch.equal(PackedOps(backend).concat_packed(packed), concat_packed(packed, backend="torch"))
 
 
 # ----------------------------------------------------------------------------- the students

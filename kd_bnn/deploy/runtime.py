@@ -44,6 +44,7 @@ from kd_bnn.deploy.kernels import (
     OutputMap,
     block_epilogue,
     bwn_conv2d,
+    concat_packed,
     default_isa,
     output_affine,
     pointwise_conv2d,
@@ -551,38 +552,11 @@ class PackedOps:
 
     def concat_packed(self, parts: list[tuple[torch.Tensor, int]], pad_for: nn.Module | None = None) -> torch.Tensor:
         """Packed words of the channel concatenation of unpadded packed ``parts`` ``(words, channels)``,
-        padded for conv ``pad_for`` (None: unpadded). Parts starting on a word boundary are copied;
-        others are shifted into place (two words per source word)."""
-        from kd_bnn.deploy.kernels import pad_packed
-
-        n, h, w = parts[0][0].shape[:3]
-        total = sum(c for _, c in parts)
-        if all(off % 64 == 0 for off in _offsets(parts)):
-            out = torch.cat([p for p, _ in parts], dim=3) if len(parts) > 1 else parts[0][0]
-        else:
-            nw = (total + 63) // 64
-            out = torch.zeros(n, h, w, nw, dtype=torch.int64)
-            for (words, c), off in zip(parts, _offsets(parts)):
-                for j in range((c + 63) // 64):
-                    src = words[..., j]
-                    d, sh = divmod(off + 64 * j, 64)
-                    if sh == 0:
-                        out[..., d] |= src
-                        continue
-                    out[..., d] |= src << sh
-                    if d + 1 < nw:  # the high bits of src, shifted down logically
-                        out[..., d + 1] |= (src >> (64 - sh)) & ((1 << sh) - 1)
-        if pad_for is None or not pad_for.pad[0]:
-            return out.contiguous()
-        return pad_packed(out.contiguous(), total, pad_for.pad[0], pad_for.pad_value, backend=self.backend)
-
-
-def _offsets(parts: list[tuple[torch.Tensor, int]]) -> list[int]:
-    offs, o = [], 0
-    for _, c in parts:
-        offs.append(o)
-        o += c
-    return offs
+        padded for conv ``pad_for`` (None: unpadded), in one C++ pass (`kd_bnn.deploy.kernels.concat_packed`:
+        parts starting on a word boundary are copied, others shifted into place)."""
+        if pad_for is None:
+            return concat_packed(parts, 0, -1.0, backend=self.backend)
+        return concat_packed(parts, pad_for.pad[0], pad_for.pad_value, backend=self.backend)
 
 
 class Runtime:

@@ -83,6 +83,7 @@ __all__ = [
     "weight_panel",
     "pack_input",
     "pad_packed",
+    "concat_packed",
     "xnor_conv2d",
     "popcount_bounds",
     "output_table",
@@ -422,6 +423,37 @@ def pad_packed(
     x = unpack_activations(xp, channels)
     x = F.pad(x, (padding,) * 4, value=float(pad_value))
     return pack_activations(x)
+
+
+def concat_packed(
+    parts: list[tuple[torch.Tensor, int]],
+    padding: int = 0,
+    pad_value: float = -1.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Packed words ``(N, H+2p, W+2p, nw)`` of the channel concatenation of unpadded packed
+    ``parts`` ``(words (N, H, W, ceil(c/64)), c)``, padded spatially with ``pad_value`` words, in one
+    pass (C++): parts starting on a 64-channel boundary are copied, others shifted into place (each
+    source word spans two output words)."""
+    if pad_value not in (1.0, -1.0):
+        raise ValueError(f"binary padding value must be +1 or -1, found {pad_value}")
+    ext = _use_ext(backend)
+    if ext is not None:
+        return ext.concat_packed([p for p, _ in parts], [int(c) for _, c in parts], int(padding), float(pad_value))
+    n, h, w = parts[0][0].shape[:3]
+    total = sum(c for _, c in parts)
+    nw = num_words(total)
+    out = torch.zeros(n, h, w, nw, dtype=torch.int64)
+    off = 0
+    for words, c in parts:
+        for j in range(num_words(c)):
+            src = words[..., j]
+            d, sh = divmod(off + 64 * j, 64)
+            out[..., d] |= src << sh
+            if sh and d + 1 < nw:  # the high bits of src, shifted down logically
+                out[..., d + 1] |= (src >> (64 - sh)) & ((1 << sh) - 1)
+        off += c
+    return pad_packed(out, total, padding, pad_value, backend="torch")
 
 
 def _transform(

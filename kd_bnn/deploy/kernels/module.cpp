@@ -14,6 +14,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_input", &kdbnn::pack_input, "binarize and pack (N,C,H,W) float -> padded NHWC int64 words",
         py::arg("x"), py::arg("pad"), py::arg("pad_value"), py::arg("thr") = py::none(), py::arg("isa") = -1);
   m.def("pad_packed", &kdbnn::pad_packed, "pad packed NHWC words with +1/-1 pad words");
+  m.def("concat_packed", &kdbnn::concat_packed,
+        "packed words of a channel concatenation of packed NHWC parts, padded with +1/-1 pad words");
   m.def("xnor_conv", &kdbnn::xnor_conv, "XNOR popcount convolution on packed NHWC input");
   m.def("xnor_conv_ex", &kdbnn::xnor_conv_ex,
         "XNOR conv with a residual add and float + packed outputs from one epilogue pass",

@@ -96,33 +96,78 @@ at::Tensor pack_input(at::Tensor x, int64_t pad, double pad_value, c10::optional
   return out;
 }
 
-// xp: int64 (N, H, W, nw) packed (unpadded) -> (N, H+2p, W+2p, nw) with pad words on the border.
-at::Tensor pad_packed(at::Tensor xp, int64_t channels, int64_t pad, double pad_value) {
-  TORCH_CHECK(xp.dim() == 4 && xp.scalar_type() == at::kLong,
-              "kd_bnn.pad_packed: expected int64 (N, H, W, nw), found ", xp.sizes(), " ", xp.scalar_type());
+// parts: int64 (N, H, W, ceil(channels[i] / 64)) packed (unpadded, padding bits 0) -> the packed
+// words of their channel concatenation, (N, H+2p, W+2p, ceil(sum channels / 64)) with pad words on
+// the border, in one pass: a part starting on a 64-channel boundary is copied word for word, any
+// other is shifted into place (each source word spans two output words).
+at::Tensor concat_packed(std::vector<at::Tensor> parts, std::vector<int64_t> channels, int64_t pad, double pad_value) {
+  TORCH_CHECK(!parts.empty() && parts.size() == channels.size(), "kd_bnn.concat_packed: ", parts.size(), " parts, ",
+              channels.size(), " channel counts");
   check_pad_value(pad_value);
-  const int64_t nw = (channels + 63) / 64;
-  TORCH_CHECK(xp.size(3) == nw, "kd_bnn.pad_packed: ", channels, " channels need ", nw, " words, found ", xp.size(3));
-  xp = xp.contiguous();
-  const int64_t N = xp.size(0), H = xp.size(1), W = xp.size(2), Hp = H + 2 * pad, Wp = W + 2 * pad;
+  TORCH_CHECK(pad >= 0, "kd_bnn.concat_packed: pad must be >= 0, found ", pad);
+  const int64_t np = (int64_t)parts.size();
+  std::vector<const uint64_t*> src(np);
+  std::vector<int64_t> off(np), pw(np);
+  int64_t total = 0;
+  for (int64_t i = 0; i < np; ++i) {
+    at::Tensor& t = parts[i];
+    TORCH_CHECK(t.dim() == 4 && t.scalar_type() == at::kLong, "kd_bnn.concat_packed: part ", i,
+                " must be int64 (N, H, W, nw), found ", t.sizes(), " ", t.scalar_type());
+    TORCH_CHECK(channels[i] >= 1 && t.size(3) == (channels[i] + 63) / 64, "kd_bnn.concat_packed: part ", i, " has ",
+                t.size(3), " words per pixel, ", channels[i], " channels need ", (channels[i] + 63) / 64);
+    TORCH_CHECK(t.size(0) == parts[0].size(0) && t.size(1) == parts[0].size(1) && t.size(2) == parts[0].size(2),
+                "kd_bnn.concat_packed: part ", i, " is ", t.sizes(), ", part 0 ", parts[0].sizes());
+    t = t.contiguous();
+    src[i] = reinterpret_cast<const uint64_t*>(t.data_ptr<int64_t>());
+    off[i] = total;
+    pw[i] = t.size(3);
+    total += channels[i];
+  }
+  const int64_t N = parts[0].size(0), H = parts[0].size(1), W = parts[0].size(2);
+  const int64_t nw = (total + 63) / 64, Hp = H + 2 * pad, Wp = W + 2 * pad;
   auto out = at::empty({N, Hp, Wp, nw}, at::kLong);
-  const uint64_t* s = reinterpret_cast<const uint64_t*>(xp.data_ptr<int64_t>());
   uint64_t* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
   const bool plus = pad_value > 0;
-  at::parallel_for(0, N * Hp, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N * Hp, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, Wp * nw)), [&](int64_t b, int64_t e) {
     for (int64_t nh = b; nh < e; ++nh) {
       const int64_t n = nh / Hp, h = nh % Hp - pad;
       uint64_t* row = o + nh * Wp * nw;
       for (int64_t w = 0; w < Wp; ++w) {
         const int64_t wi = w - pad;
-        if (h < 0 || h >= H || wi < 0 || wi >= W)
-          fill_pad(row + w * nw, nw, channels, plus);
-        else
-          std::memcpy(row + w * nw, s + ((n * H + h) * W + wi) * nw, sizeof(uint64_t) * nw);
+        uint64_t* d = row + w * nw;
+        if (h < 0 || h >= H || wi < 0 || wi >= W) {
+          fill_pad(d, nw, total, plus);
+          continue;
+        }
+        const int64_t px = (n * H + h) * W + wi;
+        if (np == 1) {
+          std::memcpy(d, src[0] + px * nw, sizeof(uint64_t) * nw);
+          continue;
+        }
+        std::fill(d, d + nw, 0ULL);
+        for (int64_t i = 0; i < np; ++i) {
+          const uint64_t* s = src[i] + px * pw[i];
+          const int64_t d0 = off[i] >> 6, sh = off[i] & 63;
+          if (sh == 0) {
+            for (int64_t j = 0; j < pw[i]; ++j) d[d0 + j] |= s[j];
+          } else {
+            for (int64_t j = 0; j < pw[i]; ++j) {
+              d[d0 + j] |= s[j] << sh;
+              if (d0 + j + 1 < nw) d[d0 + j + 1] |= s[j] >> (64 - sh);
+            }
+          }
+        }
       }
     }
   });
   return out;
+}
+
+// xp: int64 (N, H, W, nw) packed (unpadded) -> (N, H+2p, W+2p, nw) with pad words on the border.
+at::Tensor pad_packed(at::Tensor xp, int64_t channels, int64_t pad, double pad_value) {
+  TORCH_CHECK(xp.dim() == 4 && xp.scalar_type() == at::kLong,
+              "kd_bnn.pad_packed: expected int64 (N, H, W, nw), found ", xp.sizes(), " ", xp.scalar_type());
+  return concat_packed({xp}, {channels}, pad, pad_value);
 }
 
 }  // namespace kdbnn
