@@ -270,3 +270,51 @@ def test_bwn_students_have_no_packed_plan(tmp_path):
     student, extra = _family_student("bireal", {"preset": "small", "mode": "bwn"}, None)
     export(student, tmp_path / "m.kdbnn", extra_meta=extra)
     assert Runtime(tmp_path / "m.kdbnn").packed_plan is None
+
+
+# ----------------------------------------------------------------------------- the float stem
+
+
+def test_plain_sequential_stem_fuses_conv_act_and_pool():
+    """A float ``conv -> [folded BN] -> act -> MaxPool2d(2, 2)`` in a plain Sequential runs as one
+    stem kernel call (activation and pool fused); pools of another geometry stay torch modules."""
+    from kd_bnn.deploy.runtime import StemConv, _fuse_sequential
+
+    torch.manual_seed(0)
+
+    def stem(pool: torch.nn.Module, c_in: int = 3) -> torch.nn.Sequential:
+        conv = torch.nn.Conv2d(c_in, 8, 3, 2, 1)
+        return torch.nn.Sequential(conv, torch.nn.Identity(), torch.nn.ReLU(inplace=True), pool).eval()
+
+    x = torch.randn(2, 3, 27, 35)  # odd sizes: the pool drops the last row and column
+    for pool, fused in [(torch.nn.MaxPool2d(2, 2), True), (torch.nn.MaxPool2d(2), True),
+                        (torch.nn.MaxPool2d(2, 2, padding=1), False), (torch.nn.MaxPool2d(2, 2, ceil_mode=True), False),
+                        (torch.nn.MaxPool2d(3, 2), False)]:
+        m = stem(pool)
+        with torch.no_grad():
+            ref = m(x)
+        assert _fuse_sequential(m, None) == 1
+        assert isinstance(m[0], StemConv) and isinstance(m[2], torch.nn.Identity)
+        assert (m[0].pool == 0) == fused and isinstance(m[3], torch.nn.Identity) == fused
+        with torch.no_grad():
+            got = m(x)
+        assert got.shape == ref.shape and _rel_err(got, ref) < 1e-5, pool
+    wide = stem(torch.nn.MaxPool2d(2, 2), c_in=16)  # not a stem: C_in > 8
+    assert _fuse_sequential(wide, None) == 0 and type(wide[0]) is torch.nn.Conv2d
+
+
+@pytest.mark.parametrize("family", ["bireal", "binary_densenet"])
+def test_student_stem_on_the_stem_kernel_with_its_pool(family, tmp_path):
+    from kd_bnn.deploy.runtime import StemConv
+
+    student, extra = _family_student(family, {"preset": "small"}, None)
+    export(student, tmp_path / "m.kdbnn", extra_meta=extra)
+    rt = Runtime(tmp_path / "m.kdbnn")
+    stem = rt.model.backbone.stem
+    assert isinstance(stem.conv, StemConv) and stem.conv.activation == "relu" and stem.conv.pool == 0
+    assert all(isinstance(stem.get_submodule(k), torch.nn.Identity) for k in ("bn", "act", "pool"))
+    x = torch.rand(2, 3, *SIZE, generator=torch.Generator().manual_seed(4))
+    unfused = Runtime(tmp_path / "m.kdbnn", fuse=False, packed_chains=False)
+    assert _rel_err(rt(x)[0], unfused(x)[0]) < 1e-5
+    with torch.no_grad():
+        assert _rel_err(rt(x)[0], student(x)[0]) < 1e-4

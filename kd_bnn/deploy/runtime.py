@@ -328,20 +328,51 @@ def _fuse_activations(model: nn.Module) -> int:
             # a float conv (BN folded) whose output only its activation reads: activate in place
             # (no second full-size map to allocate and fault in)
             act_mod.inplace = True
-    for m in model.modules():
+    backend = next((m.backend for m in model.modules() if isinstance(m, PackedBinaryConv)), None)
+    for m in list(model.modules()):
         if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
-            kids = list(m._modules.items())
-            for i, (_, c) in enumerate(kids):
-                if not isinstance(c, PackedBinaryConv) or c.input_scaling == "xnor_k" or c.activation != "none":
-                    continue
-                j = i + 1
-                if j < len(kids) and isinstance(kids[j][1], nn.Identity):
-                    j += 1
-                if j < len(kids) and _act_name(kids[j][1]):
-                    c.activation = _act_name(kids[j][1])
-                    m._modules[kids[j][0]] = nn.Identity()
-                    count += 1
+            count += _fuse_sequential(m, backend)
     return count
+
+
+def _fuse_sequential(m: nn.Sequential, backend: str | None) -> int:
+    """In a plain Sequential (each child reads only the previous one's output): a binary conv's
+    activation (``conv, [Identity], act``) into its kernel call; a float stem conv (`StemConv.fits`,
+    BN folded: ``conv, [Identity], act``) onto the stem kernel with its activation, and a 2x2
+    stride-2 ``nn.MaxPool2d`` after it (padding 0) into the same kernel call (`StemConv.pool`:
+    only the pooled map is written). Structural, so it needs no family hook (the students'
+    ``conv -> bn -> act -> pool`` stem; `activation_blocks` would also open the stem to
+    `binarize`'s block options). Returns the activations fused."""
+    count = 0
+    kids = list(m._modules.items())
+    for i, (name, c) in enumerate(kids):
+        j = i + 1
+        if j < len(kids) and isinstance(kids[j][1], nn.Identity):
+            j += 1
+        act = _act_name(kids[j][1]) if j < len(kids) else None
+        if isinstance(c, PackedBinaryConv):
+            if act and c.input_scaling != "xnor_k" and c.activation == "none":
+                c.activation = act
+                m._modules[kids[j][0]] = nn.Identity()
+                count += 1
+        elif act and StemConv.fits(c):
+            c = m._modules[name] = StemConv(c, act, backend)
+            m._modules[kids[j][0]] = nn.Identity()
+            count += 1
+        if isinstance(c, StemConv) and c.pool is None:
+            k = i + 1
+            while k < len(kids) and isinstance(m._modules[kids[k][0]], nn.Identity):
+                k += 1
+            if k < len(kids) and _plain_pool2(kids[k][1]):
+                c.pool = 0
+                m._modules[kids[k][0]] = nn.Identity()
+    return count
+
+
+def _plain_pool2(p: nn.Module) -> bool:
+    """``nn.MaxPool2d(2, 2)``, no padding, dilation or ceil mode: the stem kernel's pool with padding 0."""
+    return (type(p) is nn.MaxPool2d and p.kernel_size in (2, (2, 2)) and p.stride in (2, (2, 2)) and p.padding in (0, (0, 0))
+            and p.dilation in (1, (1, 1)) and not p.ceil_mode and not p.return_indices)
 
 
 class StemConv(nn.Module):
@@ -357,6 +388,8 @@ class StemConv(nn.Module):
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone().contiguous())
         self.stride, self.padding = conv.stride[0], conv.padding[0]
         self.activation, self.backend = activation, backend
+        #: a 2x2 stride-2 max-pool after the conv fused into every call (its padding, 0 or 1), or None
+        self.pool: int | None = None
 
     @staticmethod
     def fits(c: nn.Module) -> bool:
@@ -367,14 +400,15 @@ class StemConv(nn.Module):
                 and c.padding[0] == c.padding[1] and c.stride[0] == c.stride[1] and c.stride[0] in (1, 2))
 
     def forward(self, x: torch.Tensor, pool: int | None = None) -> torch.Tensor:
-        """The conv and its activation; ``pool`` 0 or 1: then Darknet's 2x2 stride-2 max-pool with
-        that padding, fused into the kernel call (only the pooled map is written)."""
+        """The conv and its activation; ``pool`` 0 or 1 (default: ``self.pool``): then Darknet's 2x2
+        stride-2 max-pool with that padding, fused into the kernel call (only the pooled map is written)."""
         return stem_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.activation,
-                           backend=self.backend, pool=pool)
+                           backend=self.backend, pool=self.pool if pool is None else pool)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, activation={self.activation}")
+                f"padding={self.padding}, activation={self.activation}"
+                + ("" if self.pool is None else f", pool=2x2 stride 2 padding {self.pool}"))
 
 
 class PointwiseConv(nn.Module):
