@@ -318,3 +318,21 @@ def test_student_stem_on_the_stem_kernel_with_its_pool(family, tmp_path):
     assert _rel_err(rt(x)[0], unfused(x)[0]) < 1e-5
     with torch.no_grad():
         assert _rel_err(rt(x)[0], student(x)[0]) < 1e-4
+
+
+def test_remaining_plain_pools_run_as_strided_maxima(tmp_path):
+    """``nn.MaxPool2d(2, 2)`` the stem kernel does not take (BinaryDenseNet's transitions) runs as
+    `MaxPool2x2`: the same maxima (NaN propagated alike), odd sizes included."""
+    from kd_bnn.deploy.runtime import MaxPool2x2
+
+    g = torch.Generator().manual_seed(5)
+    for shape in [(2, 5, 7, 9), (1, 3, 2, 2), (1, 64, 24, 80)]:
+        x = torch.randn(*shape, generator=g)
+        x.view(-1)[3] = float("nan")
+        got, ref = MaxPool2x2()(x), torch.nn.MaxPool2d(2, 2)(x)
+        assert got.shape == ref.shape and torch.equal(got.nan_to_num(7.0), ref.nan_to_num(7.0))
+    student, extra = _family_student("binary_densenet", {"preset": "small"}, None)
+    export(student, tmp_path / "m.kdbnn", extra_meta=extra)
+    rt = Runtime(tmp_path / "m.kdbnn")
+    assert isinstance(rt.model.backbone.trans1.pool, MaxPool2x2)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in rt.model.modules())
