@@ -191,6 +191,11 @@ def test_concat_packed_equals_packed_concat(channels, backend):
         got = concat_packed(packed, pad, value, backend=backend)
         assert torch.equal(got, pack_input(torch.cat(parts, 1), pad, value, backend="torch")), (pad, value)
     assert torch.equal(PackedOps(backend).concat_packed(packed), concat_packed(packed, backend="torch"))
+    # float parts binarized inside the concat (x >= 0: zeros too), mixed with packed ones
+    parts[0][:, :, 0] = 0.0
+    mixed = [(p, p.shape[1]) if i % 2 == 0 else q for i, (p, q) in enumerate(zip(parts, packed))]
+    assert torch.equal(concat_packed(mixed, 1, -1.0, backend=backend), pack_input(torch.cat(parts, 1), 1, -1.0,
+                                                                                  backend="torch"))
 
 
 # ----------------------------------------------------------------------------- the students

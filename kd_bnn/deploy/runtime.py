@@ -599,9 +599,10 @@ class PackedOps:
         return pack_input(x, conv.pad[0], conv.pad_value, backend=self.backend)
 
     def concat_packed(self, parts: list[tuple[torch.Tensor, int]], pad_for: nn.Module | None = None) -> torch.Tensor:
-        """Packed words of the channel concatenation of unpadded packed ``parts`` ``(words, channels)``,
-        padded for conv ``pad_for`` (None: unpadded), in one C++ pass (`kd_bnn.deploy.kernels.concat_packed`:
-        parts starting on a word boundary are copied, others shifted into place)."""
+        """Packed words of the channel concatenation of ``parts`` ``(t, channels)`` (``t`` unpadded
+        packed words, or a float map binarized on the way, ``x >= 0``), padded for conv ``pad_for``
+        (None: unpadded), in one C++ pass (`kd_bnn.deploy.kernels.concat_packed`: parts starting on
+        a word boundary are copied, others shifted into place)."""
         if pad_for is None:
             return concat_packed(parts, 0, -1.0, backend=self.backend)
         return concat_packed(parts, pad_for.pad[0], pad_for.pad_value, backend=self.backend)

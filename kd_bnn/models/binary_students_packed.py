@@ -213,8 +213,8 @@ def _run_dense_block(block: nn.Module, name: str, x0: torch.Tensor, plan: Studen
             xin = torch.cat([x0, *outs], dim=1) if outs else x0
             inp, padded = layer.bn(xin), False
         else:
-            srcs = [x0, *outs[:-1]]
-            parts = [(ops.pack_for(_bn_slice(t, p)), t.shape[1]) for t, p in zip(srcs, spec["bn_parts"])]
+            srcs = [x0, *outs[:-1]]  # through bn_i's slices, binarized inside the concat
+            parts = [(_bn_slice(t, p), t.shape[1]) for t, p in zip(srcs, spec["bn_parts"])]
             parts.append((prev_bits, spec["prev_c"]))
             inp, padded = ops.concat_packed(parts, pad_for=layer.bconv), True
         if spec["bounds"] is not None:
@@ -279,8 +279,8 @@ def _run_head(model: nn.Module, x: torch.Tensor, fine: torch.Tensor, plan: Stude
             inp = ops.concat_packed([(bits, spec["hc"])], pad_for=blk.bconv)
             bits = ops.xnor_fused(blk.bconv, inp, bounds=spec["bounds"][i], float_out=False, x_padded=True)
             continue
-        fine_bits = ops.pack_for(_bn_slice(fine, spec["fine_bn"]))
-        inp = ops.concat_packed([(bits, spec["hc"]), (fine_bits, fine.shape[1])], pad_for=blk.bconv)
+        inp = ops.concat_packed([(bits, spec["hc"]), (_bn_slice(fine, spec["fine_bn"]), fine.shape[1])],
+                                pad_for=blk.bconv)
         return ops.xnor_fused(blk.bconv, inp, x_padded=True)
     raise AssertionError("unreachable: the head ends with conv3")
 

@@ -339,6 +339,14 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().float()
 
 
+def _vec(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a contiguous 1-D CPU tensor of ``dtype`` (as is when it already is one: per-call
+    arguments made once at plan time cost no dispatcher calls)."""
+    if t.dtype == dtype and t.dim() == 1 and t.is_contiguous() and not t.requires_grad and t.device.type == "cpu":
+        return t
+    return t.detach().cpu().to(dtype).reshape(-1).contiguous()
+
+
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -431,15 +439,18 @@ def concat_packed(
     pad_value: float = -1.0,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Packed words ``(N, H+2p, W+2p, nw)`` of the channel concatenation of unpadded packed
-    ``parts`` ``(words (N, H, W, ceil(c/64)), c)``, padded spatially with ``pad_value`` words, in one
+    """Packed words ``(N, H+2p, W+2p, nw)`` of the channel concatenation of ``parts`` ``(t, c)``:
+    ``t`` unpadded packed words ``(N, H, W, ceil(c/64))``, or a float ``(N, c, H, W)`` map binarized
+    here (``x >= 0`` -> +1, as :func:`pack_input`), padded spatially with ``pad_value`` words, in one
     pass (C++): parts starting on a 64-channel boundary are copied, others shifted into place (each
     source word spans two output words)."""
     if pad_value not in (1.0, -1.0):
         raise ValueError(f"binary padding value must be +1 or -1, found {pad_value}")
     ext = _use_ext(backend)
     if ext is not None:
-        return ext.concat_packed([p for p, _ in parts], [int(c) for _, c in parts], int(padding), float(pad_value))
+        return ext.concat_packed([p if p.dtype == torch.int64 else _f32(p) for p, _ in parts],
+                                 [int(c) for _, c in parts], int(padding), float(pad_value))
+    parts = [(p if p.dtype == torch.int64 else pack_input(p, 0, -1.0, backend="torch"), c) for p, c in parts]
     n, h, w = parts[0][0].shape[:3]
     total = sum(c for _, c in parts)
     nw = num_words(total)
@@ -578,17 +589,18 @@ def xnor_conv2d(
             raise ValueError("an output table needs output 'float' or 'both' and no packed_bounds")
         rows = c_out
         if affine is not None:
-            affine = tuple(_f32(t).reshape(-1).contiguous() for t in affine)
+            affine = tuple(_vec(t, torch.float32) for t in affine)
             if any(t.numel() != c_out for t in affine):
                 raise ValueError(f"affine coefficients need {c_out} values each")
-            rows = int(affine[0].isnan().sum())
+            # (counted only with a table: without one the kernel and _mapped need no rows either)
+            rows = int(affine[0].isnan().sum()) if table is not None else 0
         if rows and (table is None or tuple(table.shape) != (rows, c_in * kh * kw + 1)):
             raise ValueError(f"table must be ({rows}, {c_in * kh * kw + 1}), found "
                              f"{None if table is None else tuple(table.shape)}")
         table = _f32(table).contiguous() if rows else None
     bounds = None
     if packed_bounds is not None:
-        bounds = tuple(torch.as_tensor(b).to(torch.int32).reshape(-1).contiguous() for b in packed_bounds)
+        bounds = tuple(_vec(torch.as_tensor(b), torch.int32) for b in packed_bounds)
         if any(b.numel() != c_out for b in bounds):
             raise ValueError(f"packed_bounds need {c_out} values each")
 

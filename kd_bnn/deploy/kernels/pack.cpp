@@ -96,10 +96,11 @@ at::Tensor pack_input(at::Tensor x, int64_t pad, double pad_value, c10::optional
   return out;
 }
 
-// parts: int64 (N, H, W, ceil(channels[i] / 64)) packed (unpadded, padding bits 0) -> the packed
-// words of their channel concatenation, (N, H+2p, W+2p, ceil(sum channels / 64)) with pad words on
-// the border, in one pass: a part starting on a 64-channel boundary is copied word for word, any
-// other is shifted into place (each source word spans two output words).
+// parts: int64 (N, H, W, ceil(channels[i] / 64)) packed (unpadded, padding bits 0), or float
+// (N, channels[i], H, W) maps binarized here (x >= 0 -> 1, the row packer of the best ISA) -> the
+// packed words of their channel concatenation, (N, H+2p, W+2p, ceil(sum channels / 64)) with pad
+// words on the border, in one pass: a part starting on a 64-channel boundary is copied word for
+// word, any other is shifted into place (each source word spans two output words).
 at::Tensor concat_packed(std::vector<at::Tensor> parts, std::vector<int64_t> channels, int64_t pad, double pad_value) {
   TORCH_CHECK(!parts.empty() && parts.size() == channels.size(), "kd_bnn.concat_packed: ", parts.size(), " parts, ",
               channels.size(), " channel counts");
@@ -107,46 +108,67 @@ at::Tensor concat_packed(std::vector<at::Tensor> parts, std::vector<int64_t> cha
   TORCH_CHECK(pad >= 0, "kd_bnn.concat_packed: pad must be >= 0, found ", pad);
   const int64_t np = (int64_t)parts.size();
   std::vector<const uint64_t*> src(np);
-  std::vector<int64_t> off(np), pw(np);
-  int64_t total = 0;
+  std::vector<const float*> fsrc(np, nullptr);
+  std::vector<int64_t> off(np), pw(np), fbuf_at(np, 0);
+  int64_t total = 0, N = -1, H = -1, W = -1, fwords = 0;
   for (int64_t i = 0; i < np; ++i) {
     at::Tensor& t = parts[i];
-    TORCH_CHECK(t.dim() == 4 && t.scalar_type() == at::kLong, "kd_bnn.concat_packed: part ", i,
-                " must be int64 (N, H, W, nw), found ", t.sizes(), " ", t.scalar_type());
-    TORCH_CHECK(channels[i] >= 1 && t.size(3) == (channels[i] + 63) / 64, "kd_bnn.concat_packed: part ", i, " has ",
-                t.size(3), " words per pixel, ", channels[i], " channels need ", (channels[i] + 63) / 64);
-    TORCH_CHECK(t.size(0) == parts[0].size(0) && t.size(1) == parts[0].size(1) && t.size(2) == parts[0].size(2),
-                "kd_bnn.concat_packed: part ", i, " is ", t.sizes(), ", part 0 ", parts[0].sizes());
+    const bool is_float = t.scalar_type() == at::kFloat;
+    TORCH_CHECK(t.dim() == 4 && (is_float || t.scalar_type() == at::kLong), "kd_bnn.concat_packed: part ", i,
+                " must be int64 words (N, H, W, nw) or float (N, C, H, W), found ", t.sizes(), " ", t.scalar_type());
+    const int64_t words = (channels[i] + 63) / 64;
+    TORCH_CHECK(channels[i] >= 1 && (is_float ? t.size(1) == channels[i] : t.size(3) == words),
+                "kd_bnn.concat_packed: part ", i, " ", t.sizes(), " does not hold ", channels[i], " channels");
+    const int64_t n = t.size(0), h = is_float ? t.size(2) : t.size(1), w = is_float ? t.size(3) : t.size(2);
+    if (i == 0) N = n, H = h, W = w;
+    TORCH_CHECK(n == N && h == H && w == W, "kd_bnn.concat_packed: part ", i, " is ", t.sizes(),
+                ", not of part 0's batch and size");
     t = t.contiguous();
-    src[i] = reinterpret_cast<const uint64_t*>(t.data_ptr<int64_t>());
+    if (is_float) {
+      fsrc[i] = t.data_ptr<float>();
+      fbuf_at[i] = fwords;
+      fwords += W * words;
+    } else {
+      src[i] = reinterpret_cast<const uint64_t*>(t.data_ptr<int64_t>());
+    }
     off[i] = total;
-    pw[i] = t.size(3);
+    pw[i] = words;
     total += channels[i];
   }
-  const int64_t N = parts[0].size(0), H = parts[0].size(1), W = parts[0].size(2);
   const int64_t nw = (total + 63) / 64, Hp = H + 2 * pad, Wp = W + 2 * pad;
   auto out = at::empty({N, Hp, Wp, nw}, at::kLong);
   uint64_t* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
   const bool plus = pad_value > 0;
+  const PackRowFn pack_row = best_pack_row();
   at::parallel_for(0, N * Hp, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, Wp * nw)), [&](int64_t b, int64_t e) {
+    std::vector<uint64_t> rowbits(fwords);  // this row of every float part, packed
     for (int64_t nh = b; nh < e; ++nh) {
       const int64_t n = nh / Hp, h = nh % Hp - pad;
       uint64_t* row = o + nh * Wp * nw;
+      const bool inside = h >= 0 && h < H;
+      if (inside)
+        for (int64_t i = 0; i < np; ++i)
+          if (fsrc[i] != nullptr)
+            pack_row(fsrc[i] + (n * channels[i] * H + h) * W, H * W, channels[i], W, nullptr,
+                     rowbits.data() + fbuf_at[i]);
       for (int64_t w = 0; w < Wp; ++w) {
         const int64_t wi = w - pad;
         uint64_t* d = row + w * nw;
-        if (h < 0 || h >= H || wi < 0 || wi >= W) {
+        if (!inside || wi < 0 || wi >= W) {
           fill_pad(d, nw, total, plus);
           continue;
         }
         const int64_t px = (n * H + h) * W + wi;
-        if (np == 1) {
-          std::memcpy(d, src[0] + px * nw, sizeof(uint64_t) * nw);
+        if (nw == 1) {  // every part within one word (at most 64 channels in all)
+          uint64_t v = 0;
+          for (int64_t i = 0; i < np; ++i)
+            v |= (fsrc[i] != nullptr ? rowbits[fbuf_at[i] + wi] : src[i][px]) << off[i];
+          *d = v;
           continue;
         }
         std::fill(d, d + nw, 0ULL);
         for (int64_t i = 0; i < np; ++i) {
-          const uint64_t* s = src[i] + px * pw[i];
+          const uint64_t* s = fsrc[i] != nullptr ? rowbits.data() + fbuf_at[i] + wi * pw[i] : src[i] + px * pw[i];
           const int64_t d0 = off[i] >> 6, sh = off[i] & 63;
           if (sh == 0) {
             for (int64_t j = 0; j < pw[i]; ++j) d[d0 + j] |= s[j];

@@ -266,10 +266,17 @@ std::vector<at::Tensor> xnor_conv_impl(at::Tensor xpad, at::Tensor panel, int64_
     for (int64_t blk = b; blk < e; ++blk) {
       const int64_t q_begin = blk * block, q_end = std::min<int64_t>(total, q_begin + block), nb = q_end - q_begin;
       if (want_packed) std::fill(bits.begin(), bits.end(), 0ULL);
-      for (int64_t i = 0; i < nb + P; ++i) {
-        const int64_t q = q_begin + std::min<int64_t>(i, nb - 1);
-        const int64_t n = q / plane, rem = q % plane, oh = rem / OW, ow = rem % OW;
-        inp[i] = X + ((n * Hp + oh * stride) * Wp + ow * stride) * nw;
+      {  // window pointers of the block's pixels (the last one repeated for a partial tile); the
+         // pixel's (n, oh, ow) advanced by a counter, not divided out per pixel
+        int64_t n = q_begin / plane, oh = (q_begin % plane) / OW, ow = q_begin % OW;
+        for (int64_t i = 0; i < nb; ++i) {
+          inp[i] = X + ((n * Hp + oh * stride) * Wp + ow * stride) * nw;
+          if (++ow == OW) {
+            ow = 0;
+            if (++oh == OH) oh = 0, ++n;
+          }
+        }
+        for (int64_t i = nb; i < nb + P; ++i) inp[i] = inp[nb - 1];
       }
       for (int64_t co = 0; co < c_out; co += kCoBlock) {
         const int64_t nc = std::min<int64_t>(kCoBlock, c_out - co);
@@ -411,11 +418,15 @@ std::vector<at::Tensor> xnor_conv_impl(at::Tensor xpad, at::Tensor panel, int64_
           }
         }
       }
-      if (want_packed) {
-        for (int64_t q = q_begin; q < q_end; ++q) {
-          const int64_t n = q / plane, rem = q % plane, oh = rem / OW, ow = rem % OW;
+      if (want_packed) {  // the block's words into the (padded) packed output, a row run at a time
+        int64_t n = q_begin / plane, oh = (q_begin % plane) / OW, ow = q_begin % OW;
+        for (int64_t q = q_begin; q < q_end;) {
+          const int64_t run = std::min<int64_t>(q_end - q, OW - ow);
           std::memcpy(out_pk + ((n * OHp + oh + out_pad) * OWp + ow + out_pad) * nwo, bits.data() + (q - q_begin) * nwo,
-                      sizeof(uint64_t) * nwo);
+                      sizeof(uint64_t) * nwo * run);
+          q += run;
+          ow = 0;
+          if (++oh == OH) oh = 0, ++n;
         }
       }
     }
