@@ -62,6 +62,7 @@ class StudentPackedPlan:
     units: dict[str, nn.Module | None] = field(default_factory=dict)  # Bi-Real unit path -> next conv
     tables: dict[str, Any] = field(default_factory=dict)  # Bi-Real unit path -> its BN (kernels.OutputMap)
     blocks: dict[str, list[Any]] = field(default_factory=dict)  # dense block name -> per-layer bounds
+    stages: set[str] = field(default_factory=set)  # backbone children holding chained Bi-Real units
     head: dict[str, Any] | None = None
 
     def __bool__(self) -> bool:  # a plan, even with nothing packed
@@ -120,6 +121,7 @@ def _plan_bireal(model: nn.Module, ops: Any, plan: StudentPackedPlan) -> None:
             prev_chain = False
             continue
         plan.units[path] = nxt.bconv if nxt is not None and _bireal_chainable(nxt, ops) else None
+        plan.stages.add(path.split(".")[1])
         if not isinstance(unit.bn, nn.Identity):  # the unit's BN (not folded: `bconv` is no `conv`)
             plan.tables[path] = ops.output_table(unit.bconv, unit.bn)
         if prev_chain:
@@ -306,7 +308,7 @@ def student_packed_forward(model: nn.Module, images: torch.Tensor, plan: Student
     for name, m in model.backbone.named_children():
         if name in plan.blocks:
             x, packed = _run_dense_block(m, name, x, plan, ops), None
-        elif isinstance(m, nn.Sequential) and any(f"backbone.{name}.{j}" in plan.units for j in range(len(m))):
+        elif name in plan.stages:
             x, packed = _run_bireal_stage(m, name, x, packed, plan, ops)
         else:
             x, packed = m(x), None
