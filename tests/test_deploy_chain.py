@@ -17,6 +17,7 @@ from kd_bnn.deploy.kernels import (
     output_table,
     pack_input,
     popcount_bounds,
+    sign_thresholds,
     xnor_conv2d,
 )
 from kd_bnn.deploy.pack import pack_signs
@@ -198,6 +199,37 @@ def test_concat_packed_equals_packed_concat(channels, backend):
                                                                                   backend="torch"))
 
 
+def _bn_sign(bn):
+    return lambda v: bn(v) >= 0
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_sign_thresholds_pack_a_batchnorm_exactly(backend):
+    """bn(x) >= 0 as per-channel thresholds of the packer (x >= t, or x <= t for a negative scale):
+    the concat's bits of a float part equal packing the BatchNorm's output, specials included."""
+    c = 70
+    bn = _bn(c, 7)  # negative scales too
+    with torch.no_grad():
+        bn.weight[5] = 0.0  # constant: bn(x) = beta < 0 for finite x, NaN at +-inf: never +1
+        bn.bias[5] = -abs(bn.bias[5]) - 0.1
+    thr = sign_thresholds(_bn_sign(bn), c)
+    assert thr is not None and thr[1].bool().any() and not thr[1].bool().all()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, c, 5, 9, generator=g) * 4
+    x[0, :, 0, 0] = float("inf")
+    x[0, :, 0, 1] = -float("inf")
+    x[0, :, 0, 2] = float("nan")
+    x[1, :, 1, 1] = bn.running_mean  # at the boundary
+    other = torch.randn(2, 12, 5, 9, generator=g)
+    with torch.no_grad():
+        ref = pack_input(torch.cat([other, bn(x)], 1), 1, 1.0, backend="torch")
+    got = concat_packed([(pack_input(other, 0, -1.0, backend="torch"), 12), (x, c, thr)], 1, 1.0, backend=backend)
+    assert torch.equal(got, ref)
+    with torch.no_grad():  # a zero scale with beta >= 0: +1 for finite x but not at +-inf: no threshold
+        bn.bias[5] = 0.5
+    assert sign_thresholds(_bn_sign(bn), c) is None
+
+
 # ----------------------------------------------------------------------------- the students
 
 CASES = {
@@ -233,6 +265,21 @@ def test_chaining_on_equals_off_and_torch(chained):
     assert _rel_err(a[0], ref_torch(x)[0]) < 1e-5
     with torch.no_grad():
         assert _rel_err(a[0], student(x)[0]) < 1e-4
+
+
+def test_densenet_negative_batchnorm_scales_chain_exactly(tmp_path):
+    """Dense layers' BatchNorms with negative scales: older parts binarized with x <= t thresholds."""
+    student, extra = _family_student("binary_densenet", {"preset": "small", "blocks": [1, 3, 2, 2]}, None)
+    with torch.no_grad():
+        for m in student.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight[::3] *= -1
+    export(student, tmp_path / "m.kdbnn", extra_meta=extra)
+    on, off = Runtime(tmp_path / "m.kdbnn"), Runtime(tmp_path / "m.kdbnn", packed_chains=False)
+    spec = on.packed_plan.blocks["block2"][2]
+    assert spec["thr_parts"] is not None and any(le.bool().any() for _, le in spec["thr_parts"])
+    x = torch.rand(2, 3, *SIZE, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(on(x)[0], off(x)[0])
 
 
 def test_bireal_plan_chains_every_unit_after_the_first(tmp_path):

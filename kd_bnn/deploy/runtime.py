@@ -51,6 +51,7 @@ from kd_bnn.deploy.kernels import (
     pointwise_weights,
     popcount_bounds,
     quantize_activations,
+    sign_thresholds,
     stem_conv2d,
     w1a8_conv2d,
     weight_panel,
@@ -590,6 +591,12 @@ class PackedOps:
         return popcount_bounds(conv.in_channels, conv.kernel_size, conv.scale, conv.shift, conv.activation,
                                predicate, conv.out_channels)
 
+    def sign_thresholds(self, predicate, channels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-channel thresholds ``(thr, le)`` for a float part of `concat_packed`: bit =
+        ``predicate(x)`` (e.g. ``bn(x) >= 0``) as ``x >= thr`` or, where ``le``, ``x <= thr``, for every
+        float ``x`` (`kd_bnn.deploy.kernels.sign_thresholds`; None when no threshold fits)."""
+        return sign_thresholds(predicate, channels)
+
     def pack_for(self, x: torch.Tensor, conv: nn.Module | None = None) -> torch.Tensor:
         """Binarize and pack float ``x`` (``x >= 0`` -> +1), padded for ``conv`` (None: unpadded)."""
         from kd_bnn.deploy.kernels import pack_input
@@ -599,8 +606,9 @@ class PackedOps:
         return pack_input(x, conv.pad[0], conv.pad_value, backend=self.backend)
 
     def concat_packed(self, parts: list[tuple[torch.Tensor, int]], pad_for: nn.Module | None = None) -> torch.Tensor:
-        """Packed words of the channel concatenation of ``parts`` ``(t, channels)`` (``t`` unpadded
-        packed words, or a float map binarized on the way, ``x >= 0``), padded for conv ``pad_for``
+        """Packed words of the channel concatenation of ``parts`` ``(t, channels[, thresholds])``
+        (``t`` unpadded packed words, or a float map binarized on the way: ``x >= 0``, or against
+        `sign_thresholds`), padded for conv ``pad_for``
         (None: unpadded), in one C++ pass (`kd_bnn.deploy.kernels.concat_packed`: parts starting on
         a word boundary are copied, others shifted into place)."""
         if pad_for is None:

@@ -20,14 +20,16 @@ float map it would binarize itself (one pack pass per conv):
   all layers. Instead: layer ``l-1``'s kernel emits, besides its float output, the bits
   ``bn_l(y_{l-1}) >= 0`` of its consumer (popcount bounds, `PackedOps.sign_bounds`: exact, the
   BatchNorm evaluated on every value the conv output can take); the block input and older layers'
-  outputs are put through ``bn_l``'s channel slice and packed; the parts are concatenated as
+  outputs are binarized against ``bn_l``'s per-channel thresholds (``bn_l(x) >= 0`` iff ``x >= t``,
+  or ``x <= t`` for a negative scale: `PackedOps.sign_thresholds`, exact for a monotone BatchNorm;
+  no normalised copy is made) inside the concatenation; the parts are concatenated as
   packed words (a word copy where a part starts on a 64-channel boundary, shifted otherwise:
   channel counts that are not multiples of 64, as in the ``small`` preset, cost a shift, not a
   fall back). The float concatenation is built once per block (the transition reads it).
 * **Head** ``BinaryConvBNAct`` (bn_in, bconv, BN folded, leaky fused): the conv before another
   head conv emits only the packed bits ``bn_in(v) >= 0`` of that conv's input (bounds again; its
-  float map is never written), and the passthrough part of ``head.conv3``'s input is put through
-  ``bn_in``'s slice and packed, then both are concatenated as packed words.
+  float map is never written), and the passthrough part of ``head.conv3``'s input is binarized
+  against ``bn_in``'s thresholds, both concatenated as packed words in one pass.
 
 Convs that keep binarizing a float map, with the reason (``StudentPackedPlan.float_in``): the
 first Bi-Real unit (the stem's map), the first layer of each dense block (the transition's
@@ -183,8 +185,12 @@ def _plan_dense(model: nn.Module, ops: Any, plan: StudentPackedPlan) -> None:
                 offs = [0, c0]
                 for g in growth[:i - 1]:
                     offs.append(offs[-1] + g)
-                # bn_i's channel slices of the block input and of layers 0..i-2 (packed in torch)
+                # bn_i's channel slices of the block input and of layers 0..i-2: as the packer's
+                # per-channel thresholds (bn_i(x) >= 0 iff x >= t, or x <= t), else as BatchNorms
+                thr = ops.sign_thresholds(_bn_sign_predicate(bn, 0), bn.num_features)
                 spec["bn_parts"] = [_bn_params(bn, slice(a, b)) for a, b in zip(offs[:-1], offs[1:])]
+                spec["thr_parts"] = None if thr is None else [(thr[0][a:b], thr[1][a:b])
+                                                              for a, b in zip(offs[:-1], offs[1:])]
                 spec["prev_c"] = growth[i - 1]
                 spec["prev_bn"] = _bn_params(bn, slice(offs[-1], offs[-1] + growth[i - 1]))
             specs.append(spec)
@@ -215,8 +221,11 @@ def _run_dense_block(block: nn.Module, name: str, x0: torch.Tensor, plan: Studen
             xin = torch.cat([x0, *outs], dim=1) if outs else x0
             inp, padded = layer.bn(xin), False
         else:
-            srcs = [x0, *outs[:-1]]  # through bn_i's slices, binarized inside the concat
-            parts = [(_bn_slice(t, p), t.shape[1]) for t, p in zip(srcs, spec["bn_parts"])]
+            srcs = [x0, *outs[:-1]]  # signs of bn_i's slices, binarized inside the concat
+            if spec["thr_parts"] is not None:
+                parts = [(t, t.shape[1], th) for t, th in zip(srcs, spec["thr_parts"])]
+            else:
+                parts = [(_bn_slice(t, p), t.shape[1]) for t, p in zip(srcs, spec["bn_parts"])]
             parts.append((prev_bits, spec["prev_c"]))
             inp, padded = ops.concat_packed(parts, pad_for=layer.bconv), True
         if spec["bounds"] is not None:
@@ -259,8 +268,9 @@ def _plan_head(model: nn.Module, ops: Any, plan: StudentPackedPlan) -> None:
         bounds.append(b)
     hc = convs[-2].out_channels
     last = blocks[-1].bn_in
+    thr = ops.sign_thresholds(_bn_sign_predicate(last, 0), last.num_features)
     plan.head = {"names": names, "bounds": bounds, "fine_bn": _bn_params(last, slice(hc, last.num_features)),
-                 "hc": hc}
+                 "fine_thr": None if thr is None else (thr[0][hc:], thr[1][hc:]), "hc": hc}
     for i, n in enumerate(names[1:]):
         src = f"head.{names[i]}"
         plan.packed_in[f"head.{n}.bconv"] = (
@@ -281,8 +291,9 @@ def _run_head(model: nn.Module, x: torch.Tensor, fine: torch.Tensor, plan: Stude
             inp = ops.concat_packed([(bits, spec["hc"])], pad_for=blk.bconv)
             bits = ops.xnor_fused(blk.bconv, inp, bounds=spec["bounds"][i], float_out=False, x_padded=True)
             continue
-        inp = ops.concat_packed([(bits, spec["hc"]), (_bn_slice(fine, spec["fine_bn"]), fine.shape[1])],
-                                pad_for=blk.bconv)
+        fine_part = ((fine, fine.shape[1], spec["fine_thr"]) if spec["fine_thr"] is not None
+                     else (_bn_slice(fine, spec["fine_bn"]), fine.shape[1]))
+        inp = ops.concat_packed([(bits, spec["hc"]), fine_part], pad_for=blk.bconv)
         return ops.xnor_fused(blk.bconv, inp, x_padded=True)
     raise AssertionError("unreachable: the head ends with conv3")
 

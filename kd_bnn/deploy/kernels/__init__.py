@@ -84,6 +84,7 @@ __all__ = [
     "pack_input",
     "pad_packed",
     "concat_packed",
+    "sign_thresholds",
     "xnor_conv2d",
     "popcount_bounds",
     "output_table",
@@ -434,29 +435,40 @@ def pad_packed(
 
 
 def concat_packed(
-    parts: list[tuple[torch.Tensor, int]],
+    parts: list[tuple],
     padding: int = 0,
     pad_value: float = -1.0,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Packed words ``(N, H+2p, W+2p, nw)`` of the channel concatenation of ``parts`` ``(t, c)``:
-    ``t`` unpadded packed words ``(N, H, W, ceil(c/64))``, or a float ``(N, c, H, W)`` map binarized
-    here (``x >= 0`` -> +1, as :func:`pack_input`), padded spatially with ``pad_value`` words, in one
-    pass (C++): parts starting on a 64-channel boundary are copied, others shifted into place (each
-    source word spans two output words)."""
+    """Packed words ``(N, H+2p, W+2p, nw)`` of the channel concatenation of ``parts`` ``(t, c)`` or
+    ``(t, c, (thr, le))``: ``t`` unpadded packed words ``(N, H, W, ceil(c/64))``, or a float
+    ``(N, c, H, W)`` map binarized here (``x >= 0`` -> +1, as :func:`pack_input`; with thresholds
+    ``(c,)`` from :func:`sign_thresholds`: ``x >= thr[k]``, or ``x <= thr[k]`` where ``le[k]``),
+    padded spatially with ``pad_value`` words, in one pass (C++): parts starting on a 64-channel
+    boundary are copied, others shifted into place (each source word spans two output words)."""
     if pad_value not in (1.0, -1.0):
         raise ValueError(f"binary padding value must be +1 or -1, found {pad_value}")
+    empty_f, empty_b = torch.empty(0), torch.empty(0, dtype=torch.uint8)
+    thr = [p[2][0] if len(p) > 2 and p[2] is not None else empty_f for p in parts]
+    le = [p[2][1] if len(p) > 2 and p[2] is not None else empty_b for p in parts]
     ext = _use_ext(backend)
     if ext is not None:
-        return ext.concat_packed([p if p.dtype == torch.int64 else _f32(p) for p, _ in parts],
-                                 [int(c) for _, c in parts], int(padding), float(pad_value))
-    parts = [(p if p.dtype == torch.int64 else pack_input(p, 0, -1.0, backend="torch"), c) for p, c in parts]
-    n, h, w = parts[0][0].shape[:3]
-    total = sum(c for _, c in parts)
+        return ext.concat_packed([p[0] if p[0].dtype == torch.int64 else _f32(p[0]) for p in parts],
+                                 [int(p[1]) for p in parts], int(padding), float(pad_value), thr, le)
+    packed = []
+    for (t, c, *_), th, lo in zip(parts, thr, le):
+        if t.dtype != torch.int64:
+            if th.numel():
+                th, lo = th.float().view(1, -1, 1, 1), lo.bool().view(1, -1, 1, 1)
+                t = torch.where(torch.where(lo, t <= th, t >= th), 1.0, -1.0)
+            t = pack_input(t, 0, -1.0, backend="torch")
+        packed.append((t, c))
+    n, h, w = packed[0][0].shape[:3]
+    total = sum(c for _, c in packed)
     nw = num_words(total)
     out = torch.zeros(n, h, w, nw, dtype=torch.int64)
     off = 0
-    for words, c in parts:
+    for words, c in packed:
         for j in range(num_words(c)):
             src = words[..., j]
             d, sh = divmod(off + 64 * j, 64)
@@ -465,6 +477,58 @@ def concat_packed(
                 out[..., d + 1] |= (src >> (64 - sh)) & ((1 << sh) - 1)
         off += c
     return pad_packed(out, total, padding, pad_value, backend="torch")
+
+
+def _float_keys(k: torch.Tensor) -> torch.Tensor:
+    """float32 values of ordered keys (int64): key ``k >= 0`` is the float with bits ``k``, ``k < 0``
+    the float with bits ``-k`` and the sign set (the keys order the floats as numbers, -0 = +0)."""
+    bits = torch.where(k >= 0, k, (-k) | (1 << 31)).to(torch.int64)
+    return (bits - ((bits >> 31) << 32)).to(torch.int32).view(torch.float32)
+
+
+def sign_thresholds(predicate, c: int, probes: int = 4096) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel thresholds ``(thr float32 (c,), le uint8 (c,))`` with ``predicate(x)[k]`` (a
+    per-channel elementwise map of float ``(1, c, 1, M)`` to bool, e.g. ``bn(x) >= 0`` of a
+    BatchNorm) equal to ``x >= thr[k]``, or ``x <= thr[k]`` where ``le[k]``, for every float ``x``:
+    the packer's binarization of that map without the map. Found by bisection over the ordered
+    floats (-inf..+inf), which is exact when the predicate is monotone in ``x`` (a BatchNorm is:
+    each of its rounded operations is monotone for a fixed channel); checked at the boundaries,
+    infinities, NaN (must be False) and ``probes`` spread values per channel. None when a
+    channel fails (e.g. a zero BatchNorm scale: ``bn(+-inf)`` is NaN)."""
+    inf = float("inf")
+
+    def pred(v: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return predicate(v.view(1, c, 1, -1).contiguous()).reshape(c, -1).bool()
+
+    ends = pred(torch.tensor([-inf, inf, float("nan")]).repeat(c, 1))
+    lo_true, hi_true = ends[:, 0], ends[:, 1]
+    if ends[:, 2].any():
+        return None
+    lo = torch.full((c,), -0x7F800000, dtype=torch.int64)  # key(-inf)
+    hi = torch.full((c,), 0x7F800000, dtype=torch.int64)  # key(+inf)
+    up = ~lo_true & hi_true  # increasing: find the first key with the predicate true
+    down = lo_true & ~hi_true  # decreasing: find the last key with the predicate true
+    for _ in range(33):
+        mid = (lo + hi) // 2
+        p = pred(_float_keys(mid).view(c, 1))[:, 0]
+        move_hi = torch.where(up, p, ~p)  # the boundary lies at or below mid
+        hi = torch.where(move_hi & (up | down), mid, hi)
+        lo = torch.where(~move_hi & (up | down), mid, lo)
+    thr = torch.where(up, _float_keys(hi), _float_keys(lo))
+    thr = torch.where(up | down, thr, torch.where(lo_true, torch.tensor(-inf), torch.tensor(float("nan"))))
+    le = down.to(torch.uint8)
+    # check: boundaries and their neighbours, the infinities, NaN and spread values
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randint(-0x7F800000, 0x7F800001, (c, probes), generator=g, dtype=torch.int64)
+    x = torch.cat([_float_keys(keys), torch.tensor([-inf, inf, 0.0, -0.0, float("nan")]).repeat(c, 1),
+                   thr.view(c, 1), torch.nextafter(thr, torch.tensor(inf)).view(c, 1),
+                   torch.nextafter(thr, torch.tensor(-inf)).view(c, 1)], 1)
+    t = thr.view(c, 1)
+    mine = torch.where(down.view(c, 1), x <= t, x >= t)
+    if not torch.equal(mine, pred(x)):
+        return None
+    return thr.contiguous(), le.contiguous()
 
 
 def _transform(

@@ -20,7 +20,8 @@ namespace kdbnn {
 at::Tensor pack_input(at::Tensor x, int64_t pad, double pad_value, c10::optional<at::Tensor> thr, int64_t isa);
 // xp: int64 (N, H, W, nw) packed (unpadded) -> (N, H+2p, W+2p, nw) with pad words on the border.
 at::Tensor pad_packed(at::Tensor xp, int64_t channels, int64_t pad, double pad_value);
-at::Tensor concat_packed(std::vector<at::Tensor> parts, std::vector<int64_t> channels, int64_t pad, double pad_value);
+at::Tensor concat_packed(std::vector<at::Tensor> parts, std::vector<int64_t> channels, int64_t pad, double pad_value,
+                         std::vector<at::Tensor> thr, std::vector<at::Tensor> le);
 
 // xnor.cpp: XNOR popcount convolution of packed NHWC input (modes, layouts: see xnor.cpp).
 at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c_in, int64_t KH, int64_t KW,
