@@ -177,6 +177,8 @@ def _plan_dense(model: nn.Module, ops: Any, plan: StudentPackedPlan) -> None:
         specs = []
         for i, (bn, conv) in enumerate(parts):
             spec: dict[str, Any] = {"bounds": None, "bn_parts": []}
+            if i == 0:  # the block input through bn_0, binarized by its thresholds (no normalised map)
+                spec["thr_in"] = ops.sign_thresholds(_bn_sign_predicate(bn, 0), bn.num_features)
             if i + 1 < len(parts):  # this layer's kernel emits the bits of its output through bn_{i+1}
                 nbn = parts[i + 1][0]
                 start = c0 + sum(growth[:i])
@@ -197,7 +199,8 @@ def _plan_dense(model: nn.Module, ops: Any, plan: StudentPackedPlan) -> None:
         # a layer whose producer's bits could not be bounded falls back (packs its float concat)
         for i in range(len(parts)):
             if i == 0:
-                plan.float_in[paths[i]] = "first layer of the block: the transition's (or stem's) float map"
+                plan.float_in[paths[i]] = ("first layer of the block: the transition's (or stem's) float map, "
+                                           "binarized through bn_0 (by its thresholds where they fit)")
             elif specs[i - 1]["bounds"] is None:
                 plan.float_in[paths[i]] = "the previous layer's output signs could not be bounded"
                 specs[i]["bn_parts"] = None
@@ -217,7 +220,9 @@ def _run_dense_block(block: nn.Module, name: str, x0: torch.Tensor, plan: Studen
     prev_bits = None
     for i, layer in enumerate(block.layers):
         spec = specs[i]
-        if i == 0 or spec["bn_parts"] is None or prev_bits is None:
+        if i == 0 and spec["thr_in"] is not None:
+            inp, padded = ops.concat_packed([(x0, x0.shape[1], spec["thr_in"])], pad_for=layer.bconv), True
+        elif i == 0 or spec["bn_parts"] is None or prev_bits is None:
             xin = torch.cat([x0, *outs], dim=1) if outs else x0
             inp, padded = layer.bn(xin), False
         else:
@@ -253,7 +258,8 @@ def _plan_head(model: nn.Module, ops: Any, plan: StudentPackedPlan) -> None:
     names = ["conv1", "conv2", "conv3"] if hasattr(model.head, "conv2") else ["conv1", "conv3"]
     blocks = [getattr(model.head, n) for n in names]
     convs = [_head_block_parts(b, ops) for b in blocks]
-    plan.float_in["head.conv1.bconv"] = "a float BatchNorm (bn_in) of the backbone's float output"
+    plan.float_in["head.conv1.bconv"] = ("the backbone's float output, binarized through bn_in (by its "
+                                         "thresholds where they fit)")
     if any(c is None for c in convs):
         for n in names[1:]:
             plan.float_in[f"head.{n}.bconv"] = "the head convs are not all chainable XNOR blocks"
@@ -270,7 +276,8 @@ def _plan_head(model: nn.Module, ops: Any, plan: StudentPackedPlan) -> None:
     last = blocks[-1].bn_in
     thr = ops.sign_thresholds(_bn_sign_predicate(last, 0), last.num_features)
     plan.head = {"names": names, "bounds": bounds, "fine_bn": _bn_params(last, slice(hc, last.num_features)),
-                 "fine_thr": None if thr is None else (thr[0][hc:], thr[1][hc:]), "hc": hc}
+                 "fine_thr": None if thr is None else (thr[0][hc:], thr[1][hc:]), "hc": hc,
+                 "thr_in": ops.sign_thresholds(_bn_sign_predicate(blocks[0].bn_in, 0), blocks[0].bn_in.num_features)}
     for i, n in enumerate(names[1:]):
         src = f"head.{names[i]}"
         plan.packed_in[f"head.{n}.bconv"] = (
@@ -284,7 +291,11 @@ def _run_head(model: nn.Module, x: torch.Tensor, fine: torch.Tensor, plan: Stude
     spec = plan.head
     names = spec["names"]
     blocks = [getattr(model.head, n) for n in names]
-    bits = ops.xnor_fused(blocks[0].bconv, blocks[0].bn_in(x), bounds=spec["bounds"][0], float_out=False)
+    if spec["thr_in"] is not None:  # bn_in's signs by its thresholds, packed and padded in one pass
+        inp = ops.concat_packed([(x, x.shape[1], spec["thr_in"])], pad_for=blocks[0].bconv)
+        bits = ops.xnor_fused(blocks[0].bconv, inp, bounds=spec["bounds"][0], float_out=False, x_padded=True)
+    else:
+        bits = ops.xnor_fused(blocks[0].bconv, blocks[0].bn_in(x), bounds=spec["bounds"][0], float_out=False)
     for i in range(1, len(names)):
         blk = blocks[i]
         if i < len(names) - 1:  # conv2: its whole input is conv1's bits
