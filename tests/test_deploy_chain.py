@@ -225,6 +225,10 @@ def test_sign_thresholds_pack_a_batchnorm_exactly(backend):
         ref = pack_input(torch.cat([other, bn(x)], 1), 1, 1.0, backend="torch")
     got = concat_packed([(pack_input(other, 0, -1.0, backend="torch"), 12), (x, c, thr)], 1, 1.0, backend=backend)
     assert torch.equal(got, ref)
+    with torch.no_grad():  # one float part alone: packed straight into the padded output rows
+        assert torch.equal(concat_packed([(x, c, thr)], 1, 1.0, backend=backend), pack_input(bn(x), 1, 1.0,
+                                                                                            backend="torch"))
+    assert torch.equal(concat_packed([(x, c)], 2, -1.0, backend=backend), pack_input(x, 2, -1.0, backend="torch"))
     with torch.no_grad():  # a zero scale with beta >= 0: +1 for finite x but not at +-inf: no threshold
         bn.bias[5] = 0.5
     assert sign_thresholds(_bn_sign(bn), c) is None

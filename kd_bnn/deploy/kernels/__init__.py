@@ -434,6 +434,9 @@ def pad_packed(
     return pack_activations(x)
 
 
+_NO_THR, _NO_LE = torch.empty(0), torch.empty(0, dtype=torch.uint8)  # concat_packed: a part without thresholds
+
+
 def concat_packed(
     parts: list[tuple],
     padding: int = 0,
@@ -448,9 +451,8 @@ def concat_packed(
     boundary are copied, others shifted into place (each source word spans two output words)."""
     if pad_value not in (1.0, -1.0):
         raise ValueError(f"binary padding value must be +1 or -1, found {pad_value}")
-    empty_f, empty_b = torch.empty(0), torch.empty(0, dtype=torch.uint8)
-    thr = [p[2][0] if len(p) > 2 and p[2] is not None else empty_f for p in parts]
-    le = [p[2][1] if len(p) > 2 and p[2] is not None else empty_b for p in parts]
+    thr = [p[2][0] if len(p) > 2 and p[2] is not None else _NO_THR for p in parts]
+    le = [p[2][1] if len(p) > 2 and p[2] is not None else _NO_LE for p in parts]
     ext = _use_ext(backend)
     if ext is not None:
         return ext.concat_packed([p[0] if p[0].dtype == torch.int64 else _f32(p[0]) for p in parts],

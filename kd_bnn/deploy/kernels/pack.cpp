@@ -203,13 +203,23 @@ at::Tensor concat_packed(std::vector<at::Tensor> parts, std::vector<int64_t> cha
       const int64_t n = nh / Hp, h = nh % Hp - pad;
       uint64_t* row = o + nh * Wp * nw;
       const bool inside = h >= 0 && h < H;
+      // one float part alone is packed straight into the output row (pack_input's loop)
+      const bool direct = np == 1 && fsrc[0] != nullptr;
       if (inside)
         for (int64_t i = 0; i < np; ++i)
           if (fsrc[i] != nullptr) {
             const float* x = fsrc[i] + (n * channels[i] * H + h) * W;
-            if (fle[i] != nullptr) pack_row_dir(x, H * W, channels[i], W, fthr[i], fle[i], rowbits.data() + fbuf_at[i]);
-            else pack_row(x, H * W, channels[i], W, fthr[i], rowbits.data() + fbuf_at[i]);
+            uint64_t* dst = direct ? row + pad * nw : rowbits.data() + fbuf_at[i];
+            if (fle[i] != nullptr) pack_row_dir(x, H * W, channels[i], W, fthr[i], fle[i], dst);
+            else pack_row(x, H * W, channels[i], W, fthr[i], dst);
           }
+      if (inside && direct) {
+        for (int64_t w = 0; w < pad; ++w) {
+          fill_pad(row + w * nw, nw, total, plus);
+          fill_pad(row + (Wp - 1 - w) * nw, nw, total, plus);
+        }
+        continue;
+      }
       for (int64_t w = 0; w < Wp; ++w) {
         const int64_t wi = w - pad;
         uint64_t* d = row + w * nw;
