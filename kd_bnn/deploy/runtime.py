@@ -15,7 +15,9 @@ refused naming the module or blob), then
 * replaces each conv with a folded BatchNorm by a conv with bias, and that BN by ``Identity``;
 * fuses a following LeakyReLU(0.1) / ReLU into a binary conv's kernel call when the structure
   makes it certain (the family's ``activation_blocks`` hook, e.g. a Darknet ``conv -> bn -> act``
-  block, or consecutive conv, [folded BN], act children of an ``nn.Sequential``);
+  block, or consecutive conv, [folded BN], act children of an ``nn.Sequential``, where a float
+  ``C_in <= 8`` stem conv also takes a following ``nn.MaxPool2d(2, 2)`` into its kernel call;
+  the other ``nn.MaxPool2d(2, 2)`` run as `MaxPool2x2`);
 * loads every other tensor by its state-dict name.
 
 XNOR layers keep their sign words once, in the kernel's panel layout (``words`` is a view).
@@ -596,14 +598,6 @@ class PackedOps:
         ``predicate(x)`` (e.g. ``bn(x) >= 0``) as ``x >= thr`` or, where ``le``, ``x <= thr``, for every
         float ``x`` (`kd_bnn.deploy.kernels.sign_thresholds`; None when no threshold fits)."""
         return sign_thresholds(predicate, channels)
-
-    def pack_for(self, x: torch.Tensor, conv: nn.Module | None = None) -> torch.Tensor:
-        """Binarize and pack float ``x`` (``x >= 0`` -> +1), padded for ``conv`` (None: unpadded)."""
-        from kd_bnn.deploy.kernels import pack_input
-
-        if conv is None:
-            return pack_input(x, 0, -1.0, backend=self.backend)
-        return pack_input(x, conv.pad[0], conv.pad_value, backend=self.backend)
 
     def concat_packed(self, parts: list[tuple[torch.Tensor, int]], pad_for: nn.Module | None = None) -> torch.Tensor:
         """Packed words of the channel concatenation of ``parts`` ``(t, channels[, thresholds])``

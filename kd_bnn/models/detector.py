@@ -81,7 +81,6 @@ class PackedOps(Protocol):
     def output_table(self, conv: nn.Module, fn: Any) -> Any: ...
     def sign_bounds(self, conv: nn.Module, predicate: Any) -> Any: ...  # bit = predicate(conv output), exact
     def sign_thresholds(self, predicate: Any, channels: int) -> Any: ...  # bit = predicate(x) as x >= t / x <= t
-    def pack_for(self, x: torch.Tensor, conv: nn.Module | None = None) -> torch.Tensor: ...  # padded for conv
     # channel concat of packed words and float maps (binarized on the way)
     def concat_packed(self, parts: list, pad_for: nn.Module | None = None) -> torch.Tensor: ...
 

@@ -14,6 +14,11 @@ pure-torch path with identical results:
   transposed NCHW stores); re-packed output compares each popcount with per-channel integer
   bounds that are exactly equivalent to ``transform(dot) >= 0`` (finite scale/bias; else the
   float test).
+* Packed chains (``kd_bnn.models.binary_students_packed``): :func:`xnor_conv2d`'s fused epilogue
+  (residual, float + packed output, popcount bounds, a per-channel map of the output as a fused
+  multiply-add where :func:`output_affine` proves it exact, else a table), and
+  :func:`concat_packed` (one pass: packed parts copied or shifted, float parts binarized, against
+  :func:`sign_thresholds` of a BatchNorm where given).
 * :func:`bwn_conv2d` - float activations x packed binary weights ``alpha[c]*sign(W)`` (the BWN
   case of Xu et al., ICRA 2019), weights held bit-packed (32x smaller), never a whole layer's
   float weights. ``avx2`` and ``avx512`` paths: lookup-table conv (Jeon et al., "BiQGEMM", SC
