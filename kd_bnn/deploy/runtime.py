@@ -15,7 +15,9 @@ refused naming the module or blob), then
 * replaces each conv with a folded BatchNorm by a conv with bias, and that BN by ``Identity``;
 * fuses a following LeakyReLU(0.1) / ReLU into a binary conv's kernel call when the structure
   makes it certain (the family's ``activation_blocks`` hook, e.g. a Darknet ``conv -> bn -> act``
-  block, or consecutive conv, [folded BN], act children of an ``nn.Sequential``);
+  block, or consecutive conv, [folded BN], act children of an ``nn.Sequential``, where a float
+  ``C_in <= 8`` stem conv also takes a following ``nn.MaxPool2d(2, 2)`` into its kernel call;
+  the other ``nn.MaxPool2d(2, 2)`` run as `MaxPool2x2`);
 * loads every other tensor by its state-dict name.
 
 XNOR layers keep their sign words once, in the kernel's panel layout (``words`` is a view).
@@ -41,14 +43,17 @@ from torch import nn
 from kd_bnn.binary.blocks import BinaryBlock, LearnableBias, RPReLU, activation_slope
 from kd_bnn.deploy.format import FormatError, load_container
 from kd_bnn.deploy.kernels import (
+    OutputMap,
     block_epilogue,
     bwn_conv2d,
+    concat_packed,
     default_isa,
-    output_table,
+    output_affine,
     pointwise_conv2d,
     pointwise_weights,
     popcount_bounds,
     quantize_activations,
+    sign_thresholds,
     stem_conv2d,
     w1a8_conv2d,
     weight_panel,
@@ -326,20 +331,65 @@ def _fuse_activations(model: nn.Module) -> int:
             # a float conv (BN folded) whose output only its activation reads: activate in place
             # (no second full-size map to allocate and fault in)
             act_mod.inplace = True
-    for m in model.modules():
+    backend = next((m.backend for m in model.modules() if isinstance(m, PackedBinaryConv)), None)
+    for m in list(model.modules()):
         if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
-            kids = list(m._modules.items())
-            for i, (_, c) in enumerate(kids):
-                if not isinstance(c, PackedBinaryConv) or c.input_scaling == "xnor_k" or c.activation != "none":
-                    continue
-                j = i + 1
-                if j < len(kids) and isinstance(kids[j][1], nn.Identity):
-                    j += 1
-                if j < len(kids) and _act_name(kids[j][1]):
-                    c.activation = _act_name(kids[j][1])
-                    m._modules[kids[j][0]] = nn.Identity()
-                    count += 1
+            count += _fuse_sequential(m, backend)
+    for path, m in list(model.named_modules()):
+        if _plain_pool2(m):  # the pools left (e.g. BinaryDenseNet transitions): the same maxima, faster
+            _set(model, path, MaxPool2x2())
     return count
+
+
+class MaxPool2x2(nn.Module):
+    """``nn.MaxPool2d(2, 2)`` (no padding) as two elementwise maxima of strided views
+    (`kd_bnn.models.darknet.model.darknet_maxpool` with padding 0: the same maxima, NaN propagated
+    alike, several times faster than torch's CPU max_pool2d on large NCHW maps)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from kd_bnn.models.darknet.model import darknet_maxpool
+
+        return darknet_maxpool(x, 2, 2, 0)
+
+
+def _fuse_sequential(m: nn.Sequential, backend: str | None) -> int:
+    """In a plain Sequential (each child reads only the previous one's output): a binary conv's
+    activation (``conv, [Identity], act``) into its kernel call; a float stem conv (`StemConv.fits`,
+    BN folded: ``conv, [Identity], act``) onto the stem kernel with its activation, and a 2x2
+    stride-2 ``nn.MaxPool2d`` after it (padding 0) into the same kernel call (`StemConv.pool`:
+    only the pooled map is written). Structural, so it needs no family hook (the students'
+    ``conv -> bn -> act -> pool`` stem; `activation_blocks` would also open the stem to
+    `binarize`'s block options). Returns the activations fused."""
+    count = 0
+    kids = list(m._modules.items())
+    for i, (name, c) in enumerate(kids):
+        j = i + 1
+        if j < len(kids) and isinstance(kids[j][1], nn.Identity):
+            j += 1
+        act = _act_name(kids[j][1]) if j < len(kids) else None
+        if isinstance(c, PackedBinaryConv):
+            if act and c.input_scaling != "xnor_k" and c.activation == "none":
+                c.activation = act
+                m._modules[kids[j][0]] = nn.Identity()
+                count += 1
+        elif act and StemConv.fits(c):
+            c = m._modules[name] = StemConv(c, act, backend)
+            m._modules[kids[j][0]] = nn.Identity()
+            count += 1
+        if isinstance(c, StemConv) and c.pool is None:
+            k = i + 1
+            while k < len(kids) and isinstance(m._modules[kids[k][0]], nn.Identity):
+                k += 1
+            if k < len(kids) and _plain_pool2(kids[k][1]):
+                c.pool = 0
+                m._modules[kids[k][0]] = nn.Identity()
+    return count
+
+
+def _plain_pool2(p: nn.Module) -> bool:
+    """``nn.MaxPool2d(2, 2)``, no padding, dilation or ceil mode: the stem kernel's pool with padding 0."""
+    return (type(p) is nn.MaxPool2d and p.kernel_size in (2, (2, 2)) and p.stride in (2, (2, 2)) and p.padding in (0, (0, 0))
+            and p.dilation in (1, (1, 1)) and not p.ceil_mode and not p.return_indices)
 
 
 class StemConv(nn.Module):
@@ -355,6 +405,8 @@ class StemConv(nn.Module):
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone().contiguous())
         self.stride, self.padding = conv.stride[0], conv.padding[0]
         self.activation, self.backend = activation, backend
+        #: a 2x2 stride-2 max-pool after the conv fused into every call (its padding, 0 or 1), or None
+        self.pool: int | None = None
 
     @staticmethod
     def fits(c: nn.Module) -> bool:
@@ -365,14 +417,15 @@ class StemConv(nn.Module):
                 and c.padding[0] == c.padding[1] and c.stride[0] == c.stride[1] and c.stride[0] in (1, 2))
 
     def forward(self, x: torch.Tensor, pool: int | None = None) -> torch.Tensor:
-        """The conv and its activation; ``pool`` 0 or 1: then Darknet's 2x2 stride-2 max-pool with
-        that padding, fused into the kernel call (only the pooled map is written)."""
+        """The conv and its activation; ``pool`` 0 or 1 (default: ``self.pool``): then Darknet's 2x2
+        stride-2 max-pool with that padding, fused into the kernel call (only the pooled map is written)."""
         return stem_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.activation,
-                           backend=self.backend, pool=pool)
+                           backend=self.backend, pool=self.pool if pool is None else pool)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, activation={self.activation}")
+                f"padding={self.padding}, activation={self.activation}"
+                + ("" if self.pool is None else f", pool=2x2 stride 2 padding {self.pool}"))
 
 
 class PointwiseConv(nn.Module):
@@ -503,13 +556,14 @@ class PackedOps:
 
     def xnor_fused(self, conv: nn.Module, x: torch.Tensor, *, residual: torch.Tensor | None = None,
                    packed_for: nn.Module | None = None, bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   float_out: bool = True, x_padded: bool = False, table: torch.Tensor | None = None):
+                   float_out: bool = True, x_padded: bool = False, table: OutputMap | None = None):
         """``conv`` (a `chainable_xnor` conv) on ``x``: float NCHW, or packed words (``x_padded``:
         already padded for ``conv``). Float output ``act(conv) + residual``; with ``packed_for``
         also packed words from the same kernel pass, padded for that conv (None: unpadded): the
         signs of the float output, or with ``bounds`` (`sign_bounds`) bits of a monotone function
-        of it. ``table`` (`output_table`): the float output is a tabulated per-channel function of
-        the conv output (e.g. a BatchNorm after it), then the residual. Returns the float map, the
+        of it. ``table`` (`output_table`): the float output is a per-channel function of the conv
+        output (e.g. a BatchNorm after it: a fused multiply-add where exact, else looked up by
+        popcount), then the residual. Returns the float map, the
         packed words (``float_out=False``, bounds only), or both."""
         kh, kw = conv.kernel_size
         want_packed = packed_for is not None or bounds is not None
@@ -520,14 +574,17 @@ class PackedOps:
                            out_padding=pad_for.pad[0] if pad_for is not None else 0,
                            out_pad_value=pad_for.pad_value if pad_for is not None else -1.0,
                            x_is_padded=x_padded and self.is_packed(x), residual=residual, packed_bounds=bounds,
-                           table=table, panel=conv.panel, backend=conv.backend)
+                           table=None if table is None else table.table,
+                           affine=None if table is None else (table.a, table.b), panel=conv.panel,
+                           backend=conv.backend)
 
-    def output_table(self, conv: nn.Module, fn) -> torch.Tensor:
+    def output_table(self, conv: nn.Module, fn) -> OutputMap:
         """`xnor_fused`'s ``table`` of ``fn`` (a per-channel elementwise module or function, e.g. a
         BatchNorm in eval mode) after ``conv``: ``fn`` evaluated on every value the conv's float
-        output can take (exact)."""
-        return output_table(conv.in_channels, conv.kernel_size, conv.scale, conv.shift, conv.activation, fn,
-                            conv.out_channels)
+        output can take, kept as a per-channel fused multiply-add where that equals it on all of
+        them, as table rows elsewhere (exact either way: `kd_bnn.deploy.kernels.output_affine`)."""
+        return output_affine(conv.in_channels, conv.kernel_size, conv.scale, conv.shift, conv.activation, fn,
+                             conv.out_channels)
 
     def sign_bounds(self, conv: nn.Module, predicate) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Popcount bounds of ``conv`` for `xnor_fused`'s ``bounds``: bit ``c`` = ``predicate(v)[c]``
@@ -536,48 +593,21 @@ class PackedOps:
         return popcount_bounds(conv.in_channels, conv.kernel_size, conv.scale, conv.shift, conv.activation,
                                predicate, conv.out_channels)
 
-    def pack_for(self, x: torch.Tensor, conv: nn.Module | None = None) -> torch.Tensor:
-        """Binarize and pack float ``x`` (``x >= 0`` -> +1), padded for ``conv`` (None: unpadded)."""
-        from kd_bnn.deploy.kernels import pack_input
-
-        if conv is None:
-            return pack_input(x, 0, -1.0, backend=self.backend)
-        return pack_input(x, conv.pad[0], conv.pad_value, backend=self.backend)
+    def sign_thresholds(self, predicate, channels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-channel thresholds ``(thr, le)`` for a float part of `concat_packed`: bit =
+        ``predicate(x)`` (e.g. ``bn(x) >= 0``) as ``x >= thr`` or, where ``le``, ``x <= thr``, for every
+        float ``x`` (`kd_bnn.deploy.kernels.sign_thresholds`; None when no threshold fits)."""
+        return sign_thresholds(predicate, channels)
 
     def concat_packed(self, parts: list[tuple[torch.Tensor, int]], pad_for: nn.Module | None = None) -> torch.Tensor:
-        """Packed words of the channel concatenation of unpadded packed ``parts`` ``(words, channels)``,
-        padded for conv ``pad_for`` (None: unpadded). Parts starting on a word boundary are copied;
-        others are shifted into place (two words per source word)."""
-        from kd_bnn.deploy.kernels import pad_packed
-
-        n, h, w = parts[0][0].shape[:3]
-        total = sum(c for _, c in parts)
-        if all(off % 64 == 0 for off in _offsets(parts)):
-            out = torch.cat([p for p, _ in parts], dim=3) if len(parts) > 1 else parts[0][0]
-        else:
-            nw = (total + 63) // 64
-            out = torch.zeros(n, h, w, nw, dtype=torch.int64)
-            for (words, c), off in zip(parts, _offsets(parts)):
-                for j in range((c + 63) // 64):
-                    src = words[..., j]
-                    d, sh = divmod(off + 64 * j, 64)
-                    if sh == 0:
-                        out[..., d] |= src
-                        continue
-                    out[..., d] |= src << sh
-                    if d + 1 < nw:  # the high bits of src, shifted down logically
-                        out[..., d + 1] |= (src >> (64 - sh)) & ((1 << sh) - 1)
-        if pad_for is None or not pad_for.pad[0]:
-            return out.contiguous()
-        return pad_packed(out.contiguous(), total, pad_for.pad[0], pad_for.pad_value, backend=self.backend)
-
-
-def _offsets(parts: list[tuple[torch.Tensor, int]]) -> list[int]:
-    offs, o = [], 0
-    for _, c in parts:
-        offs.append(o)
-        o += c
-    return offs
+        """Packed words of the channel concatenation of ``parts`` ``(t, channels[, thresholds])``
+        (``t`` unpadded packed words, or a float map binarized on the way: ``x >= 0``, or against
+        `sign_thresholds`), padded for conv ``pad_for``
+        (None: unpadded), in one C++ pass (`kd_bnn.deploy.kernels.concat_packed`: parts starting on
+        a word boundary are copied, others shifted into place)."""
+        if pad_for is None:
+            return concat_packed(parts, 0, -1.0, backend=self.backend)
+        return concat_packed(parts, pad_for.pad[0], pad_for.pad_value, backend=self.backend)
 
 
 class Runtime:

@@ -7,8 +7,10 @@ a binary conv of these families reads, and where the walk hands it packed words 
 float map it would binarize itself (one pack pass per conv):
 
 * **Bi-Real units** ``y = bn(conv(sign(x))) + shortcut(x)`` (no activation in XNOR mode; the
-  export does not fold ``bn`` into ``bconv``, so the walk tabulates it: ``bn`` of every value the
-  conv output can take, looked up by popcount in the kernel, exact): a unit followed by another
+  export does not fold ``bn`` into ``bconv``, so the walk evaluates it on every value the conv
+  output can take: per channel a fused multiply-add ``fma(v, a, b)`` in the kernel's vector
+  epilogue where that equals ``bn`` on all of them, as torch's BatchNorm is, else looked up by
+  popcount; exact, `PackedOps.output_table`): a unit followed by another
   chainable unit runs as one fused kernel pass that adds the shortcut and writes both the float ``y`` (the next unit's shortcut,
   the passthrough) and the packed signs of ``y``, padded for the next conv, which reads them
   as they are. The first unit reads the stem's float map.
@@ -18,14 +20,16 @@ float map it would binarize itself (one pack pass per conv):
   all layers. Instead: layer ``l-1``'s kernel emits, besides its float output, the bits
   ``bn_l(y_{l-1}) >= 0`` of its consumer (popcount bounds, `PackedOps.sign_bounds`: exact, the
   BatchNorm evaluated on every value the conv output can take); the block input and older layers'
-  outputs are put through ``bn_l``'s channel slice and packed; the parts are concatenated as
+  outputs are binarized against ``bn_l``'s per-channel thresholds (``bn_l(x) >= 0`` iff ``x >= t``,
+  or ``x <= t`` for a negative scale: `PackedOps.sign_thresholds`, exact for a monotone BatchNorm;
+  no normalised copy is made) inside the concatenation; the parts are concatenated as
   packed words (a word copy where a part starts on a 64-channel boundary, shifted otherwise:
   channel counts that are not multiples of 64, as in the ``small`` preset, cost a shift, not a
   fall back). The float concatenation is built once per block (the transition reads it).
 * **Head** ``BinaryConvBNAct`` (bn_in, bconv, BN folded, leaky fused): the conv before another
   head conv emits only the packed bits ``bn_in(v) >= 0`` of that conv's input (bounds again; its
-  float map is never written), and the passthrough part of ``head.conv3``'s input is put through
-  ``bn_in``'s slice and packed, then both are concatenated as packed words.
+  float map is never written), and the passthrough part of ``head.conv3``'s input is binarized
+  against ``bn_in``'s thresholds, both concatenated as packed words in one pass.
 
 Convs that keep binarizing a float map, with the reason (``StudentPackedPlan.float_in``): the
 first Bi-Real unit (the stem's map), the first layer of each dense block (the transition's
@@ -58,8 +62,9 @@ class StudentPackedPlan:
     packed_in: dict[str, str] = field(default_factory=dict)
     float_in: dict[str, str] = field(default_factory=dict)
     units: dict[str, nn.Module | None] = field(default_factory=dict)  # Bi-Real unit path -> next conv
-    tables: dict[str, torch.Tensor] = field(default_factory=dict)  # Bi-Real unit path -> its BN by popcount
+    tables: dict[str, Any] = field(default_factory=dict)  # Bi-Real unit path -> its BN (kernels.OutputMap)
     blocks: dict[str, list[Any]] = field(default_factory=dict)  # dense block name -> per-layer bounds
+    stages: set[str] = field(default_factory=set)  # backbone children holding chained Bi-Real units
     head: dict[str, Any] | None = None
 
     def __bool__(self) -> bool:  # a plan, even with nothing packed
@@ -118,6 +123,7 @@ def _plan_bireal(model: nn.Module, ops: Any, plan: StudentPackedPlan) -> None:
             prev_chain = False
             continue
         plan.units[path] = nxt.bconv if nxt is not None and _bireal_chainable(nxt, ops) else None
+        plan.stages.add(path.split(".")[1])
         if not isinstance(unit.bn, nn.Identity):  # the unit's BN (not folded: `bconv` is no `conv`)
             plan.tables[path] = ops.output_table(unit.bconv, unit.bn)
         if prev_chain:
@@ -171,6 +177,8 @@ def _plan_dense(model: nn.Module, ops: Any, plan: StudentPackedPlan) -> None:
         specs = []
         for i, (bn, conv) in enumerate(parts):
             spec: dict[str, Any] = {"bounds": None, "bn_parts": []}
+            if i == 0:  # the block input through bn_0, binarized by its thresholds (no normalised map)
+                spec["thr_in"] = ops.sign_thresholds(_bn_sign_predicate(bn, 0), bn.num_features)
             if i + 1 < len(parts):  # this layer's kernel emits the bits of its output through bn_{i+1}
                 nbn = parts[i + 1][0]
                 start = c0 + sum(growth[:i])
@@ -179,15 +187,20 @@ def _plan_dense(model: nn.Module, ops: Any, plan: StudentPackedPlan) -> None:
                 offs = [0, c0]
                 for g in growth[:i - 1]:
                     offs.append(offs[-1] + g)
-                # bn_i's channel slices of the block input and of layers 0..i-2 (packed in torch)
+                # bn_i's channel slices of the block input and of layers 0..i-2: as the packer's
+                # per-channel thresholds (bn_i(x) >= 0 iff x >= t, or x <= t), else as BatchNorms
+                thr = ops.sign_thresholds(_bn_sign_predicate(bn, 0), bn.num_features)
                 spec["bn_parts"] = [_bn_params(bn, slice(a, b)) for a, b in zip(offs[:-1], offs[1:])]
+                spec["thr_parts"] = None if thr is None else [(thr[0][a:b], thr[1][a:b])
+                                                              for a, b in zip(offs[:-1], offs[1:])]
                 spec["prev_c"] = growth[i - 1]
                 spec["prev_bn"] = _bn_params(bn, slice(offs[-1], offs[-1] + growth[i - 1]))
             specs.append(spec)
         # a layer whose producer's bits could not be bounded falls back (packs its float concat)
         for i in range(len(parts)):
             if i == 0:
-                plan.float_in[paths[i]] = "first layer of the block: the transition's (or stem's) float map"
+                plan.float_in[paths[i]] = ("first layer of the block: the transition's (or stem's) float map, "
+                                           "binarized through bn_0 (by its thresholds where they fit)")
             elif specs[i - 1]["bounds"] is None:
                 plan.float_in[paths[i]] = "the previous layer's output signs could not be bounded"
                 specs[i]["bn_parts"] = None
@@ -207,12 +220,17 @@ def _run_dense_block(block: nn.Module, name: str, x0: torch.Tensor, plan: Studen
     prev_bits = None
     for i, layer in enumerate(block.layers):
         spec = specs[i]
-        if i == 0 or spec["bn_parts"] is None or prev_bits is None:
+        if i == 0 and spec["thr_in"] is not None:
+            inp, padded = ops.concat_packed([(x0, x0.shape[1], spec["thr_in"])], pad_for=layer.bconv), True
+        elif i == 0 or spec["bn_parts"] is None or prev_bits is None:
             xin = torch.cat([x0, *outs], dim=1) if outs else x0
             inp, padded = layer.bn(xin), False
         else:
-            srcs = [x0, *outs[:-1]]
-            parts = [(ops.pack_for(_bn_slice(t, p)), t.shape[1]) for t, p in zip(srcs, spec["bn_parts"])]
+            srcs = [x0, *outs[:-1]]  # signs of bn_i's slices, binarized inside the concat
+            if spec["thr_parts"] is not None:
+                parts = [(t, t.shape[1], th) for t, th in zip(srcs, spec["thr_parts"])]
+            else:
+                parts = [(_bn_slice(t, p), t.shape[1]) for t, p in zip(srcs, spec["bn_parts"])]
             parts.append((prev_bits, spec["prev_c"]))
             inp, padded = ops.concat_packed(parts, pad_for=layer.bconv), True
         if spec["bounds"] is not None:
@@ -240,7 +258,8 @@ def _plan_head(model: nn.Module, ops: Any, plan: StudentPackedPlan) -> None:
     names = ["conv1", "conv2", "conv3"] if hasattr(model.head, "conv2") else ["conv1", "conv3"]
     blocks = [getattr(model.head, n) for n in names]
     convs = [_head_block_parts(b, ops) for b in blocks]
-    plan.float_in["head.conv1.bconv"] = "a float BatchNorm (bn_in) of the backbone's float output"
+    plan.float_in["head.conv1.bconv"] = ("the backbone's float output, binarized through bn_in (by its "
+                                         "thresholds where they fit)")
     if any(c is None for c in convs):
         for n in names[1:]:
             plan.float_in[f"head.{n}.bconv"] = "the head convs are not all chainable XNOR blocks"
@@ -255,8 +274,10 @@ def _plan_head(model: nn.Module, ops: Any, plan: StudentPackedPlan) -> None:
         bounds.append(b)
     hc = convs[-2].out_channels
     last = blocks[-1].bn_in
+    thr = ops.sign_thresholds(_bn_sign_predicate(last, 0), last.num_features)
     plan.head = {"names": names, "bounds": bounds, "fine_bn": _bn_params(last, slice(hc, last.num_features)),
-                 "hc": hc}
+                 "fine_thr": None if thr is None else (thr[0][hc:], thr[1][hc:]), "hc": hc,
+                 "thr_in": ops.sign_thresholds(_bn_sign_predicate(blocks[0].bn_in, 0), blocks[0].bn_in.num_features)}
     for i, n in enumerate(names[1:]):
         src = f"head.{names[i]}"
         plan.packed_in[f"head.{n}.bconv"] = (
@@ -270,15 +291,20 @@ def _run_head(model: nn.Module, x: torch.Tensor, fine: torch.Tensor, plan: Stude
     spec = plan.head
     names = spec["names"]
     blocks = [getattr(model.head, n) for n in names]
-    bits = ops.xnor_fused(blocks[0].bconv, blocks[0].bn_in(x), bounds=spec["bounds"][0], float_out=False)
+    if spec["thr_in"] is not None:  # bn_in's signs by its thresholds, packed and padded in one pass
+        inp = ops.concat_packed([(x, x.shape[1], spec["thr_in"])], pad_for=blocks[0].bconv)
+        bits = ops.xnor_fused(blocks[0].bconv, inp, bounds=spec["bounds"][0], float_out=False, x_padded=True)
+    else:
+        bits = ops.xnor_fused(blocks[0].bconv, blocks[0].bn_in(x), bounds=spec["bounds"][0], float_out=False)
     for i in range(1, len(names)):
         blk = blocks[i]
         if i < len(names) - 1:  # conv2: its whole input is conv1's bits
             inp = ops.concat_packed([(bits, spec["hc"])], pad_for=blk.bconv)
             bits = ops.xnor_fused(blk.bconv, inp, bounds=spec["bounds"][i], float_out=False, x_padded=True)
             continue
-        fine_bits = ops.pack_for(_bn_slice(fine, spec["fine_bn"]))
-        inp = ops.concat_packed([(bits, spec["hc"]), (fine_bits, fine.shape[1])], pad_for=blk.bconv)
+        fine_part = ((fine, fine.shape[1], spec["fine_thr"]) if spec["fine_thr"] is not None
+                     else (_bn_slice(fine, spec["fine_bn"]), fine.shape[1]))
+        inp = ops.concat_packed([(bits, spec["hc"]), fine_part], pad_for=blk.bconv)
         return ops.xnor_fused(blk.bconv, inp, x_padded=True)
     raise AssertionError("unreachable: the head ends with conv3")
 
@@ -304,7 +330,7 @@ def student_packed_forward(model: nn.Module, images: torch.Tensor, plan: Student
     for name, m in model.backbone.named_children():
         if name in plan.blocks:
             x, packed = _run_dense_block(m, name, x, plan, ops), None
-        elif isinstance(m, nn.Sequential) and any(f"backbone.{name}.{j}" in plan.units for j in range(len(m))):
+        elif name in plan.stages:
             x, packed = _run_bireal_stage(m, name, x, packed, plan, ops)
         else:
             x, packed = m(x), None

@@ -76,11 +76,13 @@ class PackedOps(Protocol):
     # next conv (signs of the float output, or popcount bounds from sign_bounds) from one kernel pass
     def xnor_fused(self, conv: nn.Module, x: torch.Tensor, *, residual: torch.Tensor | None = None,
                    packed_for: nn.Module | None = None, bounds: Any = None, float_out: bool = True,
-                   x_padded: bool = False, table: torch.Tensor | None = None) -> Any: ...
-    def output_table(self, conv: nn.Module, fn: Any) -> torch.Tensor: ...  # fn(conv output) tabulated, exact
+                   x_padded: bool = False, table: Any = None) -> Any: ...
+    # fn(conv output) per channel, exact: a fused multiply-add where it is one, else tabulated
+    def output_table(self, conv: nn.Module, fn: Any) -> Any: ...
     def sign_bounds(self, conv: nn.Module, predicate: Any) -> Any: ...  # bit = predicate(conv output), exact
-    def pack_for(self, x: torch.Tensor, conv: nn.Module | None = None) -> torch.Tensor: ...  # padded for conv
-    def concat_packed(self, parts: list, pad_for: nn.Module | None = None) -> torch.Tensor: ...  # channel concat
+    def sign_thresholds(self, predicate: Any, channels: int) -> Any: ...  # bit = predicate(x) as x >= t / x <= t
+    # channel concat of packed words and float maps (binarized on the way)
+    def concat_packed(self, parts: list, pad_for: nn.Module | None = None) -> torch.Tensor: ...
 
 
 class Detector(nn.Module):

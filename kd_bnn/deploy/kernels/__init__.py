@@ -14,6 +14,11 @@ pure-torch path with identical results:
   transposed NCHW stores); re-packed output compares each popcount with per-channel integer
   bounds that are exactly equivalent to ``transform(dot) >= 0`` (finite scale/bias; else the
   float test).
+* Packed chains (``kd_bnn.models.binary_students_packed``): :func:`xnor_conv2d`'s fused epilogue
+  (residual, float + packed output, popcount bounds, a per-channel map of the output as a fused
+  multiply-add where :func:`output_affine` proves it exact, else a table), and
+  :func:`concat_packed` (one pass: packed parts copied or shifted, float parts binarized, against
+  :func:`sign_thresholds` of a BatchNorm where given).
 * :func:`bwn_conv2d` - float activations x packed binary weights ``alpha[c]*sign(W)`` (the BWN
   case of Xu et al., ICRA 2019), weights held bit-packed (32x smaller), never a whole layer's
   float weights. ``avx2`` and ``avx512`` paths: lookup-table conv (Jeon et al., "BiQGEMM", SC
@@ -68,7 +73,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -87,9 +92,13 @@ __all__ = [
     "weight_panel",
     "pack_input",
     "pad_packed",
+    "concat_packed",
+    "sign_thresholds",
     "xnor_conv2d",
     "popcount_bounds",
     "output_table",
+    "OutputMap",
+    "output_affine",
     "bwn_conv2d",
     "w1a8_conv2d",
     "quantize_activations",
@@ -340,6 +349,14 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().float()
 
 
+def _vec(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a contiguous 1-D CPU tensor of ``dtype`` (as is when it already is one: per-call
+    arguments made once at plan time cost no dispatcher calls)."""
+    if t.dtype == dtype and t.dim() == 1 and t.is_contiguous() and not t.requires_grad and t.device.type == "cpu":
+        return t
+    return t.detach().cpu().to(dtype).reshape(-1).contiguous()
+
+
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -426,6 +443,105 @@ def pad_packed(
     return pack_activations(x)
 
 
+_NO_THR, _NO_LE = torch.empty(0), torch.empty(0, dtype=torch.uint8)  # concat_packed: a part without thresholds
+
+
+def concat_packed(
+    parts: list[tuple],
+    padding: int = 0,
+    pad_value: float = -1.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Packed words ``(N, H+2p, W+2p, nw)`` of the channel concatenation of ``parts`` ``(t, c)`` or
+    ``(t, c, (thr, le))``: ``t`` unpadded packed words ``(N, H, W, ceil(c/64))``, or a float
+    ``(N, c, H, W)`` map binarized here (``x >= 0`` -> +1, as :func:`pack_input`; with thresholds
+    ``(c,)`` from :func:`sign_thresholds`: ``x >= thr[k]``, or ``x <= thr[k]`` where ``le[k]``),
+    padded spatially with ``pad_value`` words, in one pass (C++): parts starting on a 64-channel
+    boundary are copied, others shifted into place (each source word spans two output words)."""
+    if pad_value not in (1.0, -1.0):
+        raise ValueError(f"binary padding value must be +1 or -1, found {pad_value}")
+    thr = [p[2][0] if len(p) > 2 and p[2] is not None else _NO_THR for p in parts]
+    le = [p[2][1] if len(p) > 2 and p[2] is not None else _NO_LE for p in parts]
+    ext = _use_ext(backend)
+    if ext is not None:
+        return ext.concat_packed([p[0] if p[0].dtype == torch.int64 else _f32(p[0]) for p in parts],
+                                 [int(p[1]) for p in parts], int(padding), float(pad_value), thr, le)
+    packed = []
+    for (t, c, *_), th, lo in zip(parts, thr, le):
+        if t.dtype != torch.int64:
+            if th.numel():
+                th, lo = th.float().view(1, -1, 1, 1), lo.bool().view(1, -1, 1, 1)
+                t = torch.where(torch.where(lo, t <= th, t >= th), 1.0, -1.0)
+            t = pack_input(t, 0, -1.0, backend="torch")
+        packed.append((t, c))
+    n, h, w = packed[0][0].shape[:3]
+    total = sum(c for _, c in packed)
+    nw = num_words(total)
+    out = torch.zeros(n, h, w, nw, dtype=torch.int64)
+    off = 0
+    for words, c in packed:
+        for j in range(num_words(c)):
+            src = words[..., j]
+            d, sh = divmod(off + 64 * j, 64)
+            out[..., d] |= src << sh
+            if sh and d + 1 < nw:  # the high bits of src, shifted down logically
+                out[..., d + 1] |= (src >> (64 - sh)) & ((1 << sh) - 1)
+        off += c
+    return pad_packed(out, total, padding, pad_value, backend="torch")
+
+
+def _float_keys(k: torch.Tensor) -> torch.Tensor:
+    """float32 values of ordered keys (int64): key ``k >= 0`` is the float with bits ``k``, ``k < 0``
+    the float with bits ``-k`` and the sign set (the keys order the floats as numbers, -0 = +0)."""
+    bits = torch.where(k >= 0, k, (-k) | (1 << 31)).to(torch.int64)
+    return (bits - ((bits >> 31) << 32)).to(torch.int32).view(torch.float32)
+
+
+def sign_thresholds(predicate, c: int, probes: int = 4096) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel thresholds ``(thr float32 (c,), le uint8 (c,))`` with ``predicate(x)[k]`` (a
+    per-channel elementwise map of float ``(1, c, 1, M)`` to bool, e.g. ``bn(x) >= 0`` of a
+    BatchNorm) equal to ``x >= thr[k]``, or ``x <= thr[k]`` where ``le[k]``, for every float ``x``:
+    the packer's binarization of that map without the map. Found by bisection over the ordered
+    floats (-inf..+inf), which is exact when the predicate is monotone in ``x`` (a BatchNorm is:
+    each of its rounded operations is monotone for a fixed channel); checked at the boundaries,
+    infinities, NaN (must be False) and ``probes`` spread values per channel. None when a
+    channel fails (e.g. a zero BatchNorm scale: ``bn(+-inf)`` is NaN)."""
+    inf = float("inf")
+
+    def pred(v: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return predicate(v.view(1, c, 1, -1).contiguous()).reshape(c, -1).bool()
+
+    ends = pred(torch.tensor([-inf, inf, float("nan")]).repeat(c, 1))
+    lo_true, hi_true = ends[:, 0], ends[:, 1]
+    if ends[:, 2].any():
+        return None
+    lo = torch.full((c,), -0x7F800000, dtype=torch.int64)  # key(-inf)
+    hi = torch.full((c,), 0x7F800000, dtype=torch.int64)  # key(+inf)
+    up = ~lo_true & hi_true  # increasing: find the first key with the predicate true
+    down = lo_true & ~hi_true  # decreasing: find the last key with the predicate true
+    for _ in range(33):
+        mid = (lo + hi) // 2
+        p = pred(_float_keys(mid).view(c, 1))[:, 0]
+        move_hi = torch.where(up, p, ~p)  # the boundary lies at or below mid
+        hi = torch.where(move_hi & (up | down), mid, hi)
+        lo = torch.where(~move_hi & (up | down), mid, lo)
+    thr = torch.where(up, _float_keys(hi), _float_keys(lo))
+    thr = torch.where(up | down, thr, torch.where(lo_true, torch.tensor(-inf), torch.tensor(float("nan"))))
+    le = down.to(torch.uint8)
+    # check: boundaries and their neighbours, the infinities, NaN and spread values
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randint(-0x7F800000, 0x7F800001, (c, probes), generator=g, dtype=torch.int64)
+    x = torch.cat([_float_keys(keys), torch.tensor([-inf, inf, 0.0, -0.0, float("nan")]).repeat(c, 1),
+                   thr.view(c, 1), torch.nextafter(thr, torch.tensor(inf)).view(c, 1),
+                   torch.nextafter(thr, torch.tensor(-inf)).view(c, 1)], 1)
+    t = thr.view(c, 1)
+    mine = torch.where(down.view(c, 1), x <= t, x >= t)
+    if not torch.equal(mine, pred(x)):
+        return None
+    return thr.contiguous(), le.contiguous()
+
+
 def _transform(
     v: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, act: int
 ) -> torch.Tensor:
@@ -462,6 +578,7 @@ def xnor_conv2d(
     residual: torch.Tensor | None = None,
     packed_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
     table: torch.Tensor | None = None,
+    affine: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """XNOR convolution ``sign(x) * sign(W)``, then ``dot*scale + bias`` and an activation.
 
@@ -493,6 +610,11 @@ def xnor_conv2d(
             output of popcount ``p`` in channel ``c`` is ``table[c, p]`` instead of the transform
             (any per-channel function of the conv output tabulated exactly, e.g. a BatchNorm that
             was not folded: :func:`output_table`), then the residual.
+        affine: with ``table``, or alone: float ``(C_out,)`` coefficients ``(a, b)``; channels where
+            ``a[c]`` is a number output ``fma(v, a[c], b[c])`` (one rounding) of the transformed
+            value ``v`` (a vectorised epilogue instead of a lookup), and ``table`` then holds only
+            the rows of the channels where ``a[c]`` is NaN, in channel order (``(rows, K + 1)``; None
+            when there are none). :func:`output_affine` makes both, checked equal to the full table.
 
     ``output="both"`` returns ``(float, packed)`` from one kernel pass: the float output (with the
     residual) and, as ``packed`` above, the sign words of that float output (``>= 0`` -> +1, as
@@ -537,15 +659,23 @@ def xnor_conv2d(
     ow = (x.shape[2 if packed_in else 3] + (0 if x_is_padded else 2 * padding) - kw) // stride + 1
     if residual is not None and tuple(residual.shape) != (x.shape[0], c_out, oh, ow):
         raise ValueError(f"residual must be ({x.shape[0]}, {c_out}, {oh}, {ow}), found {tuple(residual.shape)}")
-    if table is not None:
+    if table is not None or affine is not None:
         if output not in ("float", "both") or packed_bounds is not None:
             raise ValueError("an output table needs output 'float' or 'both' and no packed_bounds")
-        if tuple(table.shape) != (c_out, c_in * kh * kw + 1):
-            raise ValueError(f"table must be ({c_out}, {c_in * kh * kw + 1}), found {tuple(table.shape)}")
-        table = _f32(table).contiguous()
+        rows = c_out
+        if affine is not None:
+            affine = tuple(_vec(t, torch.float32) for t in affine)
+            if any(t.numel() != c_out for t in affine):
+                raise ValueError(f"affine coefficients need {c_out} values each")
+            # (counted only with a table: without one the kernel and _mapped need no rows either)
+            rows = int(affine[0].isnan().sum()) if table is not None else 0
+        if rows and (table is None or tuple(table.shape) != (rows, c_in * kh * kw + 1)):
+            raise ValueError(f"table must be ({rows}, {c_in * kh * kw + 1}), found "
+                             f"{None if table is None else tuple(table.shape)}")
+        table = _f32(table).contiguous() if rows else None
     bounds = None
     if packed_bounds is not None:
-        bounds = tuple(torch.as_tensor(b).to(torch.int32).reshape(-1).contiguous() for b in packed_bounds)
+        bounds = tuple(_vec(torch.as_tensor(b), torch.int32) for b in packed_bounds)
         if any(b.numel() != c_out for b in bounds):
             raise ValueError(f"packed_bounds need {c_out} values each")
 
@@ -558,13 +688,14 @@ def xnor_conv2d(
                 xp = ext.pad_packed(xp, c_in, int(padding), float(pad_value))
         else:
             xp = ext.pack_input(_f32(x), int(padding), float(pad_value), thr, code)
-        if residual is not None or output == "both" or bounds is not None or table is not None:
+        if residual is not None or output == "both" or bounds is not None or table is not None or affine is not None:
             outs = ext.xnor_conv_ex(
                 xp, weight_panel(w_packed) if panel is None else panel, c_out, c_in, kh, kw, int(stride),
                 None if scale is None else _f32(scale), None if bias is None else _f32(bias), act,
                 None if residual is None else _f32(residual).contiguous(), output != "packed",
                 output != "float",
                 None if bounds is None else bounds[0], None if bounds is None else bounds[1], table,
+                None if affine is None else affine[0], None if affine is None else affine[1],
                 int(out_padding), float(out_pad_value), code,
             )
             return (outs[0], outs[1]) if output == "both" else outs[0]
@@ -598,11 +729,9 @@ def xnor_conv2d(
     dot = F.conv2d(xs, ws, stride=stride).round().to(torch.int32)  # exact: |dot| <= K < 2**24
     if output == "int":
         return dot
-    if table is not None:
-        cnt = torch.div(kh * kw * c_in - dot, 2, rounding_mode="floor").long()
-        v = table[torch.arange(c_out).view(1, -1, 1, 1), cnt]
-    else:
-        v = _transform(dot.float(), scale, bias, act)
+    v = _transform(dot.float(), scale, bias, act)
+    if table is not None or affine is not None:
+        v = _mapped(v, dot, kh * kw * c_in, table, affine)
     if residual is not None:
         v = v + residual.detach().float()
     if output == "float":
@@ -617,6 +746,74 @@ def xnor_conv2d(
         words = pad_packed(pack_activations(signs), c_out, out_padding, out_pad_value, backend="torch")
         return (v, words) if output == "both" else words
     return pad_packed(pack_activations(v), c_out, out_padding, out_pad_value, backend="torch")
+
+
+def _mapped(v: torch.Tensor, dot: torch.Tensor, k: int, table: torch.Tensor | None,
+            affine: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """The torch path of :func:`xnor_conv2d`'s ``table`` / ``affine`` output map of ``v``."""
+    c_out = v.shape[1]
+    if affine is None:
+        rows, out = torch.arange(c_out), None
+    else:
+        a, b = affine
+        out = _fma32(v, a.view(1, -1, 1, 1), b.view(1, -1, 1, 1))
+        tab = a.isnan()
+        if table is None:
+            return out
+        rows = (torch.cumsum(tab.long(), 0) - 1).clamp(min=0)
+    cnt = torch.div(k - dot, 2, rounding_mode="floor").long()
+    looked = table[rows.view(1, -1, 1, 1), cnt]
+    return looked if out is None else torch.where(tab.view(1, -1, 1, 1), looked, out)
+
+
+def _fma32(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``fma(v, a, b)`` of float32 tensors rounded once to float32, as the kernel's fused
+    multiply-add, through float64: ``p = v*a`` is exact there; ``r = p + b`` rounds once and its
+    error ``e`` is exact (Knuth's two-sum). Rounding ``r`` to float32 gives the single-rounded
+    result except where ``r`` is exactly halfway between two float32 values and ``e`` is not 0:
+    then the exact sum lies past the midpoint on ``e``'s side, and that neighbour is taken."""
+    p, bd = v.double() * a.double(), b.double()
+    r = p + bd
+    bp = r - p
+    e = (p - (r - bp)) + (bd - bp)
+    f = r.float()
+    fd = f.double()
+    up, down = torch.nextafter(f, torch.tensor(float("inf"))), torch.nextafter(f, torch.tensor(float("-inf")))
+    f = torch.where((r > fd) & ((fd + up.double()) / 2 == r) & (e > 0), up, f)
+    return torch.where((r < fd) & ((fd + down.double()) / 2 == r) & (e < 0), down, f)
+
+
+class OutputMap(NamedTuple):
+    """A per-channel function of an XNOR conv's float output for :func:`xnor_conv2d`
+    (``affine=(a, b), table=table``): fused multiply-adds where exact, table rows elsewhere."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    table: torch.Tensor | None
+
+    @property
+    def affine_channels(self) -> int:
+        return int((~self.a.isnan()).sum())
+
+
+def output_affine(c_in, kernel_size, scale, bias, activation, fn, c_out: int) -> OutputMap:
+    """:func:`output_table` of ``fn`` as a per-channel fused multiply-add ``fma(v, a[c], b[c])``
+    wherever that equals ``fn`` on every value ``v`` the conv output can take (checked bit for
+    bit against the table, as the kernel computes it), and the table rows only of the other
+    channels (``a[c]`` NaN). ``b = fn(0)`` and ``a = fn(2**64) / 2**64`` (exact for a map of the
+    form ``fma(v, a, b)``, such as torch's BatchNorm in eval mode on FMA builds); any other form
+    fails the check and keeps its table rows, so the result is always exactly ``fn``."""
+    table = output_table(c_in, kernel_size, scale, bias, activation, fn, c_out)
+    v = output_values(c_in, kernel_size, scale, bias, activation, c_out).reshape(c_out, -1)
+    probe = 2.0 ** 64
+    with torch.no_grad():
+        b = fn(torch.zeros(1, c_out, 1, 1)).detach().float().reshape(-1)
+        a = (fn(torch.full((1, c_out, 1, 1), probe)).detach().float().reshape(-1) / probe).contiguous()
+    f = _fma32(v, a.view(-1, 1), b.view(-1, 1))
+    ok = (f.view(torch.int32) == table.view(torch.int32)).all(1) & a.isfinite() & b.isfinite()
+    a = torch.where(ok, a, torch.tensor(float("nan")))
+    rows = table[~ok].contiguous()
+    return OutputMap(a, b.contiguous(), rows if rows.shape[0] else None)
 
 
 def output_values(

@@ -106,6 +106,13 @@ struct XnorEpilogue {
   void (*bounds_mask_px)(const uint32_t* cnt, int64_t np, const int32_t* lo, const int32_t* hi, uint32_t* masks);
   // pixel-major block src [i][16] (floats or int32 bits) -> `nc` NCHW channel rows of `run` pixels
   void (*write_rows)(const float* src, int64_t run, int64_t nc, float* out, int64_t plane);
+  // write_rows adding res (NCHW rows like out, or null) to each value before it is stored, and
+  // setting masks[i] (or null) to the signs of the stored values of pixel i (bit c: value >= 0)
+  void (*write_rows_ex)(const float* src, int64_t run, int64_t nc, float* out, int64_t plane, const float* res,
+                        uint32_t* masks);
+  // in place, v[p][c] = fma(v[p][c], a[c], b[c]) (one rounding, as std::fma), or null where the CPU
+  // has no FMA (the driver then calls std::fma)
+  void (*affine_px)(float* v, int64_t np, const float* a, const float* b);
 };
 
 // ---------------------------------------------------------------- input packing

@@ -47,7 +47,7 @@ IsaKernels make_entry(int64_t isa) {
       break;
     case ISA_AVX2:
       k.xnor = &kXnorAvx2;
-      k.xnor_epilogue = &kXnorEpilogueAvx2;
+      k.xnor_epilogue = __builtin_cpu_supports("fma") ? &kXnorEpilogueAvx2 : &kXnorEpilogueAvx2NoFma;
       k.pack_row = pack_row_nchw_avx2;
       k.bwn_lut = &kBwnLutAvx2;
       if (__builtin_cpu_supports("fma")) k.stem = &kStemAvx2;  // AVX2 CPUs have FMA in practice
@@ -55,7 +55,7 @@ IsaKernels make_entry(int64_t isa) {
     case ISA_AVX512:
       k.xnor = &kXnorAvx512;
       if (cpu_has(ISA_AVX2)) {  // always true on real AVX-512 CPUs
-        k.xnor_epilogue = &kXnorEpilogueAvx2;
+        k.xnor_epilogue = __builtin_cpu_supports("fma") ? &kXnorEpilogueAvx2 : &kXnorEpilogueAvx2NoFma;
         k.pack_row = pack_row_nchw_avx2;
         k.bwn_lut = &kBwnLutAvx512;  // AVX-512F/BW (cpu_has above) plus AVX2/FMA
       }

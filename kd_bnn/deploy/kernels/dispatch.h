@@ -49,7 +49,8 @@ extern const XnorKernel kXnorPopcnt;  // scalar POPCNT
 extern const XnorKernel kXnorAvx2;    // AVX2 PSHUFB nibble-lookup popcount
 extern const XnorKernel kXnorAvx512;  // AVX-512 VPOPCNTDQ
 // xnor_epilogue_x86.cpp
-extern const XnorEpilogue kXnorEpilogueAvx2;
+extern const XnorEpilogue kXnorEpilogueAvx2;        // with the FMA affine_px
+extern const XnorEpilogue kXnorEpilogueAvx2NoFma;   // AVX2 without FMA: affine_px null
 // pack_x86.cpp
 void pack_row_nchw_avx2(const float* src, int64_t plane, int64_t C, int64_t W, const float* thr, uint64_t* dst);
 // bwn_x86.cpp, bwn_avx512.cpp (one source, bwn_lut.h)

@@ -14,13 +14,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_input", &kdbnn::pack_input, "binarize and pack (N,C,H,W) float -> padded NHWC int64 words",
         py::arg("x"), py::arg("pad"), py::arg("pad_value"), py::arg("thr") = py::none(), py::arg("isa") = -1);
   m.def("pad_packed", &kdbnn::pad_packed, "pad packed NHWC words with +1/-1 pad words");
+  m.def("concat_packed", &kdbnn::concat_packed,
+        "packed words of a channel concatenation of packed NHWC parts, padded with +1/-1 pad words");
   m.def("xnor_conv", &kdbnn::xnor_conv, "XNOR popcount convolution on packed NHWC input");
   m.def("xnor_conv_ex", &kdbnn::xnor_conv_ex,
         "XNOR conv with a residual add and float + packed outputs from one epilogue pass",
         py::arg("xpad"), py::arg("panel"), py::arg("c_out"), py::arg("c_in"), py::arg("KH"), py::arg("KW"),
         py::arg("stride"), py::arg("scale"), py::arg("bias"), py::arg("act"), py::arg("residual"), py::arg("want_float"),
         py::arg("want_packed"),
-        py::arg("lo"), py::arg("hi"), py::arg("table"), py::arg("out_pad"), py::arg("out_pad_value"), py::arg("isa"));
+        py::arg("lo"), py::arg("hi"), py::arg("table"), py::arg("affine_a"), py::arg("affine_b"), py::arg("out_pad"), py::arg("out_pad_value"), py::arg("isa"));
   m.def("bwn_conv", &kdbnn::bwn_conv, "float x packed-binary-weight convolution");
   m.def("w1a8_conv", &kdbnn::w1a8_conv, "int8 x packed-binary-weight convolution (exact integer sums)",
         py::arg("xq"), py::arg("wpacked"), py::arg("scale"), py::arg("bias"), py::arg("KH"), py::arg("KW"),

@@ -20,6 +20,8 @@ namespace kdbnn {
 at::Tensor pack_input(at::Tensor x, int64_t pad, double pad_value, c10::optional<at::Tensor> thr, int64_t isa);
 // xp: int64 (N, H, W, nw) packed (unpadded) -> (N, H+2p, W+2p, nw) with pad words on the border.
 at::Tensor pad_packed(at::Tensor xp, int64_t channels, int64_t pad, double pad_value);
+at::Tensor concat_packed(std::vector<at::Tensor> parts, std::vector<int64_t> channels, int64_t pad, double pad_value,
+                         std::vector<at::Tensor> thr, std::vector<at::Tensor> le);
 
 // xnor.cpp: XNOR popcount convolution of packed NHWC input (modes, layouts: see xnor.cpp).
 at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c_in, int64_t KH, int64_t KW,
@@ -32,7 +34,8 @@ std::vector<at::Tensor> xnor_conv_ex(at::Tensor xpad, at::Tensor panel, int64_t 
                                      int64_t KW, int64_t stride, c10::optional<at::Tensor> scale,
                                      c10::optional<at::Tensor> bias, int64_t act, c10::optional<at::Tensor> residual,
                                      bool want_float, bool want_packed, c10::optional<at::Tensor> lo, c10::optional<at::Tensor> hi,
-                                     c10::optional<at::Tensor> table, int64_t out_pad, double out_pad_value,
+                                     c10::optional<at::Tensor> table, c10::optional<at::Tensor> affine_a,
+                                     c10::optional<at::Tensor> affine_b, int64_t out_pad, double out_pad_value,
                                      int64_t isa);
 
 // bwn.cpp: float input x packed binary weights, conv2d(x, alpha * sign(W), bias) -> activation.

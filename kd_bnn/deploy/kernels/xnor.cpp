@@ -11,6 +11,9 @@
 //
 // Fused epilogue: out = dot*scale[c] + bias[c], activation, then float NCHW output, int32 dot
 // products, or re-binarized packed NHWC output (optionally pre-padded for the next XNOR layer).
+// xnor_conv_ex adds, for packed chains: a per-channel map of the output (a fused multiply-add, or
+// a table looked up by popcount), a residual added and the signs of the sums taken in the
+// transposed stores (write_rows_ex), float and packed outputs from one pass, given popcount bounds.
 // Paths with a vector epilogue (AVX2: xnor_epilogue_x86.cpp) work on pixel-major tiles and
 // write NCHW rows through register transposes; the portable epilogue (transform16 below, SSE2 on
 // x86-64) goes through a channel-major buffer. The re-packed output of a vector epilogue compares
@@ -126,7 +129,14 @@ struct XnorExtras {
   bool both = false;            // float output and packed signs of it in one pass
   const int32_t* lo = nullptr;  // packed bit = lo[c] <= popcount <= hi[c] (given bounds), or null
   const int32_t* hi = nullptr;
-  const float* table = nullptr;  // float output = table[c * (K + 1) + popcount] instead of the transform
+  // A per-channel function f of the transformed output, instead of it (then the residual):
+  // f(v) = fma(v, aff_a[c], aff_b[c]) where aff_a[c] is a number, else table row row_of[c] looked
+  // up by popcount, table[row_of[c] * (K + 1) + popcount] (xnor_conv_ex)
+  bool mapped = false;
+  const float* aff_a = nullptr;  // c_out values, or null: every channel tabulated
+  const float* aff_b = nullptr;
+  const float* table = nullptr;
+  const int32_t* row_of = nullptr;  // c_out values, -1 for an affine channel
 };
 
 std::vector<at::Tensor> xnor_conv_impl(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c_in, int64_t KH,
@@ -227,6 +237,21 @@ std::vector<at::Tensor> xnor_conv_impl(at::Tensor xpad, at::Tensor panel, int64_
       given_bounds ||
       (vec_epi && mode == MODE_PACKED && sign_bounds(K, sc.data(), bi.data(), act, c_out, lo_b.data(), hi_b.data()));
   const bool row_bits = ex.both && !given_bounds;
+  // mapped output: per-channel affine coefficients (padded to whole 16-channel blocks) and, per
+  // block, the mask of tabulated channels
+  std::vector<float> aff_a(ex.mapped ? c_out + kCoBlock : 0, 0.f), aff_b(aff_a.size(), 0.f);
+  std::vector<uint32_t> tab_mask(ex.mapped ? (c_out + kCoBlock - 1) / kCoBlock : 0, 0u);
+  if (ex.mapped) {
+    for (int64_t c = 0; c < c_out; ++c) {
+      if (ex.row_of[c] >= 0) {
+        tab_mask[c / kCoBlock] |= 1u << (c % kCoBlock);
+      } else {
+        aff_a[c] = ex.aff_a[c];
+        aff_b[c] = ex.aff_b[c];
+      }
+    }
+    for (int64_t c = c_out; c < (int64_t)tab_mask.size() * kCoBlock; ++c) tab_mask[c / kCoBlock] |= 1u << (c % kCoBlock);
+  }
   at::parallel_for(0, n_blocks, 1, [&](int64_t b, int64_t e) {
     alignas(64) uint32_t cnt[kMaxP * kCoBlock];
     std::vector<uint64_t> bits;  // packed output of the block: block * nwo words
@@ -241,10 +266,17 @@ std::vector<at::Tensor> xnor_conv_impl(at::Tensor xpad, at::Tensor panel, int64_
     for (int64_t blk = b; blk < e; ++blk) {
       const int64_t q_begin = blk * block, q_end = std::min<int64_t>(total, q_begin + block), nb = q_end - q_begin;
       if (want_packed) std::fill(bits.begin(), bits.end(), 0ULL);
-      for (int64_t i = 0; i < nb + P; ++i) {
-        const int64_t q = q_begin + std::min<int64_t>(i, nb - 1);
-        const int64_t n = q / plane, rem = q % plane, oh = rem / OW, ow = rem % OW;
-        inp[i] = X + ((n * Hp + oh * stride) * Wp + ow * stride) * nw;
+      {  // window pointers of the block's pixels (the last one repeated for a partial tile); the
+         // pixel's (n, oh, ow) advanced by a counter, not divided out per pixel
+        int64_t n = q_begin / plane, oh = (q_begin % plane) / OW, ow = q_begin % OW;
+        for (int64_t i = 0; i < nb; ++i) {
+          inp[i] = X + ((n * Hp + oh * stride) * Wp + ow * stride) * nw;
+          if (++ow == OW) {
+            ow = 0;
+            if (++oh == OH) oh = 0, ++n;
+          }
+        }
+        for (int64_t i = nb; i < nb + P; ++i) inp[i] = inp[nb - 1];
       }
       for (int64_t co = 0; co < c_out; co += kCoBlock) {
         const int64_t nc = std::min<int64_t>(kCoBlock, c_out - co);
@@ -283,13 +315,35 @@ std::vector<at::Tensor> xnor_conv_impl(at::Tensor xpad, at::Tensor panel, int64_
             for (int64_t p = 0; p < np; ++p) bits[(i0 + p) * nwo + (co >> 6)] |= ((uint64_t)masks[p] & keep) << (co & 63);
             if (mode == MODE_PACKED) continue;
           }
-          if (ex.table != nullptr) {  // a per-channel function of the output, tabulated by popcount
-            for (int64_t p = 0; p < np; ++p)
-              for (int64_t c = 0; c < nc; ++c) {
-                const float v = ex.table[(co + c) * (K + 1) + cnt[p * kCoBlock + c]];
-                if (vec_epi) fbuf[(i0 + p) * kCoBlock + c] = v;
-                else fbuf[c * block + i0 + p] = v;
+          if (ex.mapped) {  // a per-channel function of the output: affine (vector) or tabulated
+            const uint32_t tab = tab_mask[co / kCoBlock];
+            if (vec_epi) {
+              float* dst = fbuf.data() + i0 * kCoBlock;
+              epi->transform_px(cnt, np, Kf, scp, bip, act_c, dst);
+              if (tab != 0xFFFFu) {
+                if (epi->affine_px != nullptr) {
+                  epi->affine_px(dst, np, aff_a.data() + co, aff_b.data() + co);
+                } else {
+                  for (int64_t p = 0; p < np; ++p)
+                    for (int c = 0; c < kCoBlock; ++c)
+                      dst[p * kCoBlock + c] = std::fma(dst[p * kCoBlock + c], aff_a[co + c], aff_b[co + c]);
+                }
               }
+              for (uint32_t t = tab & ((1u << nc) - 1u); t != 0; t &= t - 1) {
+                const int c = __builtin_ctz(t);
+                const float* row = ex.table + (int64_t)ex.row_of[co + c] * (K + 1);
+                for (int64_t p = 0; p < np; ++p) dst[p * kCoBlock + c] = row[cnt[p * kCoBlock + c]];
+              }
+            } else {
+              for (int64_t p = 0; p < np; ++p) {
+                alignas(64) float v[kCoBlock];
+                transform16(cnt + p * kCoBlock, Kf, scp, bip, act_c, v);
+                for (int64_t c = 0; c < nc; ++c)
+                  fbuf[c * block + i0 + p] =
+                      (tab >> c) & 1u ? ex.table[(int64_t)ex.row_of[co + c] * (K + 1) + cnt[p * kCoBlock + c]]
+                                      : std::fma(v[c], aff_a[co + c], aff_b[co + c]);
+              }
+            }
             continue;
           }
           if (vec_epi) {
@@ -322,6 +376,15 @@ std::vector<at::Tensor> xnor_conv_impl(at::Tensor xpad, at::Tensor panel, int64_
           for (int64_t q = q_begin; q < q_end;) {
             const int64_t n = q / plane, rem = q % plane, run = std::min<int64_t>(q_end, (n + 1) * plane) - q;
             const int64_t o = (n * c_out + co) * plane + rem, i = q - q_begin;
+            if (vec_epi && (ex.res != nullptr || row_bits)) {
+              // the residual added and the signs taken in the transposed stores
+              epi->write_rows_ex(fbuf.data() + i * kCoBlock, run, nc, out_f + o, plane,
+                                 ex.res != nullptr ? ex.res + o : nullptr, row_bits ? rmask.data() : nullptr);
+              if (row_bits)
+                for (int64_t k = 0; k < run; ++k) bits[(i + k) * nwo + (co >> 6)] |= (uint64_t)rmask[k] << (co & 63);
+              q += run;
+              continue;
+            }
             if (vec_epi) {
               // pixel-major buffers; int32 counts move through the float transpose bit for bit
               const float* src = want_float ? fbuf.data() : reinterpret_cast<const float*>(ibuf.data());
@@ -355,11 +418,15 @@ std::vector<at::Tensor> xnor_conv_impl(at::Tensor xpad, at::Tensor panel, int64_
           }
         }
       }
-      if (want_packed) {
-        for (int64_t q = q_begin; q < q_end; ++q) {
-          const int64_t n = q / plane, rem = q % plane, oh = rem / OW, ow = rem % OW;
+      if (want_packed) {  // the block's words into the (padded) packed output, a row run at a time
+        int64_t n = q_begin / plane, oh = (q_begin % plane) / OW, ow = q_begin % OW;
+        for (int64_t q = q_begin; q < q_end;) {
+          const int64_t run = std::min<int64_t>(q_end - q, OW - ow);
           std::memcpy(out_pk + ((n * OHp + oh + out_pad) * OWp + ow + out_pad) * nwo, bits.data() + (q - q_begin) * nwo,
-                      sizeof(uint64_t) * nwo);
+                      sizeof(uint64_t) * nwo * run);
+          q += run;
+          ow = 0;
+          if (++oh == OH) oh = 0, ++n;
         }
       }
     }
@@ -388,14 +455,19 @@ at::Tensor xnor_conv(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c
 // same pass, or, with bounds (int32 (C_out,) lo, hi), packed bits lo[c] <= popcount <= hi[c]
 // (a sign test of any monotone function of the output, e.g. the next layer's BatchNorm), or only
 // those packed bits (want_float false). Returns [float], [packed] or [float, packed], packed
-// (N, OH+2*op, OW+2*op, nwo). table: float (C_out, K + 1), the float output of popcount p in
-// channel c is table[c][p] (any per-channel function of the conv output, tabulated exactly;
-// scale, bias and activation are then unused).
+// (N, OH+2*op, OW+2*op, nwo). A per-channel function f of the float output v = act(transform(dot))
+// replaces it (then the residual): with affine_a/affine_b (float (C_out,)), f(v) = fma(v, a[c], b[c])
+// in channels where a[c] is a number (the caller checked that this equals f on every value v can
+// take: kernels.output_affine), and in the channels where a[c] is NaN, in channel order, the rows
+// of table (float (rows, K + 1)): f(v) = table[row][popcount]; without affine_a, table is
+// (C_out, K + 1), one row per channel (any f tabulated exactly; scale, bias and activation are
+// then still applied first).
 std::vector<at::Tensor> xnor_conv_ex(at::Tensor xpad, at::Tensor panel, int64_t c_out, int64_t c_in, int64_t KH,
                                      int64_t KW, int64_t stride, c10::optional<at::Tensor> scale,
                                      c10::optional<at::Tensor> bias, int64_t act, c10::optional<at::Tensor> residual,
                                      bool want_float, bool want_packed, c10::optional<at::Tensor> lo, c10::optional<at::Tensor> hi,
-                                     c10::optional<at::Tensor> table, int64_t out_pad, double out_pad_value,
+                                     c10::optional<at::Tensor> table, c10::optional<at::Tensor> affine_a,
+                                     c10::optional<at::Tensor> affine_b, int64_t out_pad, double out_pad_value,
                                      int64_t isa) {
   TORCH_CHECK(want_float || want_packed, "kd_bnn.xnor_conv_ex: nothing to output");
   XnorExtras ex;
@@ -426,14 +498,40 @@ std::vector<at::Tensor> xnor_conv_ex(at::Tensor xpad, at::Tensor panel, int64_t 
     ex.hi = hi_t.data_ptr<int32_t>();
   }
   TORCH_CHECK(want_float || ex.res == nullptr, "kd_bnn.xnor_conv_ex: a residual needs the float output");
-  at::Tensor tab;
-  if (table.has_value() && table->defined()) {
-    tab = table->to(at::kFloat).contiguous();
+  at::Tensor tab, aff_a, aff_b;
+  const bool has_table = table.has_value() && table->defined();
+  const bool has_aff = affine_a.has_value() && affine_a->defined();
+  TORCH_CHECK(has_aff == (affine_b.has_value() && affine_b->defined()),
+              "kd_bnn.xnor_conv_ex: give both affine coefficients or neither");
+  std::vector<int32_t> row_of;
+  if (has_table || has_aff) {
     TORCH_CHECK(want_float && !has_lo, "kd_bnn.xnor_conv_ex: an output table needs the float output and no bounds");
-    TORCH_CHECK(tab.dim() == 2 && tab.size(0) == c_out && tab.size(1) == c_in * KH * KW + 1,
-                "kd_bnn.xnor_conv_ex: output table must be float (", c_out, ", ", c_in * KH * KW + 1, "), found ",
-                tab.sizes());
-    ex.table = tab.data_ptr<float>();
+    row_of.assign(c_out, -1);
+    int64_t rows = c_out;
+    if (has_aff) {
+      aff_a = affine_a->to(at::kFloat).contiguous();
+      aff_b = affine_b->to(at::kFloat).contiguous();
+      TORCH_CHECK(aff_a.numel() == c_out && aff_b.numel() == c_out, "kd_bnn.xnor_conv_ex: affine coefficients need ",
+                  c_out, " values each");
+      const float* a = aff_a.data_ptr<float>();
+      rows = 0;
+      for (int64_t c = 0; c < c_out; ++c)
+        if (std::isnan(a[c])) row_of[c] = (int32_t)rows++;
+      ex.aff_a = a;
+      ex.aff_b = aff_b.data_ptr<float>();
+    } else {
+      for (int64_t c = 0; c < c_out; ++c) row_of[c] = (int32_t)c;
+    }
+    if (rows > 0) {
+      TORCH_CHECK(has_table, "kd_bnn.xnor_conv_ex: ", rows, " tabulated channels need an output table");
+      tab = table->to(at::kFloat).contiguous();
+      TORCH_CHECK(tab.dim() == 2 && tab.size(0) == rows && tab.size(1) == c_in * KH * KW + 1,
+                  "kd_bnn.xnor_conv_ex: output table must be float (", rows, ", ", c_in * KH * KW + 1, "), found ",
+                  tab.sizes());
+      ex.table = tab.data_ptr<float>();
+    }
+    ex.mapped = true;
+    ex.row_of = row_of.data();
   }
   return xnor_conv_impl(xpad, panel, c_out, c_in, KH, KW, stride, scale, bias, act, want_float ? MODE_FLOAT : MODE_PACKED,
                         out_pad, out_pad_value, isa, ex);

@@ -9,7 +9,9 @@
 //     re-binarized (packed) output, by the float test or by per-channel popcount bounds
 //     (sign_bounds in xnor.cpp);
 //   write_rows_avx2: a pixel-major block src [i][16] (floats or int32 bits) -> `nc` NCHW channel
-//     rows of `run` pixels, through 8x8 register transposes.
+//     rows of `run` pixels, through 8x8 register transposes;
+//   affine_px_avx2 (AVX2 + FMA CPUs): a per-channel fused multiply-add of the outputs, the form of
+//     a BatchNorm after the conv (kernels.output_affine).
 // The whole file is empty on a non-x86 build.
 
 #include "dispatch.h"
@@ -73,10 +75,16 @@ __attribute__((target("avx2"))) void sign_mask_px_avx2(const uint32_t* cnt, int6
   }
 }
 
-__attribute__((target("avx2"))) void write_rows_avx2(const float* src, int64_t run, int64_t nc, float* out,
-                                                     int64_t plane) {
+// write_rows with the fused epilogue's row work: each row vector gets the residual's (same float
+// add as y + r) before it is stored, and masks[i] (bit c: final value of channel c >= 0) collects
+// the signs of the stored values; res and masks may each be null.
+template <bool kRes, bool kMask>
+__attribute__((target("avx2"))) static inline void write_rows_t(const float* src, int64_t run, int64_t nc, float* out,
+                                                                int64_t plane, const float* res, uint32_t* masks) {
   int64_t i = 0;
+  const __m256 z = _mm256_setzero_ps();
   for (; i + 8 <= run; i += 8) {
+    __m256i acc = _mm256_setzero_si256();
     int64_t cg = 0;
     for (; cg + 8 <= nc; cg += 8) {
       const float* s = src + i * kCoBlock + cg;
@@ -91,26 +99,75 @@ __attribute__((target("avx2"))) void write_rows_avx2(const float* src, int64_t r
       const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
       const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
       const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      const __m256 rows[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+                              _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+                              _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+                              _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
       float* o = out + cg * plane + i;
-      _mm256_storeu_ps(o + 0 * plane, _mm256_permute2f128_ps(u0, u4, 0x20));
-      _mm256_storeu_ps(o + 1 * plane, _mm256_permute2f128_ps(u1, u5, 0x20));
-      _mm256_storeu_ps(o + 2 * plane, _mm256_permute2f128_ps(u2, u6, 0x20));
-      _mm256_storeu_ps(o + 3 * plane, _mm256_permute2f128_ps(u3, u7, 0x20));
-      _mm256_storeu_ps(o + 4 * plane, _mm256_permute2f128_ps(u0, u4, 0x31));
-      _mm256_storeu_ps(o + 5 * plane, _mm256_permute2f128_ps(u1, u5, 0x31));
-      _mm256_storeu_ps(o + 6 * plane, _mm256_permute2f128_ps(u2, u6, 0x31));
-      _mm256_storeu_ps(o + 7 * plane, _mm256_permute2f128_ps(u3, u7, 0x31));
+      for (int j = 0; j < 8; ++j) {
+        __m256 v = rows[j];
+        if (kRes) v = _mm256_add_ps(v, _mm256_loadu_ps(res + (cg + j) * plane + i));
+        _mm256_storeu_ps(o + j * plane, v);
+        if (kMask)
+          acc = _mm256_or_si256(acc, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(v, z, _CMP_GE_OQ)),
+                                                      _mm256_set1_epi32(1 << (cg + j))));
+      }
     }
-    for (; cg < nc; ++cg)
-      for (int64_t k = 0; k < 8; ++k) out[cg * plane + i + k] = src[(i + k) * kCoBlock + cg];
+    if (kMask) _mm256_storeu_si256(reinterpret_cast<__m256i*>(masks + i), acc);
+    for (; cg < nc; ++cg)  // channels past the last group of 8
+      for (int64_t k = 0; k < 8; ++k) {
+        float v = src[(i + k) * kCoBlock + cg];
+        if (kRes) v = v + res[cg * plane + i + k];
+        out[cg * plane + i + k] = v;
+        if (kMask) masks[i + k] |= (uint32_t)(v >= 0.f) << cg;
+      }
   }
-  for (; i < run; ++i)
-    for (int64_t c = 0; c < nc; ++c) out[c * plane + i] = src[i * kCoBlock + c];
+  for (; i < run; ++i) {
+    uint32_t m = 0;
+    for (int64_t c = 0; c < nc; ++c) {
+      float v = src[i * kCoBlock + c];
+      if (kRes) v = v + res[c * plane + i];
+      out[c * plane + i] = v;
+      m |= (uint32_t)(v >= 0.f) << c;
+    }
+    if (kMask) masks[i] = m;
+  }
+}
+
+__attribute__((target("avx2"))) void write_rows_ex_avx2(const float* src, int64_t run, int64_t nc, float* out,
+                                                        int64_t plane, const float* res, uint32_t* masks) {
+  if (res != nullptr) {
+    if (masks != nullptr) write_rows_t<true, true>(src, run, nc, out, plane, res, masks);
+    else write_rows_t<true, false>(src, run, nc, out, plane, res, masks);
+  } else {
+    if (masks != nullptr) write_rows_t<false, true>(src, run, nc, out, plane, res, masks);
+    else write_rows_t<false, false>(src, run, nc, out, plane, res, masks);
+  }
+}
+
+__attribute__((target("avx2"))) void write_rows_avx2(const float* src, int64_t run, int64_t nc, float* out,
+                                                     int64_t plane) {
+  write_rows_t<false, false>(src, run, nc, out, plane, nullptr, nullptr);
+}
+
+// v[p][c] = fma(v[p][c], a[c], b[c]) on [np][16] (the one function here compiled with FMA: a fused
+// multiply-add rounds once, as std::fma and as the per-channel affine it stands for was checked).
+__attribute__((target("avx2,fma"))) void affine_px_avx2(float* v, int64_t np, const float* a, const float* b) {
+  const __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8), b0 = _mm256_loadu_ps(b),
+               b1 = _mm256_loadu_ps(b + 8);
+  for (int64_t p = 0; p < np; ++p) {
+    float* r = v + p * kCoBlock;
+    _mm256_storeu_ps(r, _mm256_fmadd_ps(_mm256_loadu_ps(r), a0, b0));
+    _mm256_storeu_ps(r + 8, _mm256_fmadd_ps(_mm256_loadu_ps(r + 8), a1, b1));
+  }
 }
 
 }  // namespace
 
-const XnorEpilogue kXnorEpilogueAvx2 = {transform_px_avx2, sign_mask_px_avx2, bounds_mask_px_avx2, write_rows_avx2};
+const XnorEpilogue kXnorEpilogueAvx2 = {transform_px_avx2, sign_mask_px_avx2, bounds_mask_px_avx2, write_rows_avx2,
+                                        write_rows_ex_avx2, affine_px_avx2};
+const XnorEpilogue kXnorEpilogueAvx2NoFma = {transform_px_avx2, sign_mask_px_avx2, bounds_mask_px_avx2,
+                                             write_rows_avx2, write_rows_ex_avx2, nullptr};
 
 }  // namespace kdbnn
 
