@@ -114,14 +114,18 @@ KDBNN_W8_INL void w8_finish(const typename VV::T (&a)[NB][R], int16_t* a16p, int
       for (int r = 0; r < R; ++r) V::store(a16p + (c * R + r) * kW8Px, a[c][r]);
     return;
   }
-  if (out != 3) {
+  if (out == 1) {
 #pragma GCC unroll 32
     for (int c = 0; c < NB; ++c)
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        if (out == 1) V::widen_store(a32p + (c * R + r) * kW8Px, a[c][r]);
-        else V::widen_add(a32p + (c * R + r) * kW8Px, a[c][r]);
-      }
+      for (int r = 0; r < R; ++r) V::widen_store(a32p + (c * R + r) * kW8Px, a[c][r]);
+    return;
+  }
+  if (out == 2) {
+#pragma GCC unroll 32
+    for (int c = 0; c < NB; ++c)
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) V::widen_add(a32p + (c * R + r) * kW8Px, a[c][r]);
     return;
   }
   const W8Args& A = *epi->A;
