@@ -373,6 +373,27 @@ def _check_packed_weight(w_packed: torch.Tensor, c_in: int, kh: int, kw: int) ->
         )
 
 
+def _check_conv_args(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    kernel_size: int | tuple[int, int],
+    **per_channel: torch.Tensor | None,
+) -> tuple[int, int, int]:
+    """``(kh, kw, C_in)`` of a float/int8-input packed-weight conv (:func:`bwn_conv2d`,
+    :func:`w1a8_conv2d`) after checking that ``x`` is ``(N, C, H, W)``, that ``w_packed`` matches
+    it and the kernel, and that each named per-output-channel tensor (None: skipped) has C_out values."""
+    kh, kw = _pair(kernel_size)
+    if x.dim() != 4:
+        raise ValueError(f"input must be (N, C, H, W), found {tuple(x.shape)}")
+    c_in = x.shape[1]
+    _check_packed_weight(w_packed, c_in, kh, kw)
+    c_out = w_packed.shape[0]
+    for name, t in per_channel.items():
+        if t is not None and t.numel() != c_out:
+            raise ValueError(f"{name} has {t.numel()} values, expected C_out={c_out}")
+    return kh, kw, c_in
+
+
 def weight_panel(w_packed: torch.Tensor) -> torch.Tensor:
     """Kernel layout of packed weights: ``(KH*KW*nw, C_out rounded up to 16)`` int64, zero filled."""
     c_out = w_packed.shape[0]
@@ -896,13 +917,7 @@ def bwn_conv2d(
 
     Zero padding (float activations). ``w_packed = pack_signs(W)``; ``alpha`` float ``(C_out,)``.
     """
-    kh, kw = _pair(kernel_size)
-    if x.dim() != 4:
-        raise ValueError(f"input must be (N, C, H, W), found {tuple(x.shape)}")
-    c_in = x.shape[1]
-    _check_packed_weight(w_packed, c_in, kh, kw)
-    if alpha.numel() != w_packed.shape[0]:
-        raise ValueError(f"alpha has {alpha.numel()} values, expected C_out={w_packed.shape[0]}")
+    kh, kw, c_in = _check_conv_args(x, w_packed, kernel_size, alpha=alpha)
     act = _act_code(activation)
     ext = _use_ext(backend)
     if ext is not None:
@@ -1001,18 +1016,9 @@ def w1a8_conv2d(
     ``y`` from a NaN/inf scale or bias gives an unspecified int8 value). ``stride`` and ``padding``
     are ints (the same on both axes); ``isa``: force an ISA path (see ``ISAS``).
     """
-    kh, kw = _pair(kernel_size)
     if xq.dtype != torch.int8:
         raise ValueError(f"w1a8_conv2d input must be int8 (quantize_activations), found {xq.dtype}")
-    if xq.dim() != 4:
-        raise ValueError(f"input must be (N, C, H, W), found {tuple(xq.shape)}")
-    c_in = xq.shape[1]
-    _check_packed_weight(w_packed, c_in, kh, kw)
-    c_out = w_packed.shape[0]
-    if scale.numel() != c_out:
-        raise ValueError(f"scale has {scale.numel()} values, expected C_out={c_out}")
-    if bias is not None and bias.numel() != c_out:
-        raise ValueError(f"bias has {bias.numel()} values, expected C_out={c_out}")
+    kh, kw, c_in = _check_conv_args(xq, w_packed, kernel_size, scale=scale, bias=bias)
     if not isinstance(stride, int) or stride < 1 or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"stride must be an int >= 1 and padding an int >= 0, found {stride}/{padding}")
     if xq.shape[2] + 2 * padding < kh or xq.shape[3] + 2 * padding < kw:

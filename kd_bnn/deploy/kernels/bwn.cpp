@@ -19,6 +19,7 @@
 // thread-local buffer (K*16 floats) and consumed by a 6-pixel x 16-channel micro-kernel.
 
 #include "dispatch.h"
+#include "lut_split.h"
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -202,19 +203,11 @@ at::Tensor bwn_conv(at::Tensor x, at::Tensor wpacked, at::Tensor alpha, c10::opt
     const uint64_t* wp = reinterpret_cast<const uint64_t*>(wpk.data_ptr<int64_t>());
     at::parallel_for(0, KK, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, A.ngrp * A.co_pad)),
                      [&](int64_t b, int64_t e) { lut->prep_idx(wp, A, nw, b, e, idx.get()); });
-    // work items: tiles, or (tile, output-channel chunk) pairs when there are fewer than 4 tiles
-    // per thread (the tables are then built once per chunk; chunks keep >= 32 channels)
-    const int64_t n_tiles = A.r4 ? N * lut_r4_tiles(A) : (A.total + 15) / 16, threads = at::get_num_threads();
-    int64_t n_chunks = 1;
-    if (threads > 1 && n_tiles < 4 * threads)
-      n_chunks = std::max<int64_t>(1, std::min((4 * threads + n_tiles - 1) / n_tiles, A.co_pad / 32));
-    A.co_chunk = (A.co_pad / n_chunks + 7) / 8 * 8;
-    n_chunks = (A.co_pad + A.co_chunk - 1) / A.co_chunk;
-    at::parallel_for(0, n_tiles * n_chunks, 1, [&](int64_t b, int64_t e) {
-      std::unique_ptr<float[]> buf(new float[lut_work_floats(A)]);  // written before read
-      float* work = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.get()) + 63) & ~uintptr_t(63));
-      lut->range(A, b, e, work);
-    });
+    // work items: tiles or (tile, output-channel chunk) pairs (lut_split.h)
+    const int64_t n_tiles = A.r4 ? N * lut_r4_tiles(A) : (A.total + 15) / 16;
+    lut_parallel_items<float>(
+        n_tiles, A.co_pad, A.co_chunk, [&] { return lut_work_floats(A); },
+        [&](int64_t b, int64_t e, float* work) { lut->range(A, b, e, work); });
     return out;
   }
 

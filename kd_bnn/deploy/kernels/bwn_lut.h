@@ -48,6 +48,9 @@
 //   r4:    a second kernel for stride 1 shares the tables of one kernel row between its KW taps
 //          (64-position tiles in 4 interleaved vectors; see "kw-sharing kernel" below).
 
+#define KDBNN_LC_INL KDBNN_LUT_INL
+#include "lut_common.h"
+
 constexpr int kLutPx = 16;    // output pixels per tile (one V)
 constexpr int kMaxRuns = 4;   // masked-load runs per tap before falling back to a gather
 constexpr int64_t kLutSkew = 16 * 5;  // floats between the tables and the accumulators
@@ -101,17 +104,7 @@ KDBNN_LUT_INL void lut_table(const V::T* x, float* T) {
   constexpr int a = G - G / 2, b = G / 2, E = 1 << G;
   // P: all sign sums of x[0..a-1] (bit i of the index = +x_i)
   VT P[1 << a];
-  {
-    const VT p3 = V::add(x[0], x[1]), p1 = V::sub(x[0], x[1]);
-    const VT p[4] = {V::neg(p3), p1, V::neg(p1), p3};
-    if constexpr (a == 2) {
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) P[i] = p[i];
-    } else {
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) P[i] = V::sub(p[i], x[2]), P[i + 4] = V::add(p[i], x[2]);
-    }
-  }
+  lut_low_sums<a>(x, P);
   // Q: sign sums of x[a..G-1] with the top input negative (the top bit of s clear)
   VT Q[1 << (b - 1)];
   if constexpr (b == 2) {
@@ -160,24 +153,6 @@ KDBNN_LUT_INL void lut_build_group(const LutArgs& A, const LutTapPlan* tp, int64
 }
 
 // ---------------------------------------------------------------- lookups
-// NB offsets of one index row (qword loads when the row segment is a whole number of qwords).
-template <int NB, class I>
-KDBNN_LUT_INL void lut_offsets(const I* ir, uint32_t* off) {
-  constexpr int per = 8 / (int)sizeof(I);
-  if constexpr (NB % per == 0) {
-#pragma GCC unroll 8
-    for (int w = 0; w < NB / per; ++w) {
-      uint64_t q;
-      std::memcpy(&q, ir + w * per, 8);
-#pragma GCC unroll 8
-      for (int e = 0; e < per; ++e) off[w * per + e] = (uint32_t)((q >> (8 * sizeof(I) * e)) & ((1u << (8 * sizeof(I))) - 1));
-    }
-  } else {
-#pragma GCC unroll 32
-    for (int c = 0; c < NB; ++c) off[c] = ir[c];
-  }
-}
-
 // One register block of NB output channels over ng tables of a pass: acc (+)= T_j[s], then either
 // back to the accumulator buffer or, in the last pass, alpha * acc + bias, activation, output.
 template <int G, int NB>
@@ -403,15 +378,12 @@ KDBNN_LUT_FN void lut_plan_tile(const LutArgs& A, int64_t q0, int np, LutTapPlan
 KDBNN_LUT_FN void lut_range1(const LutArgs& A, int64_t tb, int64_t te, float* work) {
   std::vector<LutTapPlan> tp(A.KH * A.KW);
   LutOutPlan op;
-  const int64_t n_chunks = (A.co_pad + A.co_chunk - 1) / A.co_chunk;
-  int64_t planned = -1;
+  LutItems items(A.co_pad, A.co_chunk);
   for (int64_t t = tb; t < te; ++t) {
-    const int64_t tile = t / n_chunks, co_b = t % n_chunks * A.co_chunk;
-    const int64_t co_e = std::min(A.co_pad, co_b + A.co_chunk);
-    if (tile != planned) {
+    int64_t tile, co_b, co_e;
+    if (items.at(t, tile, co_b, co_e)) {
       const int64_t q0 = tile * kLutPx;
       lut_plan_tile(A, q0, (int)std::min<int64_t>(kLutPx, A.total - q0), tp.data(), op);
-      planned = tile;
     }
     switch (A.g) {
       case 4: lut_tile<4>(A, tp.data(), op, work, co_b, co_e); break;
@@ -430,8 +402,7 @@ KDBNN_LUT_FN void lut_range1(const LutArgs& A, int64_t tb, int64_t te, float* wo
 // instead of 12 for 3x3), and each weight index byte selects 4 lookups (one per vector).
 // Input vectors: 64 + 16 contiguous floats de-interleaved by V::deint; the output is
 // re-interleaved by V::inter before the epilogue. A pass unit is (kernel row, group): 4 + KW - 1
-// tables; pg units per pass.
-constexpr int kR = 4;
+// tables; pg units per pass. (kR = 4: lut_common.h.)
 
 // Where the 64 positions of one r4 tile go: per output vector m (positions q0 + 16m + [0, 16)),
 // runs of valid positions (ow < OW, oh < OH) of one output row.
@@ -442,21 +413,11 @@ struct LutR4OutPlan {
   bool full[kR];
 };
 
-// The NV tables of one pass unit: each of the G channels is de-interleaved into its NV input
-// vectors, then table v is built from the v-th vectors.
-template <int G, int NV>
-KDBNN_LUT_INL void r4_build(const float* xc, int64_t plane, float* T) {
-  V::T x[G][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < G; ++i) V::template deint<NV>(xc + i * plane, x[i]);
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) {
-    V::T xv[G];
-#pragma GCC unroll 8
-    for (int i = 0; i < G; ++i) xv[i] = x[i][v];
-    lut_table<G>(xv, T + v * (int64_t(1) << G) * kLutPx);
-  }
-}
+// The table builder of lut_r4_build (the NV tables of one pass unit).
+struct LutTab {
+  template <int G>
+  KDBNN_LUT_INL static void build(const V::T* x, float* T) { lut_table<G>(x, T); }
+};
 
 template <int G, int NB, int KW>
 KDBNN_LUT_INL void r4_block(const float* T, int64_t nu, const uint8_t* ir, int64_t co_pad, float* accp, bool first,
@@ -521,20 +482,7 @@ KDBNN_LUT_INL void r4_block(const float* T, int64_t nu, const uint8_t* ir, int64
       }
     }
   } else {
-    for (int64_t u = 0; u < nu; ++u) {
-      const float* Tu = T + u * NV * kVec;
-#pragma GCC unroll 5
-      for (int kw = 0; kw < KW; ++kw) {
-        uint32_t off[NB];
-        lut_offsets<NB>(ir + (u * KW + kw) * co_pad, off);
-#pragma GCC unroll 32
-        for (int c = 0; c < NB; ++c) {
-          const float* e = reinterpret_cast<const float*>(reinterpret_cast<const char*>(Tu + kw * kVec) + (size_t)off[c] * 8);
-#pragma GCC unroll 4
-          for (int r = 0; r < kR; ++r) a[c][r] = V::add(a[c][r], V::load(e + r * kVec));
-        }
-      }
-    }
+    lut_r4_lookups<NB, KW, kVec>(a, T, nu, ir, co_pad);
   }
   if (epi == nullptr) {
 #pragma GCC unroll 32
@@ -578,7 +526,7 @@ KDBNN_LUT_FN void r4_tile(const LutArgs& A, const float* xn, int64_t q0, const L
     const int64_t u0 = p * pg, nu = std::min(pg, U - u0);
     for (int64_t i = 0; i < nu; ++i) {
       const int64_t u = u0 + i, kh = u / A.ngrp, j = u % A.ngrp;
-      r4_build<G, NV>(xn + j * G * plane + q0 + kh * A.Wp, plane, tab + i * kUnit);
+      lut_r4_build<G, NV, (int64_t(1) << G) * kLutPx, LutTab>(xn + j * G * plane + q0 + kh * A.Wp, plane, tab + i * kUnit);
     }
     const bool first = p == 0;
     const LutArgs* e = p == n_pass - 1 ? &A : nullptr;
@@ -611,14 +559,13 @@ KDBNN_LUT_FN void r4_plan_out(const LutArgs& A, int64_t n, int64_t q0, LutR4OutP
 // Work items [tb, te) over tiles of 64 padded-domain positions (lut_r4_tiles per image).
 KDBNN_LUT_FN void r4_range(const LutArgs& A, int64_t tb, int64_t te, float* work) {
   const int64_t per_img = lut_r4_tiles(A), img = A.ngrp * A.g * A.Hp * A.Wp;
-  const int64_t n_chunks = (A.co_pad + A.co_chunk - 1) / A.co_chunk;
   LutR4OutPlan op;
-  int64_t planned = -1;
+  LutItems items(A.co_pad, A.co_chunk);
   for (int64_t t = tb; t < te; ++t) {
-    const int64_t tile = t / n_chunks, co_b = t % n_chunks * A.co_chunk;
-    const int64_t co_e = std::min(A.co_pad, co_b + A.co_chunk);
+    int64_t tile, co_b, co_e;
+    const bool replan = items.at(t, tile, co_b, co_e);
     const int64_t n = tile / per_img, q0 = (tile % per_img) * kR * kLutPx;
-    if (tile != planned) r4_plan_out(A, n, q0, op), planned = tile;
+    if (replan) r4_plan_out(A, n, q0, op);
     const float* xn = A.Xp + n * img;
     switch (A.KW * 8 + A.g) {
       case 1 * 8 + 4: r4_tile<4, 1>(A, xn, q0, op, work, co_b, co_e); break;
@@ -658,14 +605,7 @@ KDBNN_LUT_FN void lut_prep_idx_t(const uint64_t* wp, const LutArgs& A, int64_t n
     const int64_t row0 = A.r4 ? kh * A.ngrp * A.KW + kw : kk * A.ngrp, rstep = A.r4 ? A.KW : 1;
     for (int64_t o0 = 0; o0 < co_pad; o0 += L) {
       const int n = (int)std::min<int64_t>(L, co_pad - o0);  // a multiple of 8
-      for (int e = 0; e < L; ++e) {
-        const uint64_t* src = wp + ((o0 + e) * KK + kk) * nw;
-        const bool ok = o0 + e < A.c_out;
-        for (int64_t wi = 0; wi < nw; ++wi) {
-          const uint64_t w = ok ? src[wi] : 0ULL;
-          w32[(2 * wi) * L + e] = (uint32_t)w, w32[(2 * wi + 1) * L + e] = (uint32_t)(w >> 32);
-        }
-      }
+      lut_gather_words<L>(wp, KK, kk, nw, o0, A.c_out - o0, w32.data());
       I* dst = idx + row0 * co_pad + o0;
       for (int64_t j = 0; j < A.ngrp; ++j, dst += rstep * co_pad) V::template prep_fields<G>(w32.data(), nk, j * G, dst, n);
     }
@@ -679,3 +619,5 @@ KDBNN_LUT_FN void lut_prep_idx(const uint64_t* wp, const LutArgs& A, int64_t nw,
     default: lut_prep_idx_t<6>(wp, A, nw, kb, ke, out); break;
   }
 }
+
+#undef KDBNN_LC_INL

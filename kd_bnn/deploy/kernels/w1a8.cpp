@@ -14,6 +14,7 @@
 #include "ops.h"
 #include "w1a8.h"
 #include "dispatch.h"
+#include "lut_split.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -226,19 +227,11 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
   A.idx = idx.get();
   at::parallel_for(0, KK, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, A.ngrp * A.co_pad)),
                    [&](int64_t b, int64_t e) { k->prep_idx(wp, A, nw, b, e, idx.get()); });
-  // work items: tiles, or (tile, output-channel chunk) pairs when there are fewer than 4 tiles per
-  // thread (the tables are then built once per chunk; chunks keep >= 32 channels)
-  const int64_t n_tiles = N * (A.r4 ? w8_r4_tiles_per_image(A) : w8_tiles_per_image(A)), threads = at::get_num_threads();
-  int64_t n_chunks = 1;
-  if (threads > 1 && n_tiles < 4 * threads)
-    n_chunks = std::max<int64_t>(1, std::min((4 * threads + n_tiles - 1) / n_tiles, A.co_pad / 32));
-  A.co_chunk = (A.co_pad / n_chunks + 7) / 8 * 8;
-  n_chunks = (A.co_pad + A.co_chunk - 1) / A.co_chunk;
-  at::parallel_for(0, n_tiles * n_chunks, 1, [&](int64_t b, int64_t e) {
-    std::unique_ptr<int32_t[]> buf(new int32_t[w8_work_ints(A)]);  // written before read
-    int32_t* work = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(buf.get()) + 63) & ~uintptr_t(63));
-    k->range(A, b, e, work);
-  });
+  // work items: tiles or (tile, output-channel chunk) pairs (lut_split.h)
+  const int64_t n_tiles = N * (A.r4 ? w8_r4_tiles_per_image(A) : w8_tiles_per_image(A));
+  lut_parallel_items<int32_t>(
+      n_tiles, A.co_pad, A.co_chunk, [&] { return w8_work_ints(A); },
+      [&](int64_t b, int64_t e, int32_t* work) { k->range(A, b, e, work); });
   return out;
 }
 

@@ -29,6 +29,7 @@ struct V {
   KDBNN_W8_INL static void store(int16_t* p, T v) { _mm512_store_si512(p, v); }
   KDBNN_W8_INL static T add(T a, T b) { return _mm512_add_epi16(a, b); }
   KDBNN_W8_INL static T sub(T a, T b) { return _mm512_sub_epi16(a, b); }
+  KDBNN_W8_INL static T neg(T a) { return sub(zero(), a); }
   KDBNN_W8_INL static T load_x(const int8_t* p) {
     return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }

@@ -53,6 +53,9 @@
 //          per table, amortized over the output channels (hence g = 5 only for >= 128 channels,
 //          and r4, which halves the builds of a 3x3 conv, for narrow layers on wide rows).
 
+#define KDBNN_LC_INL KDBNN_W8_INL
+#include "lut_common.h"
+
 template <int G>
 constexpr int64_t kW8Tab = (int64_t(1) << G) * kW8Px;  // int16 per table (G = 4: 1 KB, 5: 2 KB)
 
@@ -72,17 +75,7 @@ KDBNN_W8_INL void w8_table_x(const V::T* x, int16_t* T) {
   static_assert(G == 4 || G == 5, "w1a8 tables: G = 4 or 5");
   const VT z = V::zero();
   VT P[1 << a];
-  {
-    const VT p3 = V::add(x[0], x[1]), p1 = V::sub(x[0], x[1]);
-    const VT p[4] = {V::sub(z, p3), p1, V::sub(z, p1), p3};
-    if constexpr (a == 2) {
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) P[i] = p[i];
-    } else {
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) P[i] = V::sub(p[i], x[2]), P[i + 4] = V::add(p[i], x[2]);
-    }
-  }
+  lut_low_sums<a>(x, P);
   const VT q = V::add(x[a], x[a + 1]);
   const VT Q[2] = {V::sub(z, q), V::sub(x[a], x[a + 1])};
 #pragma GCC unroll 2
@@ -106,19 +99,46 @@ KDBNN_W8_INL void w8_table(const int8_t* src, int64_t cplane, int16_t* T) {
 }
 
 // ---------------------------------------------------------------- lookups
-template <int NB>
-KDBNN_W8_INL void w8_offsets(const uint8_t* ir, uint32_t* off) {
-  if constexpr (NB % 8 == 0) {
-#pragma GCC unroll 4
-    for (int w = 0; w < NB / 8; ++w) {
-      uint64_t q;
-      std::memcpy(&q, ir + 8 * w, 8);
-#pragma GCC unroll 8
-      for (int e = 0; e < 8; ++e) off[8 * w + e] = (uint32_t)((q >> (8 * e)) & 255u);
-    }
-  } else {
+// The end of a register block of NB channels x R vectors, a[c][r] (R = 1: w8_block, kR:
+// r4_block): out 0 stores the int16 sums to a16p, 1 widens and stores them to the int32 sums
+// a32p, 2 widens and adds, 3 applies the epilogue and stores the output (adding the int32 sums
+// when add32; Epi: W8Epi for R = 1, R4Epi for kR). (VV: V, a parameter so that V::epi4 is looked
+// up only where R = kR: the AVX2 V has none.)
+template <int NB, int R, class Epi, class VV = V>
+KDBNN_W8_INL void w8_finish(const typename VV::T (&a)[NB][R], int16_t* a16p, int32_t* a32p, int out, bool add32, const Epi* epi,
+                            int64_t c0) {
+  if (out == 0) {
 #pragma GCC unroll 32
-    for (int c = 0; c < NB; ++c) off[c] = ir[c];
+    for (int c = 0; c < NB; ++c)
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) V::store(a16p + (c * R + r) * kW8Px, a[c][r]);
+    return;
+  }
+  if (out == 1) {
+#pragma GCC unroll 32
+    for (int c = 0; c < NB; ++c)
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) V::widen_store(a32p + (c * R + r) * kW8Px, a[c][r]);
+    return;
+  }
+  if (out == 2) {
+#pragma GCC unroll 32
+    for (int c = 0; c < NB; ++c)
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) V::widen_add(a32p + (c * R + r) * kW8Px, a[c][r]);
+    return;
+  }
+  const W8Args& A = *epi->A;
+  const int64_t plane = A.OH * A.OW;
+#pragma GCC unroll 32
+  for (int c = 0; c < NB; ++c) {
+    const int64_t o = c0 + c;
+    if (o >= A.c_out) break;
+    const int32_t* b = add32 ? a32p + c * R * kW8Px : nullptr;
+    if constexpr (R == 1)
+      VV::epi(b, a[c][0], A.scale[o], A.bias[o], A.act, A.quant, A.inv, A.O, o * plane, *epi->op);
+    else
+      VV::epi4(b, a[c], A.scale[o], A.bias[o], A.act, A.quant, A.inv, A.O, o * plane, *epi->op);
   }
 }
 
@@ -129,40 +149,17 @@ template <int G, int NB>
 KDBNN_W8_INL void w8_block(const int16_t* T, int64_t ng, const uint8_t* ir, int64_t co_pad, int16_t* a16p,
                            int32_t* a32p, bool load16, int out, bool add32, const W8Epi* epi, int64_t c0) {
   using VT = V::T;
-  VT a[NB];
+  VT a[NB][1];
 #pragma GCC unroll 32
-  for (int c = 0; c < NB; ++c) a[c] = load16 ? V::load(a16p + c * kW8Px) : V::zero();
+  for (int c = 0; c < NB; ++c) a[c][0] = load16 ? V::load(a16p + c * kW8Px) : V::zero();
   const char* Tj = reinterpret_cast<const char*>(T);
   for (int64_t j = 0; j < ng; ++j, Tj += 2 * kW8Tab<G>, ir += co_pad) {
     uint32_t off[NB];
-    w8_offsets<NB>(ir, off);
+    lut_offsets<NB>(ir, off);
 #pragma GCC unroll 32
-    for (int c = 0; c < NB; ++c) a[c] = V::add(a[c], V::load(reinterpret_cast<const int16_t*>(Tj + (size_t)off[c] * 8)));
+    for (int c = 0; c < NB; ++c) a[c][0] = V::add(a[c][0], V::load(reinterpret_cast<const int16_t*>(Tj + (size_t)off[c] * 8)));
   }
-  if (out == 0) {
-#pragma GCC unroll 32
-    for (int c = 0; c < NB; ++c) V::store(a16p + c * kW8Px, a[c]);
-    return;
-  }
-  if (out == 1) {
-#pragma GCC unroll 32
-    for (int c = 0; c < NB; ++c) V::widen_store(a32p + c * kW8Px, a[c]);
-    return;
-  }
-  if (out == 2) {
-#pragma GCC unroll 32
-    for (int c = 0; c < NB; ++c) V::widen_add(a32p + c * kW8Px, a[c]);
-    return;
-  }
-  const W8Args& A = *epi->A;
-  const int64_t plane = A.OH * A.OW;
-#pragma GCC unroll 32
-  for (int c = 0; c < NB; ++c) {
-    const int64_t o = c0 + c;
-    if (o >= A.c_out) break;
-    V::epi(add32 ? a32p + c * kW8Px : nullptr, a[c], A.scale[o], A.bias[o], A.act, A.quant, A.inv, A.O, o * plane,
-           *epi->op);
-  }
+  w8_finish<NB, 1>(a, a16p, a32p, out, add32, epi, c0);
 }
 
 template <int G, int NB>
@@ -234,14 +231,14 @@ inline void w8_plan_out(const W8Args& A, int64_t n, int64_t q0, W8OutPlan& op) {
 }
 
 KDBNN_W8_FN void w8_range1(const W8Args& A, int64_t tb, int64_t te, int32_t* work) {
-  const int64_t per_img = w8_tiles_per_image(A), n_chunks = (A.co_pad + A.co_chunk - 1) / A.co_chunk;
+  const int64_t per_img = w8_tiles_per_image(A);
   W8OutPlan op;
-  int64_t planned = -1;
+  LutItems items(A.co_pad, A.co_chunk);
   for (int64_t t = tb; t < te; ++t) {
-    const int64_t tile = t / n_chunks, co_b = t % n_chunks * A.co_chunk;
-    const int64_t co_e = std::min(A.co_pad, co_b + A.co_chunk);
+    int64_t tile, co_b, co_e;
+    const bool replan = items.at(t, tile, co_b, co_e);
     const int64_t n = tile / per_img, q0 = tile % per_img * kW8Px;
-    if (tile != planned) w8_plan_out(A, n, q0, op), planned = tile;
+    if (replan) w8_plan_out(A, n, q0, op);
     if (A.g == 5) w8_tile<5>(A, A.X + n * A.img + q0, op, work, co_b, co_e);
     else w8_tile<4>(A, A.X + n * A.img + q0, op, work, co_b, co_e);
   }
@@ -258,30 +255,20 @@ KDBNN_W8_FN void w8_range1(const W8Args& A, int64_t tb, int64_t te, int32_t* wor
 // group): 4 + KW - 1 tables; pg units per pass. The int16 sums of a channel persist across the
 // passes of a window (a per-thread int16 buffer) and are widened to int32 once per window: win
 // passes of pg * KW entries per vector, win * pg * KW <= w8_max_pass(g) (the same bound as above).
-// The epilogue re-interleaves the 4 vectors into position order (V::inter).
-constexpr int kR = 4;
+// The epilogue re-interleaves the 4 vectors into position order (V::inter). (kR = 4: lut_common.h.)
 
 struct R4Epi {
   const W8Args* A;
   const R4OutPlan* op;
 };
 
-template <int G, int NV>
-KDBNN_W8_INL void r4_build(const int8_t* src, int64_t cplane, int16_t* T) {
-  V::T x[G][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < G; ++i) V::template deint<NV>(src + i * cplane, x[i]);
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) {
-    V::T xv[G];
-#pragma GCC unroll 8
-    for (int i = 0; i < G; ++i) xv[i] = x[i][v];
-    w8_table_x<G>(xv, T + v * kW8Tab<G>);
-  }
-}
+// The table builder of lut_r4_build (the NV tables of one pass unit).
+struct W8Tab {
+  template <int G>
+  KDBNN_W8_INL static void build(const V::T* x, int16_t* T) { w8_table_x<G>(x, T); }
+};
 
-// out: 0 store the int16 sums, 1 widen and store them as int32, 2 widen and add, 3 epilogue
-// (adding the int32 sums when add32).
+// out: as w8_finish.
 template <int G, int NB, int KW>
 KDBNN_W8_INL void r4_block(const int16_t* T, int64_t nu, const uint8_t* ir, int64_t co_pad, int16_t* a16p,
                            int32_t* a32p, bool load16, int out, bool add32, const R4Epi* epi, int64_t c0) {
@@ -293,46 +280,8 @@ KDBNN_W8_INL void r4_block(const int16_t* T, int64_t nu, const uint8_t* ir, int6
   for (int c = 0; c < NB; ++c)
 #pragma GCC unroll 4
     for (int r = 0; r < kR; ++r) a[c][r] = load16 ? V::load(a16p + (c * kR + r) * kW8Px) : V::zero();
-  for (int64_t u = 0; u < nu; ++u) {
-    const int16_t* Tu = T + u * NV * kVec;
-#pragma GCC unroll 5
-    for (int kw = 0; kw < KW; ++kw) {
-      uint32_t off[NB];
-      w8_offsets<NB>(ir + (u * KW + kw) * co_pad, off);
-#pragma GCC unroll 32
-      for (int c = 0; c < NB; ++c) {
-        const int16_t* e = reinterpret_cast<const int16_t*>(reinterpret_cast<const char*>(Tu + kw * kVec) + (size_t)off[c] * 8);
-#pragma GCC unroll 4
-        for (int r = 0; r < kR; ++r) a[c][r] = V::add(a[c][r], V::load(e + r * kVec));
-      }
-    }
-  }
-  if (out == 0) {
-#pragma GCC unroll 32
-    for (int c = 0; c < NB; ++c)
-#pragma GCC unroll 4
-      for (int r = 0; r < kR; ++r) V::store(a16p + (c * kR + r) * kW8Px, a[c][r]);
-    return;
-  }
-  if (out != 3) {
-#pragma GCC unroll 32
-    for (int c = 0; c < NB; ++c)
-#pragma GCC unroll 4
-      for (int r = 0; r < kR; ++r) {
-        if (out == 1) V::widen_store(a32p + (c * kR + r) * kW8Px, a[c][r]);
-        else V::widen_add(a32p + (c * kR + r) * kW8Px, a[c][r]);
-      }
-    return;
-  }
-  const W8Args& A = *epi->A;
-  const int64_t plane = A.OH * A.OW;
-#pragma GCC unroll 32
-  for (int c = 0; c < NB; ++c) {
-    const int64_t o = c0 + c;
-    if (o >= A.c_out) break;
-    V::epi4(add32 ? a32p + c * kR * kW8Px : nullptr, a[c], A.scale[o], A.bias[o], A.act, A.quant, A.inv, A.O,
-            o * plane, *epi->op);
-  }
+  lut_r4_lookups<NB, KW, kVec>(a, T, nu, ir, co_pad);
+  w8_finish<NB, kR>(a, a16p, a32p, out, add32, epi, c0);
 }
 
 template <int G, int KW>
@@ -350,7 +299,7 @@ KDBNN_W8_FN void r4_tile(const W8Args& A, const int8_t* xq, const R4OutPlan& op,
     const int64_t u0 = p * pg, nu = std::min(pg, U - u0);
     int64_t kh = u0 / A.ngrp, j = u0 % A.ngrp;  // unit u = kh * ngrp + j (one division per pass)
     for (int64_t i = 0; i < nu; ++i) {
-      r4_build<G, NV>(xq + G * j * A.cplane + kh * A.Wq, A.cplane, tab + i * kUnit);
+      lut_r4_build<G, NV, kW8Tab<G>, W8Tab>(xq + G * j * A.cplane + kh * A.Wq, A.cplane, tab + i * kUnit);
       if (++j == A.ngrp) j = 0, ++kh;
     }
     const bool last = p == n_pass - 1, load16 = p % win != 0, add32 = p >= win;
@@ -382,14 +331,14 @@ inline void r4_plan_out(const W8Args& A, int64_t n, int64_t q0, R4OutPlan& op) {
 }
 
 KDBNN_W8_FN void r4_range(const W8Args& A, int64_t tb, int64_t te, int32_t* work) {
-  const int64_t per_img = w8_r4_tiles_per_image(A), n_chunks = (A.co_pad + A.co_chunk - 1) / A.co_chunk;
+  const int64_t per_img = w8_r4_tiles_per_image(A);
   R4OutPlan op;
-  int64_t planned = -1;
+  LutItems items(A.co_pad, A.co_chunk);
   for (int64_t t = tb; t < te; ++t) {
-    const int64_t tile = t / n_chunks, co_b = t % n_chunks * A.co_chunk;
-    const int64_t co_e = std::min(A.co_pad, co_b + A.co_chunk);
+    int64_t tile, co_b, co_e;
+    const bool replan = items.at(t, tile, co_b, co_e);
     const int64_t n = tile / per_img, q0 = tile % per_img * (kR * kW8Px);
-    if (tile != planned) r4_plan_out(A, n, q0, op), planned = tile;
+    if (replan) r4_plan_out(A, n, q0, op);
     const int8_t* xq = A.X + n * A.img + q0;
     switch (A.KW * 8 + A.g) {
       case 2 * 8 + 4: r4_tile<4, 2>(A, xq, op, work, co_b, co_e); break;
@@ -420,14 +369,7 @@ KDBNN_W8_FN void w8_prep_idx(const uint64_t* wp, const W8Args& A, int64_t nw, in
   for (int64_t kk = kb; kk < ke; ++kk) {
     for (int64_t o0 = 0; o0 < co_pad; o0 += CH) {
       const int64_t nc = std::min<int64_t>(CH, co_pad - o0);
-      for (int e = 0; e < CH; ++e) {
-        const bool ok = e < nc && o0 + e < A.c_out;
-        const uint64_t* src = wp + ((o0 + e) * KK + kk) * nw;
-        for (int64_t wi = 0; wi < nw; ++wi) {
-          const uint64_t w = ok ? src[wi] : 0ULL;
-          w32[(2 * wi) * CH + e] = (uint32_t)w, w32[(2 * wi + 1) * CH + e] = (uint32_t)(w >> 32);
-        }
-      }
+      lut_gather_words<CH>(wp, KK, kk, nw, o0, std::min<int64_t>(nc, A.c_out - o0), w32);
       for (int64_t j = 0; j < ngrp; ++j) {
         const int64_t bit = j * g, k = bit >> 5;
         const int sh = (int)(bit & 31);
@@ -438,3 +380,5 @@ KDBNN_W8_FN void w8_prep_idx(const uint64_t* wp, const W8Args& A, int64_t nw, in
     }
   }
 }
+
+#undef KDBNN_LC_INL

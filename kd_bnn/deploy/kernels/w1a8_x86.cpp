@@ -37,6 +37,7 @@ struct V {
   }
   KDBNN_W8_INL static T add(T x, T y) { return {_mm256_add_epi16(x.a, y.a), _mm256_add_epi16(x.b, y.b)}; }
   KDBNN_W8_INL static T sub(T x, T y) { return {_mm256_sub_epi16(x.a, y.a), _mm256_sub_epi16(x.b, y.b)}; }
+  KDBNN_W8_INL static T neg(T x) { return sub(zero(), x); }
   KDBNN_W8_INL static T load_x(const int8_t* p) {
     return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
             _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)))};
