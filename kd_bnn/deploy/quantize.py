@@ -22,6 +22,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,7 +40,7 @@ _META_KEYS = {"bits", "calibration_images", "statistic"}
 def inverse_scale(scale: float) -> float:
     """``1 / scale`` rounded to float32: the multiplier the quantizer ``rint(x * inv)`` uses (one
     value shared by the kernels and their torch reference, so both quantize identically)."""
-    return float(torch.tensor(1.0 / float(scale), dtype=torch.float32))
+    return float(np.float32(1.0 / float(scale)))  # no tensor: called per W1A8 layer and forward
 
 
 def w1a8_reason(conv: nn.Module) -> str | None:

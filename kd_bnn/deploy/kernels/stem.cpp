@@ -69,6 +69,7 @@ namespace {
 // ---------------------------------------------------------------- portable row kernel
 // 4 floats: SSE2 where the compiler targets it (x86-64 always), else plain C++.
 struct V4 {
+  using T = V4;
   static constexpr int L = 4;
 #if KDBNN_SSE2
   __m128 v;
@@ -114,54 +115,15 @@ struct V4 {
 #endif
 };
 
-// CB channels x NV vectors of 4 outputs from column ow0; the last vector stores `nlast` lanes.
-template <int CB, int NV>
-inline void tile_portable(const StemRow& r, const float* w, const float* bias, int64_t nc, float* out,
-                          int64_t ow0, int nlast) {
-  V4 acc[CB][NV];
-#pragma GCC unroll 8
-  for (int j = 0; j < CB; ++j)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[j][v] = V4::zero();
-  const float* base = r.buf + ow0;
-  for (int64_t k = 0; k < r.K; ++k) {
-    const float* s = base + r.off[k];
-    const float* wk = w + k * CB;
-    V4 x[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) x[v] = V4::loadu(s + v * V4::L);
-#pragma GCC unroll 8
-    for (int j = 0; j < CB; ++j) {
-      const V4 b = V4::set1(wk[j]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[j][v] = V4::madd(x[v], b, acc[j][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int j = 0; j < CB; ++j) {
-    if (j < nc) {
-      float* o = out + j * r.plane + ow0;
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) V4::store_act(o + v * V4::L, acc[j][v], bias[j], r.act, v == NV - 1 ? nlast : V4::L);
-    }
-  }
-}
+#define KDBNN_STEM_TILE_INL inline
+#define KDBNN_STEM_TILE_FN
+#include "stem_tile.h"
+#undef KDBNN_STEM_TILE_FN
+#undef KDBNN_STEM_TILE_INL
 
 constexpr int kPortCB = 4, kPortNV = 2;
 
-void row_portable(const StemRow& r) {
-  constexpr int T = kPortNV * V4::L;
-  const int64_t wblk = r.K * kPortCB;
-  int64_t ow = 0;
-  for (; ow + T <= r.OW; ow += T)
-    for (int64_t b = 0; b < r.nb; ++b)
-      tile_portable<kPortCB, kPortNV>(r, r.w + b * wblk, r.bias + b * kPortCB, r.nc - b * kPortCB,
-                                      r.out + b * kPortCB * r.plane, ow, V4::L);
-  for (; ow < r.OW; ow += V4::L)
-    for (int64_t b = 0; b < r.nb; ++b)
-      tile_portable<kPortCB, 1>(r, r.w + b * wblk, r.bias + b * kPortCB, r.nc - b * kPortCB,
-                                r.out + b * kPortCB * r.plane, ow, (int)std::min<int64_t>(V4::L, r.OW - ow));
-}
+void row_portable(const StemRow& r) { stem_row<V4, kPortCB, kPortNV>(r); }
 
 }  // namespace
 

@@ -11,7 +11,7 @@
 //           3 input vectors, the weight broadcasts folded into vfmadd231ps {1to16}
 //   avx2    8 floats per ymm, CB = 4 x NV = 3: 12 accumulators + 3 inputs + 1 broadcast of 16 ymm
 //
-// The tile code is written once over a vector type V and compiled twice with different target
+// The tile code (stem_tile.h, shared with the portable path) is compiled twice with different target
 // attributes: this file includes itself (KDBNN_STEM_X86_PASS set) once per ISA, into namespaces
 // stem_avx2 and stem_avx512 (a template cannot take a target attribute as a parameter, and
 // inlining the target-specific intrinsics needs the caller to carry the target). The whole file
@@ -36,7 +36,7 @@ struct VAvx2 {
   KDBNN_STEM_INL2 static T zero() { return _mm256_setzero_ps(); }
   KDBNN_STEM_INL2 static T loadu(const float* p) { return _mm256_loadu_ps(p); }
   KDBNN_STEM_INL2 static T set1(float a) { return _mm256_set1_ps(a); }
-  KDBNN_STEM_INL2 static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  KDBNN_STEM_INL2 static T madd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   // bias + activation, then store the first n lanes (n <= L)
   KDBNN_STEM_INL2 static void store_act(float* p, T acc, float bias, int64_t act, int n) {
     __m256 y = _mm256_add_ps(acc, _mm256_set1_ps(bias));
@@ -61,7 +61,7 @@ struct VAvx512 {
   KDBNN_STEM_INL512 static T zero() { return _mm512_setzero_ps(); }
   KDBNN_STEM_INL512 static T loadu(const float* p) { return _mm512_loadu_ps(p); }
   KDBNN_STEM_INL512 static T set1(float a) { return _mm512_set1_ps(a); }
-  KDBNN_STEM_INL512 static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  KDBNN_STEM_INL512 static T madd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   KDBNN_STEM_INL512 static void store_act(float* p, T acc, float bias, int64_t act, int n) {
     __m512 y = _mm512_add_ps(acc, _mm512_set1_ps(bias));
     const __m512 z = _mm512_setzero_ps();
@@ -119,52 +119,13 @@ namespace KDBNN_STEM_NS {
 
 using V = KDBNN_STEM_V;
 
-// CB channels x NV vectors of outputs from column ow0 (the last vector stores `nlast` lanes);
-// nc: valid channels from this block's first (only the first min(nc, CB) are stored).
-template <int CB, int NV>
-KDBNN_STEM_FN __attribute__((always_inline)) inline void tile(const StemRow& r, const float* w, const float* bias,
-                                                              int64_t nc, float* out, int64_t ow0, int nlast) {
-  typename V::T acc[CB][NV];
-#pragma GCC unroll 8
-  for (int j = 0; j < CB; ++j)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[j][v] = V::zero();
-  const float* base = r.buf + ow0;
-  for (int64_t k = 0; k < r.K; ++k) {
-    const float* s = base + r.off[k];
-    const float* wk = w + k * CB;
-    typename V::T x[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) x[v] = V::loadu(s + v * V::L);
-#pragma GCC unroll 8
-    for (int j = 0; j < CB; ++j) {
-      const typename V::T b = V::set1(wk[j]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[j][v] = V::fmadd(x[v], b, acc[j][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int j = 0; j < CB; ++j) {
-    if (j < nc) {
-      float* o = out + j * r.plane + ow0;
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) V::store_act(o + v * V::L, acc[j][v], bias[j], r.act, v == NV - 1 ? nlast : V::L);
-    }
-  }
-}
+#define KDBNN_STEM_TILE_INL KDBNN_STEM_FN __attribute__((always_inline)) inline
+#define KDBNN_STEM_TILE_FN KDBNN_STEM_FN
+#include "stem_tile.h"
+#undef KDBNN_STEM_TILE_FN
+#undef KDBNN_STEM_TILE_INL
 
-KDBNN_STEM_FN void row(const StemRow& r) {
-  constexpr int CB = V::kCB, NV = V::kNV, T = NV * V::L;
-  const int64_t wblk = r.K * CB;
-  int64_t ow = 0;
-  for (; ow + T <= r.OW; ow += T)
-    for (int64_t b = 0; b < r.nb; ++b)
-      tile<CB, NV>(r, r.w + b * wblk, r.bias + b * CB, r.nc - b * CB, r.out + b * CB * r.plane, ow, V::L);
-  for (; ow < r.OW; ow += V::L)
-    for (int64_t b = 0; b < r.nb; ++b)
-      tile<CB, 1>(r, r.w + b * wblk, r.bias + b * CB, r.nc - b * CB, r.out + b * CB * r.plane, ow,
-                  (int)std::min<int64_t>(V::L, r.OW - ow));
-}
+KDBNN_STEM_FN void row(const StemRow& r) { stem_row<V, V::kCB, V::kNV>(r); }
 
 }  // namespace KDBNN_STEM_NS
 

@@ -80,6 +80,12 @@ def _sign_preserving_float_block(layer: nn.Module, ops: Any) -> bool:
     return isinstance(act, nn.Identity) or (isinstance(act, nn.LeakyReLU) and act.negative_slope > 0)
 
 
+def _even_pool2(layer: nn.Module) -> bool:
+    """A Darknet size-2 stride-2 max-pool with padding 0 or 1: its windows start at even rows and
+    columns, so it can run fused with the conv before it."""
+    return isinstance(layer, MaxPool) and layer.size == 2 and layer.stride == 2 and layer.padding in (0, 1)
+
+
 def stem_pool_fusable(layer: nn.Module, nxt: nn.Module, ops: Any) -> bool:
     """Whether Darknet conv block ``layer`` and the max-pool ``nxt`` after it run as one stem
     kernel call (``ops.stem_pool``): the runtime's stem conv with nothing after the kernel and a
@@ -89,7 +95,7 @@ def stem_pool_fusable(layer: nn.Module, nxt: nn.Module, ops: Any) -> bool:
         return False
     if not (layer.bn is None or isinstance(layer.bn, nn.Identity)) or not isinstance(layer.act, nn.Identity):
         return False
-    return isinstance(nxt, MaxPool) and nxt.size == 2 and nxt.stride == 2 and nxt.padding in (0, 1)
+    return _even_pool2(nxt)
 
 
 def conv_pool_fusable(layer: nn.Module, nxt: nn.Module, ops: Any) -> bool:
@@ -99,7 +105,7 @@ def conv_pool_fusable(layer: nn.Module, nxt: nn.Module, ops: Any) -> bool:
     can = getattr(ops, "can_conv_pool", None)
     if type(layer) is not DarknetConv or can is None or not can(layer.conv):
         return False
-    return isinstance(nxt, MaxPool) and nxt.size == 2 and nxt.stride == 2 and nxt.padding in (0, 1)
+    return _even_pool2(nxt)
 
 
 class DarknetPlan(list):
@@ -142,7 +148,7 @@ def _int8_outputs(layers: list[nn.Module], consumers: list[list[int]], ops: Any)
     return out
 
 
-def packed_plan(model: nn.Module, ops: Any) -> list[bool | str]:
+def packed_plan(model: nn.Module, ops: Any) -> DarknetPlan:
     """Per Darknet layer: whether its output can travel as packed sign words (module docstring),
     or :data:`STEM_POOL` for a stem conv fused with the max-pool after it, or :data:`CONV_POOL` for
     a float-output conv block run in row bands with the max-pool after it."""
@@ -181,6 +187,7 @@ def packed_plan(model: nn.Module, ops: Any) -> list[bool | str]:
 def packed_forward(model: nn.Module, plan: list[bool | str], images: torch.Tensor, ops: Any) -> list[torch.Tensor]:
     """``DarknetDetector.forward`` with XNOR chains kept as packed bits between layers (and the
     stem conv + max-pool fusions of the plan)."""
+    int8 = getattr(plan, "int8", {})
 
     def step(i: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if plan[i] == STEM_POOL:
@@ -203,7 +210,5 @@ def packed_forward(model: nn.Module, plan: list[bool | str], images: torch.Tenso
         if s8 is not None and not isinstance(layer, MaxPool):
             return ops.w1a8(layer.conv, x, s8)
         return layer(x)
-
-    int8 = getattr(plan, "int8", {})
 
     return model.run_graph(images, step)
