@@ -339,6 +339,7 @@ def test_benchmark_model_cli(good_file, tmp_path):
     res = json.loads(js.read_text())
     assert res["teacher"]["min_ms"] > 0 and res["runtime"]["min_ms"] > 0
     assert res["file_bytes"] * 10 < res["teacher_fp32_bytes"]
+    assert res["teacher"]["isa"].startswith("aten=") and res["runtime"]["isa"]
 
 
 def test_layer_table_missing_a_tensor_refused(good_file, tmp_path):

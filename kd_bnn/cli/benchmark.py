@@ -1,7 +1,8 @@
 """Benchmarks (scripts, not timed tests).
 
-    kd-bnn benchmark kernels [--threads N] [--json OUT] [--repeat R] [--isa NAME]
+    kd-bnn benchmark kernels [--threads N] [--json OUT] [--repeat R] [--isa NAME] [--torch-isa avx2]
     kd-bnn benchmark model --model model.kdbnn [--teacher-config CONFIG] [--threads 1] [--json OUT]
+                           [--isa NAME] [--torch-isa avx2]
     kd-bnn benchmark train --config configs/demo.yaml [--batch N] [--steps N] [--random-data] [key=value ...]
     (python tools/benchmark.py takes the same arguments.)
 
@@ -13,9 +14,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+# What caps torch's own CPU kernels at an ISA: oneDNN (torch's fp32 convolutions) and ATen's
+# dispatch each read one variable, once, when torch first uses them.
+_TORCH_ISA_ENV = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
+
+
+def _torch_isa_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--torch-isa",
+        choices=("native", *_TORCH_ISA_ENV),
+        default="native",
+        help="cap torch's baseline kernels (oneDNN, ATen) at this ISA, as they run on a CPU that lacks "
+        "AVX-512; with --isa avx2 this emulates an AVX2-only machine (default: what this CPU has)",
+    )
+
+
+def _cap_torch_isa(name: str) -> None:
+    """Set the environment that caps torch's kernels at ISA `name` (before torch is imported)."""
+    env = _TORCH_ISA_ENV.get(name, {})
+    if not env or all(os.environ.get(k) == v for k, v in env.items()):
+        return
+    if "torch" in sys.modules:
+        raise ValueError(
+            f"--torch-isa {name}: torch is already imported in this process, so its ISA is fixed; "
+            f"run with {' '.join(f'{k}={v}' for k, v in env.items())} in the environment instead"
+        )
+    os.environ.update(env)
 
 
 def _kernels_args(p: argparse.ArgumentParser) -> None:
@@ -31,9 +60,15 @@ def _kernels_args(p: argparse.ArgumentParser) -> None:
         help="wall clock, or the thread's CPU clock (robust on a busy machine; --threads 1 only)",
     )
     p.add_argument("--json", type=Path, default=None, help="write the rows as JSON to this file")
+    _torch_isa_arg(p)
 
 
 def _kernels_run(args: argparse.Namespace) -> int:
+    try:
+        _cap_torch_isa(args.torch_isa)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from kd_bnn.deploy.kernels import available_isas
     from kd_bnn.deploy.kernels.bench import benchmark_kernels
     from kd_bnn.io import atomic_write_text
@@ -42,8 +77,8 @@ def _kernels_run(args: argparse.Namespace) -> int:
         threads=args.threads, repeat=args.repeat, isa=args.isa, clock=args.clock
     )
     print(
-        f"kernel ISA paths available: {available_isas()}; timed: {rows[0].isa}; threads: {args.threads}; "
-        f"{args.clock} clock, min of {args.repeat} interleaved rounds"
+        f"kernel ISA paths available: {available_isas()}; timed: {rows[0].isa}; torch: {rows[0].torch_isa}; "
+        f"threads: {args.threads}; {args.clock} clock, min of {args.repeat} interleaved rounds"
     )
     head = f"{'layer':28s} {'torch fp32':>10s} {'xnor':>8s} {'x':>6s} {'xnor pk':>8s} {'x':>6s} {'bwn':>8s} {'x':>6s} {'w1a8':>8s} {'x':>6s} {'w1a8 f':>8s} {'w fp32':>8s} {'w bin':>8s}"
     print(head)
@@ -103,9 +138,19 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch/kernel intra-op threads (default 1)")
     p.add_argument("--repeat", type=int, default=10, help="timed forwards per model; min and median kept")
     p.add_argument("--json", type=Path, default=None, help="write the result as JSON to this file")
+    p.add_argument("--isa", default=None, help="force the runtime's kernel ISA path: scalar|popcnt|avx2|avx512")
+    _torch_isa_arg(p)
 
 
 def _model_run(args: argparse.Namespace) -> int:
+    # both models run in fresh processes, which inherit this environment
+    try:
+        _cap_torch_isa(args.torch_isa)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.isa:
+        os.environ["KDBNN_ISA"] = args.isa
     from kd_bnn.deploy.format import FormatError
     from kd_bnn.engine.bench_model import benchmark_model, format_model_benchmark
     from kd_bnn.io import atomic_write_text

@@ -109,7 +109,15 @@ def _measure(kind: str, model_path: str, teacher_config: str | None, threads: in
         times.append((time.perf_counter() - t) * 1e3)
     peak = (_status_bytes("VmHWM") if reset
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
-    return {"kind": kind, "threads": threads, "input_size": [h, w], "load_s": load_s,
+    if kind == "runtime":
+        from kd_bnn.deploy.kernels import default_isa, extension_available
+
+        isa = default_isa() if extension_available() else "torch"
+    else:
+        from kd_bnn.deploy.kernels.bench import torch_isa
+
+        isa = torch_isa()
+    return {"kind": kind, "threads": threads, "input_size": [h, w], "load_s": load_s, "isa": isa,
             "min_ms": min(times), "median_ms": statistics.median(times), "repeat": repeat,
             "weight_bytes": weight_bytes, "load_rss_delta": max(load_peak - rss0, 0),
             "peak_rss_delta": max(peak - rss1, 0)}
@@ -153,4 +161,5 @@ def format_model_benchmark(res: dict[str, Any]) -> str:
     lines.append(f"file: {res['file_bytes'] / mb:.2f} MB vs float32 weights {res['teacher_fp32_bytes'] / mb:.2f} MB; "
                  f"speedup {res['speedup']:.2f}x (teacher min / runtime min); inference memory ratio "
                  f"{res['memory_ratio']:.1f}x (teacher / runtime peak RSS above the loaded model)")
+    lines.append(f"instruction sets: teacher torch {res['teacher']['isa']}; runtime kernels {res['runtime']['isa']}")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ so a CPU shared with other jobs biases all methods alike and the ratios stay mea
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable
@@ -18,7 +19,13 @@ import torch.nn.functional as F
 from kd_bnn.deploy import kernels as K
 from kd_bnn.deploy.pack import pack_signs
 
-__all__ = ["ConvShape", "DEFAULT_SHAPES", "KernelTiming", "benchmark_kernels"]
+__all__ = ["ConvShape", "DEFAULT_SHAPES", "KernelTiming", "benchmark_kernels", "torch_isa"]
+
+
+def torch_isa() -> str:
+    """The instruction sets torch's own CPU kernels use in this process: ATen's dispatch level
+    and oneDNN's cap (``ONEDNN_MAX_CPU_ISA``; oneDNN runs torch's fp32 convolutions)."""
+    return f"aten={torch.backends.cpu.get_cpu_capability()}, onednn={os.environ.get('ONEDNN_MAX_CPU_ISA') or 'native'}"
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ class KernelTiming:
     w1a8_ms: float = float("nan")
     w1a8_float_ms: float = float("nan")  # the same with float32 output
     w1a8_speedup: float = float("nan")
+    torch_isa: str = ""  # the baseline's instruction sets (:func:`torch_isa`)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -214,6 +222,7 @@ def benchmark_kernels(
                         w1a8_ms=best["w1a8"],
                         w1a8_float_ms=best["w1a8_float"],
                         w1a8_speedup=ref / best["w1a8"],
+                        torch_isa=torch_isa(),
                     )
                 )
     finally:
