@@ -28,9 +28,10 @@ pure-torch path with identical results:
   select (``vaddps zmm, zmm, [table + s*64]``: 16 pixels x g MACs per add), then
   ``alpha*sum + bias`` and the activation in the same pass. A second kernel for stride 1 (rows
   >= 48 wide, <= 128 output channels) tiles 64 positions as 4 interleaved vectors so the KW taps
-  of one kernel row share their tables. Transient memory per call: one offset byte per g weights
-  (about 1/16 of a float copy), a zero-padded input copy for the kw-sharing kernel only, per
-  thread one pass of tables (16-32 KB) + the accumulators. ``scalar``/``popcnt`` paths
+  of one kernel row share their tables. Both read the input in place (padding reads 0). Transient
+  memory per call: one offset byte per g weights (about 1/16 of a float copy; none with
+  :func:`bwn_prepare`'s ``prepared=``, computed once per layer), per thread one pass of tables
+  (16-32 KB) + the accumulators. ``scalar``/``popcnt`` paths
   (portable C++): direct conv on an NHWC copy with one 16-channel panel unpacked to floats per
   thread (``C_in*KH*KW*16`` floats). Sums are re-associated, so results match ``F.conv2d`` to
   float rounding (the tests check a per-output bound, ``tests/test_deploy_kernels.py``), not bit

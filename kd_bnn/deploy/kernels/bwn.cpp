@@ -9,10 +9,10 @@
 // bwn_lut.h, BiQGEMM-style): per tile of 16 output pixels and group of g = 4..6 input channels at
 // one tap, the 2^g signed sums +-x0+-x1... are tabulated once and every output channel adds the
 // entry its g weight bits select (one add per g MACs x 16 pixels). This file prepares the kernel's
-// inputs: the plan (g, tables per pass, r = 1 or the kw-sharing r4 kernel), the per-call table
-// offsets (one byte per g weights, about 1/16 of a float copy) and, for r4 only, a zero-padded
-// copy of the input (r = 1 reads the input in place); per thread one pass of tables (16-32 KB)
-// plus the accumulators.
+// inputs: the plan (g, tables per pass, r = 1 or the kw-sharing r4 kernel) and the table offsets
+// (one byte per g weights, about 1/16 of a float copy; prepared once per layer by bwn_prepare, or
+// per call); both kernels read the input in place; per thread one pass of tables (16-32 KB) plus
+// the accumulators.
 //
 // Other paths (scalar, popcnt; portable C++): direct conv on a zero-padded NHWC float copy; each
 // 16-output-channel weight panel is unpacked from bits to +-alpha floats on the fly into a
@@ -117,35 +117,6 @@ void lut_choose(const BwnLutKernel& k, LutArgs& A) {
   }
 }
 
-// r4 kernel input: zero-padded NCHW copy, channels rounded up to Cg (zero planes), kLutR4Slack
-// zero floats after the last plane.
-at::Tensor lut_pad_input(const at::Tensor& xf, int64_t pad, int64_t Cg) {
-  const int64_t N = xf.size(0), C = xf.size(1), H = xf.size(2), W = xf.size(3), Hp = H + 2 * pad, Wp = W + 2 * pad;
-  auto xp = at::empty({N * Cg * Hp * Wp + kLutR4Slack}, at::kFloat);
-  const float* src = xf.data_ptr<float>();
-  float* dst = xp.data_ptr<float>();
-  std::memset(dst + N * Cg * Hp * Wp, 0, sizeof(float) * kLutR4Slack);
-  at::parallel_for(0, N * Cg, std::max<int64_t>(1, 65536 / (Hp * Wp)), [&](int64_t b, int64_t e) {
-    for (int64_t nc = b; nc < e; ++nc) {
-      const int64_t n = nc / Cg, c = nc % Cg;
-      float* d = dst + nc * Hp * Wp;
-      if (c >= C) {
-        std::memset(d, 0, sizeof(float) * Hp * Wp);
-        continue;
-      }
-      const float* s = src + (n * C + c) * H * W;
-      std::memset(d, 0, sizeof(float) * (pad * Wp + pad));
-      for (int64_t h = 0; h < H; ++h) {
-        float* row = d + (h + pad) * Wp + pad;
-        std::memcpy(row, s + h * W, sizeof(float) * W);
-        if (h + 1 < H) std::memset(row + W, 0, sizeof(float) * 2 * pad);
-      }
-      std::memset(d + (H + pad - 1) * Wp + pad + W, 0, sizeof(float) * (pad * Wp + pad));
-    }
-  });
-  return xp;
-}
-
 // ---------------------------------------------------------------- prepared table offsets
 // The table offsets depend only on the weights and the plan (g, r4: bwn_lut.h lays rows out by
 // them), so a runtime can compute them once per layer (bwn_prepare) instead of per call
@@ -166,6 +137,7 @@ int64_t lut_setup(const BwnLutKernel& k, LutArgs& A, int64_t N, int64_t C, int64
   lut_choose(k, A);
   A.ngrp = (C + A.g - 1) / A.g;
   A.co_pad = (c_out + 7) / 8 * 8;
+  A.Hp = H + 2 * pad, A.Wp = W + 2 * pad;
   return KH * KW * A.ngrp * A.co_pad * (A.g == 6 ? 2 : 1);
 }
 
@@ -244,11 +216,6 @@ at::Tensor bwn_conv(at::Tensor x, at::Tensor wpacked, at::Tensor alpha, c10::opt
     LutArgs A{};
     A.X = xf.data_ptr<float>();
     const int64_t idx_bytes = lut_setup(*lut, A, N, C, H, W, KH, KW, stride, pad, c_out);
-    at::Tensor xpad;
-    if (A.r4) {
-      xpad = lut_pad_input(xf, pad, A.ngrp * A.g);
-      A.Xp = xpad.data_ptr<float>(), A.Hp = H + 2 * pad, A.Wp = W + 2 * pad;
-    }
     // table offsets: one byte (g <= 5) or two (g = 6) per g weights, prepared or rebuilt per call
     // (the lookups load offsets a qword at a time and may read up to 7 bytes past the last row:
     // kLutIdxSlack zero bytes there)

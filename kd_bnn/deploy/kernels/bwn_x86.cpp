@@ -94,27 +94,31 @@ struct V {
       _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(r));
     }
   }
-  // r4 kernel (bwn_lut.h): out[r] lane l = p[4l + r] for r < 4, and out[4 + k] lane l = p[4l + 4 + k]
+  // r4 kernel (bwn_lut.h): from a[0..4] = p[0..79] (a[4] read only if NV > 4), out[r] lane l =
+  // p[4l + r] for r < 4, and out[4 + k] lane l = p[4l + 4 + k]
   static constexpr int kNB4 = 1;  // channels per register block: 4 accumulators = 8 ymm
-  // 8 lanes (l = 0..7) of the 4 streams of p[0..31]: 4x4 transposes in each 128-bit half
-  KDBNN_LUT_INL static void deint8(const float* p, __m256* v) {
-    const __m256 y0 = _mm256_loadu_ps(p), y1 = _mm256_loadu_ps(p + 8), y2 = _mm256_loadu_ps(p + 16),
-                 y3 = _mm256_loadu_ps(p + 24);
-    const __m256 u0 = _mm256_permute2f128_ps(y0, y2, 0x20), u1 = _mm256_permute2f128_ps(y0, y2, 0x31);
-    const __m256 u2 = _mm256_permute2f128_ps(y1, y3, 0x20), u3 = _mm256_permute2f128_ps(y1, y3, 0x31);
+  // 8 lanes (l = 0..7) of the 4 streams of the 32 floats y[0..3]: 4x4 transposes in each 128-bit half
+  KDBNN_LUT_INL static void deint8(const __m256* y, __m256* v) {
+    const __m256 u0 = _mm256_permute2f128_ps(y[0], y[2], 0x20), u1 = _mm256_permute2f128_ps(y[0], y[2], 0x31);
+    const __m256 u2 = _mm256_permute2f128_ps(y[1], y[3], 0x20), u3 = _mm256_permute2f128_ps(y[1], y[3], 0x31);
     const __m256 t0 = _mm256_unpacklo_ps(u0, u1), t1 = _mm256_unpackhi_ps(u0, u1);
     const __m256 t2 = _mm256_unpacklo_ps(u2, u3), t3 = _mm256_unpackhi_ps(u2, u3);
     v[0] = _mm256_shuffle_ps(t0, t2, 0x44), v[1] = _mm256_shuffle_ps(t0, t2, 0xEE);
     v[2] = _mm256_shuffle_ps(t1, t3, 0x44), v[3] = _mm256_shuffle_ps(t1, t3, 0xEE);
   }
   template <int NV>
-  KDBNN_LUT_INL static void deint(const float* p, T* out) {
+  KDBNN_LUT_INL static void deint(const T* a, T* out) {
+    const __m256 y[9] = {a[0].a, a[0].b, a[1].a, a[1].b, a[2].a, a[2].b, a[3].a, a[3].b,
+                         NV > 4 ? a[4].a : _mm256_setzero_ps()};
     __m256 lo[4], hi[4];
-    deint8(p, lo), deint8(p + 32, hi);
+    deint8(y, lo), deint8(y + 4, hi);
 #pragma GCC unroll 4
     for (int r = 0; r < 4; ++r) out[r] = {lo[r], hi[r]};
-    if constexpr (NV > 4) {  // the same streams one row of 4 later
-      deint8(p + 4, lo), deint8(p + 36, hi);
+    if constexpr (NV > 4) {  // the same streams one row of 4 later: p[4..67] (128-bit halves shifted)
+      __m256 z[8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) z[i] = _mm256_permute2f128_ps(y[i], y[i + 1], 0x21);
+      deint8(z, lo), deint8(z + 4, hi);
 #pragma GCC unroll 4
       for (int k = 0; k < NV - 4; ++k) out[4 + k] = {lo[k], hi[k]};
     }
