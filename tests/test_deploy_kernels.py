@@ -256,7 +256,7 @@ def test_bwn_matches_conv2d(isa, shape):
 
 
 # (batch, c_in, c_out, height, width, kernel, stride, padding, activation, bias): tails and
-# variants of the BWN kernels - C_out not a multiple of the 16/6-channel register blocks or of 8,
+# variants of the BWN kernels - C_out not a multiple of the 16/8-channel register blocks or of 8,
 # C_in not a multiple of the 4/5/6-channel groups or of 64, rows narrower than a 16-pixel tile
 # (gathered lanes), tiles across rows and images (masked runs), stride 2 and 3 (gathers), 1x1,
 # 5x5, 1x3, padding 0 and 2, batch > 1; rows >= 48 wide with <= 128 output channels take the
@@ -322,6 +322,27 @@ def test_bwn_lookup_table_variants(isa, g, r4, monkeypatch):
             monkeypatch.setenv("KDBNN_BWN_PG", pg)
         for shape in cases:
             _check_bwn(isa, *_bwn_case(shape))
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_bwn_prepared_offsets_give_the_per_call_result(isa):
+    """bwn_conv2d with bwn_prepare's table offsets equals the call that rebuilds them, bit for bit:
+    r = 1 and r4 plans, 5-bit tables, and an offsets tensor prepared for another plan (ignored)."""
+    _isa_or_skip(isa)
+    for shape in [
+        (2, 23, 37, 6, 53, 3, 1, 1, "leaky", True),  # r4
+        (1, 70, 13, 11, 11, 3, 2, 1, "none", False),  # stride 2, r = 1
+        (1, 40, 260, 6, 6, 3, 1, 1, "leaky", True),  # 5-bit tables
+    ]:
+        x, w, alpha, bias, s, p, act = _bwn_case(shape)
+        wp, k = pack_signs(w), tuple(w.shape[2:])
+        want = K.bwn_conv2d(x, wp, alpha, k, s, p, bias=bias, activation=act, isa=isa)
+        for in_shape in (x.shape, (x.shape[1], 5, 5)):  # this plan, and a small input's (r = 1)
+            prep = K.bwn_prepare(wp, in_shape, k, s, p, isa=isa)
+            assert prep is not None and prep.dtype == torch.uint8
+            got = K.bwn_conv2d(x, wp, alpha, k, s, p, bias=bias, activation=act, isa=isa, prepared=prep)
+            assert torch.equal(got, want)
+    assert K.bwn_prepare(wp, x.shape, k, s, p, backend="torch") is None
 
 
 def test_bwn_rounding_bound_is_tight_enough_to_catch_a_wrong_term():

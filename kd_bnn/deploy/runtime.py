@@ -46,6 +46,7 @@ from kd_bnn.deploy.kernels import (
     OutputMap,
     block_epilogue,
     bwn_conv2d,
+    bwn_prepare,
     concat_packed,
     default_isa,
     output_affine,
@@ -182,11 +183,22 @@ class PackedBinaryConv(nn.Module):
             return xnor_conv2d(xin, self.words, self.in_channels, (kh, kw), self.stride[0], pad,
                                self.pad_value, scale=self.scale, bias=self.shift,
                                activation=self.activation, panel=self.panel, backend=self.backend)
-        if self.bn_scale is None:
-            return bwn_conv2d(xin, self.words, self.alpha, (kh, kw), self.stride[0], pad,
-                              bias=self.shift, activation=self.activation, backend=self.backend)
-        return bwn_conv2d(xin, self.words, self.scale, (kh, kw), self.stride[0], pad,
-                          bias=self.shift, activation=self.activation, backend=self.backend)
+        scale = self.alpha if self.bn_scale is None else self.scale
+        return bwn_conv2d(xin, self.words, scale, (kh, kw), self.stride[0], pad, bias=self.shift,
+                          activation=self.activation, backend=self.backend, prepared=self._bwn_prepared(xin, pad))
+
+    def _bwn_prepared(self, x: torch.Tensor, pad: int) -> torch.Tensor | None:
+        """The BWN kernel's table offsets (:func:`bwn_prepare`) for inputs shaped like ``x``: computed
+        on the first call per input size and ISA path and kept (one byte per g weights; the kernel
+        would otherwise rebuild them per call), keyed also by the weights' version."""
+        key = (tuple(x.shape[1:]), pad, os.environ.get("KDBNN_ISA", ""), self.words.data_ptr(), self.words._version)
+        cache = self.__dict__.setdefault("_bwn_prep", {})
+        if key not in cache:
+            if len(cache) >= 8:  # a few input sizes per layer; more: start over
+                cache.clear()
+            cache[key] = bwn_prepare(self.words, x.shape, self.kernel_size, self.stride[0], pad,
+                                     backend=self.backend)
+        return cache[key]
 
     def w1a8(self, x: torch.Tensor, out_inv: float | None = None) -> torch.Tensor:
         """The W1A8 conv: ``x`` float (quantized here with the layer's scale) or int8 already in it;

@@ -28,9 +28,10 @@ pure-torch path with identical results:
   select (``vaddps zmm, zmm, [table + s*64]``: 16 pixels x g MACs per add), then
   ``alpha*sum + bias`` and the activation in the same pass. A second kernel for stride 1 (rows
   >= 48 wide, <= 128 output channels) tiles 64 positions as 4 interleaved vectors so the KW taps
-  of one kernel row share their tables. Transient memory per call: one offset byte per g weights
-  (about 1/16 of a float copy), a zero-padded input copy for the kw-sharing kernel only, per
-  thread one pass of tables (16-32 KB) + the accumulators. ``scalar``/``popcnt`` paths
+  of one kernel row share their tables. Both read the input in place (padding reads 0). Transient
+  memory per call: one offset byte per g weights (about 1/16 of a float copy; none with
+  :func:`bwn_prepare`'s ``prepared=``, computed once per layer), per thread one pass of tables
+  (16-32 KB) + the accumulators. ``scalar``/``popcnt`` paths
   (portable C++): direct conv on an NHWC copy with one 16-channel panel unpacked to floats per
   thread (``C_in*KH*KW*16`` floats). Sums are re-associated, so results match ``F.conv2d`` to
   float rounding (the tests check a per-output bound, ``tests/test_deploy_kernels.py``), not bit
@@ -100,6 +101,7 @@ __all__ = [
     "OutputMap",
     "output_affine",
     "bwn_conv2d",
+    "bwn_prepare",
     "w1a8_conv2d",
     "quantize_activations",
     "stem_conv2d",
@@ -901,6 +903,31 @@ def popcount_bounds(
     return lo, hi
 
 
+def bwn_prepare(
+    w_packed: torch.Tensor,
+    in_shape: tuple[int, ...] | torch.Size,
+    kernel_size: int | tuple[int, int],
+    stride: int = 1,
+    padding: int = 0,
+    isa: str | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | None:
+    """The lookup-table kernel's table offsets for :func:`bwn_conv2d` (its ``prepared=``): what
+    each call otherwise rebuilds from ``w_packed``, computed once per layer and input size (a
+    uint8 tensor; its header names the plan, which depends on the layer and the input size; a call
+    whose plan differs rebuilds them as without it). ``in_shape``: ``(N, C, H, W)`` or
+    ``(C, H, W)`` of the input. None where no lookup-table kernel runs (torch backend, no
+    extension, an ISA path without one)."""
+    ext = _use_ext(backend)
+    if ext is None:
+        return None
+    c_in, h, w = (int(v) for v in tuple(in_shape)[-3:])
+    kh, kw = _pair(kernel_size)
+    _check_packed_weight(w_packed, c_in, kh, kw)
+    t = ext.bwn_prepare(w_packed, c_in, h, w, kh, kw, int(stride), int(padding), resolve_isa(isa))
+    return t if t.numel() else None
+
+
 def bwn_conv2d(
     x: torch.Tensor,
     w_packed: torch.Tensor,
@@ -912,10 +939,13 @@ def bwn_conv2d(
     activation: str = "none",
     isa: str | None = None,
     backend: str | None = None,
+    prepared: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float input x binary weights: ``conv2d(x, alpha[c]*sign(W), bias, stride, padding)`` + activation.
 
     Zero padding (float activations). ``w_packed = pack_signs(W)``; ``alpha`` float ``(C_out,)``.
+    ``prepared``: :func:`bwn_prepare` of the same ``w_packed`` (saves rebuilding the kernel's table
+    offsets per call; ignored where it does not match the call's plan).
     """
     kh, kw, c_in = _check_conv_args(x, w_packed, kernel_size, alpha=alpha)
     act = _act_code(activation)
@@ -933,6 +963,7 @@ def bwn_conv2d(
             int(padding),
             act,
             code,
+            prepared,
         )
     w = unpack_signs(w_packed, c_in, kh, kw) * alpha.detach().float().view(-1, 1, 1, 1)
     y = F.conv2d(x.detach().float(), w, None, stride=stride, padding=padding)

@@ -65,20 +65,19 @@ struct V {
     if constexpr (sizeof(I) == 2) _mm512_mask_cvtepi32_storeu_epi16(dst, m, v);
     else _mm512_mask_cvtepi32_storeu_epi8(dst, m, v);
   }
-  // r4 kernel (bwn_lut.h): out[r] lane l = p[4l + r] for r < 4, and out[4 + k] lane l = p[4l + 4 + k]
+  // r4 kernel (bwn_lut.h): from a[0..4] = p[0..79] (a[4] read only if NV > 4), out[r] lane l =
+  // p[4l + r] for r < 4, and out[4 + k] lane l = p[4l + 4 + k]
   static constexpr int kNB4 = 4;  // channels per register block: 4 x 4 accumulators
   template <int NV>
-  KDBNN_LUT_INL static void deint(const float* p, T* out) {
-    const __m512 a0 = _mm512_loadu_ps(p), a1 = _mm512_loadu_ps(p + 16), a2 = _mm512_loadu_ps(p + 32),
-                 a3 = _mm512_loadu_ps(p + 48);
+  KDBNN_LUT_INL static void deint(const T* a, T* out) {
     const __m512i j0 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
     const __m512i j1 = _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31);
-    const __m512 t0 = _mm512_permutex2var_ps(a0, j0, a1), t1 = _mm512_permutex2var_ps(a0, j1, a1);
-    const __m512 t2 = _mm512_permutex2var_ps(a2, j0, a3), t3 = _mm512_permutex2var_ps(a2, j1, a3);
+    const __m512 t0 = _mm512_permutex2var_ps(a[0], j0, a[1]), t1 = _mm512_permutex2var_ps(a[0], j1, a[1]);
+    const __m512 t2 = _mm512_permutex2var_ps(a[2], j0, a[3]), t3 = _mm512_permutex2var_ps(a[2], j1, a[3]);
     out[0] = _mm512_shuffle_f32x4(t0, t2, 0x44), out[1] = _mm512_shuffle_f32x4(t0, t2, 0xEE);
     out[2] = _mm512_shuffle_f32x4(t1, t3, 0x44), out[3] = _mm512_shuffle_f32x4(t1, t3, 0xEE);
     if constexpr (NV > 4) {
-      const __m512i a4 = _mm512_castps_si512(_mm512_loadu_ps(p + 64));
+      const __m512i a4 = _mm512_castps_si512(a[4]);
 #pragma GCC unroll 4
       for (int k = 0; k < NV - 4; ++k) {
         // lane l: out[k] lane l + 1; lane 15: p[64 + k]

@@ -35,9 +35,10 @@
 //          output. (Building the next pass's tables between the channel blocks of the current one,
 //          double-buffered, measured no faster: the stores compete with the lookups for L1 either
 //          way.)
-//   indices: per call, lut_prep_idx turns the packed weights into one offset per (u, channel),
+//   indices: lut_prep_idx turns the packed weights into one offset per (u, channel),
 //          s * 8 (the kernel addresses table + offset * 8): uint8 for g <= 5, uint16 for g = 6,
-//          rows of co_pad channels (one offset byte per g weights: 1/16..1/24 of a float copy).
+//          rows of co_pad channels (one offset byte per g weights: 1/16..1/24 of a float copy),
+//          once per layer (bwn_prepare in bwn.cpp) or per call.
 //          The lookups take their offsets from loads issued a few tables ahead (an xmm ring on
 //          AVX-512, a qword/dword one table ahead on AVX2): on Zen 5 a vaddps whose address comes
 //          from a load issued shortly before runs at ~1.4 lookups/cycle, ~1.7 with the ring.
@@ -47,6 +48,13 @@
 //          masked gather (stride > 1, narrow rows). Padding and lanes past the end read 0.
 //   r4:    a second kernel for stride 1 shares the tables of one kernel row between its KW taps
 //          (64-position tiles in 4 interleaved vectors; see "kw-sharing kernel" below).
+//   cost:  (Zen 5, 1 thread, measured by disabling parts) the lookups run at ~1.6 per cycle
+//          (r = 1), close to the 1.7 of a microbenchmark, and take ~65% of a call; the table builds
+//          ~27% at every benchmark shape (128->128 @40: 0.22 of 0.77 ms, of which 0.09 ms loading
+//          the inputs and the rest the 2^g stores, ~1 per cycle); prep, plans and epilogue the
+//          rest. The r4 kernel halves the builds but its lookups ran at ~1.35/cycle at 128 channels
+//          (its 4 accumulator vectors per channel, 32 KB, and the tables overflow L1: 0.91 vs
+//          0.77 ms), so the plans take it only for rows >= 48 wide and <= 128 output channels.
 
 #define KDBNN_LC_INL KDBNN_LUT_INL
 #include "lut_common.h"
@@ -95,6 +103,15 @@ KDBNN_LUT_INL V::T lut_x(const float* p, const LutTapPlan& t) {
   else if constexpr (K == 1) return V::load_runs(p, t.m, t.base, t.nr);
   else if constexpr (K == 2) return V::gather(p, t.pos, t.m[0]);
   else return V::zero();
+}
+
+KDBNN_LUT_INL V::T lut_x(const float* p, const LutTapPlan& t) {
+  switch (t.kind) {
+    case 0: return lut_x<0>(p, t);
+    case 1: return lut_x<1>(p, t);
+    case 2: return lut_x<2>(p, t);
+    default: return V::zero();
+  }
 }
 
 // The 2^G entries of one table, T[s] = sum_i (bit i of s ? +x_i : -x_i), from its G input vectors.
@@ -400,9 +417,15 @@ KDBNN_LUT_FN void lut_range1(const LutArgs& A, int64_t tb, int64_t te, float* wo
 // q0 + kh*Wp + 4l + (r + kw): "input vector" r + kw of the same interleaved layout, so the
 // 4 + KW - 1 input vectors of one kernel row are tabulated once and serve all KW taps (6 tables
 // instead of 12 for 3x3), and each weight index byte selects 4 lookups (one per vector).
-// Input vectors: 64 + 16 contiguous floats de-interleaved by V::deint; the output is
-// re-interleaved by V::inter before the epilogue. A pass unit is (kernel row, group): 4 + KW - 1
+// Input vectors: 64 + 16 consecutive padded-domain positions per channel and kernel row, loaded
+// in place (per tile, r4_plan_in: plain loads, masked runs at row ends and padding, a gather for
+// rows narrower than the runs allow) and de-interleaved by V::deint; the output is re-interleaved
+// by V::inter before the epilogue. (Measured against a zero-padded copy of the input per call, as
+// before: the same speed, 64->64 @80x80 0.945 vs 0.950 ms AVX-512, 1.472 vs 1.464 ms AVX2, without
+// the copy's N*C*Hp*Wp floats.) A pass unit is (kernel row, group): 4 + KW - 1
 // tables; pg units per pass. (kR = 4: lut_common.h.)
+
+constexpr int kR4In = kR + 1;  // 16-float input vectors per channel and kernel row: 64 + 16 positions
 
 // Where the 64 positions of one r4 tile go: per output vector m (positions q0 + 16m + [0, 16)),
 // runs of valid positions (ow < OW, oh < OH) of one output row.
@@ -413,11 +436,30 @@ struct LutR4OutPlan {
   bool full[kR];
 };
 
-// The table builder of lut_r4_build (the NV tables of one pass unit).
-struct LutTab {
-  template <int G>
-  KDBNN_LUT_INL static void build(const V::T* x, float* T) { lut_table<G>(x, T); }
-};
+// The NV tables of one pass unit (kernel row kh, group j): the G channels' input vectors
+// p[0..79] (padded domain, from q0 + kh * Wp) loaded in place by the tile's plans tk[0..4]
+// (padding and channels >= C read 0), de-interleaved (V::deint), then table v from the v-th
+// vectors.
+template <int G, int NV>
+KDBNN_LUT_INL void r4_build(const float* xc, int64_t HW, int nvalid, const LutTapPlan* tk, float* T) {
+  constexpr int NL = NV > 4 ? 5 : 4;  // 16-float vectors of input per channel
+  constexpr int64_t kTab = (int64_t(1) << G) * kLutPx;
+  V::T x[G][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < G; ++i) {
+    V::T a[5];
+#pragma GCC unroll 5
+    for (int m = 0; m < NL; ++m) a[m] = i < nvalid ? lut_x(xc + i * HW, tk[m]) : V::zero();
+    V::template deint<NV>(a, x[i]);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    V::T xv[G];
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i) xv[i] = x[i][v];
+    lut_table<G>(xv, T + v * kTab);
+  }
+}
 
 template <int G, int NB, int KW>
 KDBNN_LUT_INL void r4_block(const float* T, int64_t nu, const uint8_t* ir, int64_t co_pad, float* accp, bool first,
@@ -513,11 +555,11 @@ KDBNN_LUT_INL void r4_block(const float* T, int64_t nu, const uint8_t* ir, int64
 }
 
 template <int G, int KW>
-KDBNN_LUT_FN void r4_tile(const LutArgs& A, const float* xn, int64_t q0, const LutR4OutPlan& op, float* work,
-                          int64_t co_b, int64_t co_e) {
+KDBNN_LUT_FN void r4_tile(const LutArgs& A, const float* xn, const LutTapPlan* tin, const LutR4OutPlan& op,
+                          float* work, int64_t co_b, int64_t co_e) {
   constexpr int NV = kR + KW - 1, NB = V::kNB4;
   constexpr int64_t kUnit = NV * (int64_t(1) << G) * kLutPx;  // floats per pass unit
-  const int64_t U = A.KH * A.ngrp, pg = A.pg, co_pad = A.co_pad, plane = A.Hp * A.Wp;
+  const int64_t U = A.KH * A.ngrp, pg = A.pg, co_pad = A.co_pad, HW = A.H * A.W;
   const int64_t n_pass = (U + pg - 1) / pg;
   float* tab = work;
   float* acc = work + pg * kUnit + kLutSkew;
@@ -526,7 +568,7 @@ KDBNN_LUT_FN void r4_tile(const LutArgs& A, const float* xn, int64_t q0, const L
     const int64_t u0 = p * pg, nu = std::min(pg, U - u0);
     for (int64_t i = 0; i < nu; ++i) {
       const int64_t u = u0 + i, kh = u / A.ngrp, j = u % A.ngrp;
-      lut_r4_build<G, NV, (int64_t(1) << G) * kLutPx, LutTab>(xn + j * G * plane + q0 + kh * A.Wp, plane, tab + i * kUnit);
+      r4_build<G, NV>(xn + j * G * HW, HW, (int)std::min<int64_t>(G, A.C - j * G), tin + kh * kR4In, tab + i * kUnit);
     }
     const bool first = p == 0;
     const LutArgs* e = p == n_pass - 1 ? &A : nullptr;
@@ -556,28 +598,72 @@ KDBNN_LUT_FN void r4_plan_out(const LutArgs& A, int64_t n, int64_t q0, LutR4OutP
   }
 }
 
+// Where the input vectors of one r4 tile come from: per kernel row kh, tk[kh * kR4In + m] loads the
+// 16 padded-domain positions P = q0 + kh * Wp + 16m + [0, 16) of channel 0 of the tile's image
+// (runs of positions inside the image; the padding reads 0).
+KDBNN_LUT_FN void r4_plan_in(const LutArgs& A, int64_t q0, LutTapPlan* tk) {
+  for (int64_t kh = 0; kh < A.KH; ++kh) {
+    for (int m = 0; m < kR4In; ++m) {
+      LutTapPlan& t = tk[kh * kR4In + m];
+      const int64_t P = q0 + kh * A.Wp + kLutPx * m;
+      int64_t hp = P / A.Wp, wp = P % A.Wp;  // padded row and column of lane 0
+      int nr = 0;
+      uint32_t valid = 0, bits[kLutPx] = {};
+      int64_t rb[kLutPx];
+      // one segment of lanes per padded row: its columns inside the image form one run
+      for (int l = 0; l < kLutPx; wp = 0, ++hp) {
+        const int len = (int)std::min<int64_t>(kLutPx - l, A.Wp - wp);
+        const int64_t ih = hp - A.pad, c0 = std::max(wp, A.pad), c1 = std::min(wp + len, A.pad + A.W);
+        if (ih >= 0 && ih < A.H && c0 < c1) {
+          const int la = l + (int)(c0 - wp), lb = l + (int)(c1 - wp);
+          const int64_t base = ih * A.W + (c0 - A.pad) - la;
+          if (nr == 0 || base != rb[nr - 1]) rb[nr++] = base;
+          bits[nr - 1] |= ((1u << (lb - la)) - 1u) << la;
+          valid |= ((1u << (lb - la)) - 1u) << la;
+        }
+        l += len;
+      }
+      t.nr = nr;
+      if (nr == 0) {
+        t.kind = 3;
+      } else if (nr <= kMaxRuns) {
+        t.kind = nr == 1 && valid == 0xFFFFu ? 0 : 1;
+        for (int r = 0; r < nr; ++r) t.base[r] = rb[r], t.m[r] = V::mask(bits[r]);
+      } else {  // narrow rows: a gather (lane l of run r reads base[r] + l)
+        t.kind = 2;
+        t.m[0] = V::mask(valid);
+        for (int l = 0; l < kLutPx; ++l) t.pos[l] = 0;
+        for (int r = 0; r < nr; ++r)
+          for (int l = 0; l < kLutPx; ++l)
+            if (bits[r] >> l & 1u) t.pos[l] = (int32_t)(rb[r] + l);
+      }
+    }
+  }
+}
+
 // Work items [tb, te) over tiles of 64 padded-domain positions (lut_r4_tiles per image).
 KDBNN_LUT_FN void r4_range(const LutArgs& A, int64_t tb, int64_t te, float* work) {
-  const int64_t per_img = lut_r4_tiles(A), img = A.ngrp * A.g * A.Hp * A.Wp;
+  const int64_t per_img = lut_r4_tiles(A), img = A.C * A.H * A.W;
+  std::vector<LutTapPlan> tin(A.KH * kR4In);
   LutR4OutPlan op;
   LutItems items(A.co_pad, A.co_chunk);
   for (int64_t t = tb; t < te; ++t) {
     int64_t tile, co_b, co_e;
     const bool replan = items.at(t, tile, co_b, co_e);
     const int64_t n = tile / per_img, q0 = (tile % per_img) * kR * kLutPx;
-    if (replan) r4_plan_out(A, n, q0, op);
-    const float* xn = A.Xp + n * img;
+    if (replan) r4_plan_out(A, n, q0, op), r4_plan_in(A, q0, tin.data());
+    const float* xn = A.X + n * img;
     switch (A.KW * 8 + A.g) {
-      case 1 * 8 + 4: r4_tile<4, 1>(A, xn, q0, op, work, co_b, co_e); break;
-      case 2 * 8 + 4: r4_tile<4, 2>(A, xn, q0, op, work, co_b, co_e); break;
-      case 3 * 8 + 4: r4_tile<4, 3>(A, xn, q0, op, work, co_b, co_e); break;
-      case 4 * 8 + 4: r4_tile<4, 4>(A, xn, q0, op, work, co_b, co_e); break;
-      case 5 * 8 + 4: r4_tile<4, 5>(A, xn, q0, op, work, co_b, co_e); break;
-      case 1 * 8 + 5: r4_tile<5, 1>(A, xn, q0, op, work, co_b, co_e); break;
-      case 2 * 8 + 5: r4_tile<5, 2>(A, xn, q0, op, work, co_b, co_e); break;
-      case 3 * 8 + 5: r4_tile<5, 3>(A, xn, q0, op, work, co_b, co_e); break;
-      case 4 * 8 + 5: r4_tile<5, 4>(A, xn, q0, op, work, co_b, co_e); break;
-      case 5 * 8 + 5: r4_tile<5, 5>(A, xn, q0, op, work, co_b, co_e); break;
+      case 1 * 8 + 4: r4_tile<4, 1>(A, xn, tin.data(), op, work, co_b, co_e); break;
+      case 2 * 8 + 4: r4_tile<4, 2>(A, xn, tin.data(), op, work, co_b, co_e); break;
+      case 3 * 8 + 4: r4_tile<4, 3>(A, xn, tin.data(), op, work, co_b, co_e); break;
+      case 4 * 8 + 4: r4_tile<4, 4>(A, xn, tin.data(), op, work, co_b, co_e); break;
+      case 5 * 8 + 4: r4_tile<4, 5>(A, xn, tin.data(), op, work, co_b, co_e); break;
+      case 1 * 8 + 5: r4_tile<5, 1>(A, xn, tin.data(), op, work, co_b, co_e); break;
+      case 2 * 8 + 5: r4_tile<5, 2>(A, xn, tin.data(), op, work, co_b, co_e); break;
+      case 3 * 8 + 5: r4_tile<5, 3>(A, xn, tin.data(), op, work, co_b, co_e); break;
+      case 4 * 8 + 5: r4_tile<5, 4>(A, xn, tin.data(), op, work, co_b, co_e); break;
+      case 5 * 8 + 5: r4_tile<5, 5>(A, xn, tin.data(), op, work, co_b, co_e); break;
       default: break;  // lut_r4_ok() admits only the cases above
     }
   }

@@ -137,10 +137,9 @@ struct LutArgs {
                         // too few tiles for the threads: then items are (tile, channel chunk))
   const void* idx;      // [kk * ngrp + j][co_pad] table offsets s * 8, uint8 (g <= 5) / uint16 (g = 6);
                         // r4: rows ordered [kh][j][kw]
-  // kw-sharing variant (r4 = 1; stride 1, KW <= 5, see bwn_lut.h): tiles of 64 output positions
-  // over a zero-padded copy Xp of the input, N x (ngrp * g) x Hp x Wp floats + kLutR4Slack
+  // kw-sharing variant (r4 = 1; stride 1, KW <= 5, see bwn_lut.h): tiles of 64 positions of the
+  // zero-padded domain Hp x Wp (its input vectors are loaded from X in place, padding reads 0)
   int64_t r4;
-  const float* Xp;
   int64_t Hp, Wp;
   const float* alpha;   // per output channel scale, then bias, then the activation
   const float* bias;
@@ -155,7 +154,6 @@ inline int64_t lut_work_floats(const LutArgs& A) {
   const int64_t unit = A.r4 ? 4 + A.KW - 1 : 1, accv = A.r4 ? 4 : 1;
   return A.pg * unit * (int64_t(16) << A.g) + A.co_pad * 16 * accv + 80 + 16;
 }
-constexpr int64_t kLutR4Slack = 256;  // floats after Xp that tiles of the last image may read
 
 // Whether the r4 kernel handles the layer (stride 1, KW <= 5, g 4 or 5), and its tiles per image:
 // 64 positions of the padded-width output domain, (OH - 1) * Wp + OW of them.

@@ -23,7 +23,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("stride"), py::arg("scale"), py::arg("bias"), py::arg("act"), py::arg("residual"), py::arg("want_float"),
         py::arg("want_packed"),
         py::arg("lo"), py::arg("hi"), py::arg("table"), py::arg("affine_a"), py::arg("affine_b"), py::arg("out_pad"), py::arg("out_pad_value"), py::arg("isa"));
-  m.def("bwn_conv", &kdbnn::bwn_conv, "float x packed-binary-weight convolution");
+  m.def("bwn_conv", &kdbnn::bwn_conv, "float x packed-binary-weight convolution", py::arg("x"), py::arg("wpacked"),
+        py::arg("alpha"), py::arg("bias"), py::arg("KH"), py::arg("KW"), py::arg("stride"), py::arg("pad"),
+        py::arg("act"), py::arg("isa"), py::arg("prepared") = py::none());
+  m.def("bwn_prepare", &kdbnn::bwn_prepare, "table offsets of a BWN layer for the lookup-table kernel (reused per call)",
+        py::arg("wpacked"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("KH"), py::arg("KW"), py::arg("stride"),
+        py::arg("pad"), py::arg("isa"));
   m.def("w1a8_conv", &kdbnn::w1a8_conv, "int8 x packed-binary-weight convolution (exact integer sums)",
         py::arg("xq"), py::arg("wpacked"), py::arg("scale"), py::arg("bias"), py::arg("KH"), py::arg("KW"),
         py::arg("stride"), py::arg("pad"), py::arg("act"), py::arg("out_scale_inv"), py::arg("isa"));

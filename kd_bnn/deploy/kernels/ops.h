@@ -38,9 +38,13 @@ std::vector<at::Tensor> xnor_conv_ex(at::Tensor xpad, at::Tensor panel, int64_t 
                                      c10::optional<at::Tensor> affine_b, int64_t out_pad, double out_pad_value,
                                      int64_t isa);
 
-// bwn.cpp: float input x packed binary weights, conv2d(x, alpha * sign(W), bias) -> activation.
+// bwn.cpp: float input x packed binary weights, conv2d(x, alpha * sign(W), bias) -> activation;
+// prepared: bwn_prepare's table offsets for the layer (else rebuilt per call).
 at::Tensor bwn_conv(at::Tensor x, at::Tensor wpacked, at::Tensor alpha, c10::optional<at::Tensor> bias, int64_t KH,
-                    int64_t KW, int64_t stride, int64_t pad, int64_t act, int64_t isa);
+                    int64_t KW, int64_t stride, int64_t pad, int64_t act, int64_t isa,
+                    c10::optional<at::Tensor> prepared);
+at::Tensor bwn_prepare(at::Tensor wpacked, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t stride,
+                       int64_t pad, int64_t isa);
 
 // w1a8.cpp: int8 input (N, C, H, W) x packed binary weights, exact int32 sums, then the float32
 // epilogue float(acc) * scale + bias -> activation; float out, or int8 (clamp(rint(y * inv),
