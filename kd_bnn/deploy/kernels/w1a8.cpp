@@ -223,7 +223,10 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
     w8_direct(A, N, wp, nw);
     return out;
   }
-  std::unique_ptr<uint8_t[]> idx(new uint8_t[KK * A.ngrp * A.co_pad]);  // all written
+  // all written, plus 16 zero bytes: the lookups read up to 7 bytes past a block's offsets
+  const int64_t n_idx = KK * A.ngrp * A.co_pad;
+  std::unique_ptr<uint8_t[]> idx(new uint8_t[n_idx + 16]);
+  std::memset(idx.get() + n_idx, 0, 16);
   A.idx = idx.get();
   at::parallel_for(0, KK, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, A.ngrp * A.co_pad)),
                    [&](int64_t b, int64_t e) { k->prep_idx(wp, A, nw, b, e, idx.get()); });

@@ -45,7 +45,11 @@
 //          then converted with round-half-even: the same value as rint then clamp).
 //   input: the driver's padded phase-split copy (w1a8.h): a tile is 32 consecutive positions q of
 //          one image, tap kk reads 32 contiguous bytes at q0 + toff[kk].
-//   indices: one byte per (u, output channel), 8 * s (the kernel addresses table + 8 * byte).
+//   indices: one byte per (u, output channel), 8 * s (the kernel addresses table + 8 * byte),
+//          loaded a few rows ahead of their lookups (lut_lookups / lut_r4_lookups in lut_common.h,
+//          the schedules of bwn_lut.h: an xmm ring on AVX-512, the next row's qword on AVX2);
+//          measured against loading them just before use: AVX-512 -8..-11% (64@80 0.623 ->
+//          0.575 ms, 256@20 0.487 -> 0.441), AVX2 -2..-4% (64@80 0.888 -> 0.849).
 //   r4:    a second kernel for stride 1 (avx512) shares the tables of one kernel row between its
 //          KW taps (128-position tiles as 4 interleaved vectors, see "kw-sharing kernel" below).
 //   speed: the lookups are load-bound (about 4.5 G `vpaddw zmm, [mem]` per second measured on one
@@ -152,13 +156,7 @@ KDBNN_W8_INL void w8_block(const int16_t* T, int64_t ng, const uint8_t* ir, int6
   VT a[NB][1];
 #pragma GCC unroll 32
   for (int c = 0; c < NB; ++c) a[c][0] = load16 ? V::load(a16p + c * kW8Px) : V::zero();
-  const char* Tj = reinterpret_cast<const char*>(T);
-  for (int64_t j = 0; j < ng; ++j, Tj += 2 * kW8Tab<G>, ir += co_pad) {
-    uint32_t off[NB];
-    lut_offsets<NB>(ir, off);
-#pragma GCC unroll 32
-    for (int c = 0; c < NB; ++c) a[c][0] = V::add(a[c][0], V::load(reinterpret_cast<const int16_t*>(Tj + (size_t)off[c] * 8)));
-  }
+  lut_lookups<NB, 1, kW8Tab<G>, kW8Tab<G>>(a, T, ng, ir, co_pad);
   w8_finish<NB, 1>(a, a16p, a32p, out, add32, epi, c0);
 }
 
