@@ -172,7 +172,7 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
     }
     if (er != nullptr) A.r4 = std::strtol(er, nullptr, 10) != 0 && w8_r4_ok(A) && k->has_r4;
     if (eg != nullptr || er != nullptr)
-      A.pg = A.r4 ? std::max<int64_t>(1, 24576 / ((A.KW + 3) * (int64_t(64) << A.g))) : A.g == 5 ? 16 : 32;
+      A.pg = A.r4 ? std::max<int64_t>(1, 24576 / ((A.KW + 3) * (int64_t(64) << A.g))) : A.g == 5 ? 12 : 21;
     if (const char* e = std::getenv("KDBNN_W1A8_PG")) {
       const long v = std::strtol(e, nullptr, 10);
       if (v >= 1) A.pg = v;
@@ -223,10 +223,11 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
     w8_direct(A, N, wp, nw);
     return out;
   }
-  // all written, plus 16 zero bytes: the lookups read up to 7 bytes past a block's offsets
-  const int64_t n_idx = KK * A.ngrp * A.co_pad;
-  std::unique_ptr<uint8_t[]> idx(new uint8_t[n_idx + 16]);
-  std::memset(idx.get() + n_idx, 0, 16);
+  // all written, plus zero slack: the lookups read kLutAhead rows ahead, up to 7 bytes past a
+  // block's offsets (lut_lookups)
+  const int64_t n_idx = KK * A.ngrp * A.co_pad, n_slack = kW8IdxAhead * A.co_pad + 16;
+  std::unique_ptr<uint8_t[]> idx(new uint8_t[n_idx + n_slack]);
+  std::memset(idx.get() + n_idx, 0, n_slack);
   A.idx = idx.get();
   at::parallel_for(0, KK, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, A.ngrp * A.co_pad)),
                    [&](int64_t b, int64_t e) { k->prep_idx(wp, A, nw, b, e, idx.get()); });
