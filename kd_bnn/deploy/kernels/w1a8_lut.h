@@ -56,7 +56,15 @@
 //          one Zen 5 core, i.e. ~0.6 T int8 MAC/s at g = 4); building the tables costs 2^g stores
 //          per table, amortized over the output channels (hence g = 5 only for >= 256 channels,
 //          and r4, which halves the builds of a 3x3 conv, for narrow layers (<= 32 channels) on
-//          wide rows; the plan functions of the ISA files list the measurements).
+//          wide rows; the plan functions of the ISA files list the measurements). Profile of
+//          128->128 @40 (AVX-512, g = 4): lookups ~70% of the kernel, table builds ~18%, the rest
+//          (int16 windows, widening, epilogue) ~12%. Figures (1 thread, int8 in/out, ms, ratio to
+//          torch fp32): AVX-512 64 @80 0.51-0.53 (3.4x), 128 @40 0.44-0.45 (3.8-3.9x), 256 @20
+//          0.43 (4.2x), 512 @10 0.47-0.51 (5.2-5.5x); AVX2 (torch capped to AVX2) 0.82-0.84 (4.1x),
+//          0.75 (4.5x), 0.69 (4.9x), 0.80 (4.7x).
+//          Measured and dropped: loads ahead on AVX2 from an xmm ring (+4-5%: 16 ymm), ring depth
+//          2 or 4 instead of 3 (+2-9%), bmi/bmi2 in the AVX-512 target (no change), an empty asm
+//          against the compiler's reassociation of the r4 sums (+25%).
 
 #define KDBNN_LC_INL KDBNN_W8_INL
 #include "lut_common.h"
