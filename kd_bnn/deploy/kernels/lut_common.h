@@ -68,33 +68,90 @@ KDBNN_LC_INL void lut_offsets(const I* ir, uint32_t* off) {
   }
 }
 
-// r4: a[c][r] += entry off[c] / 8 (off: byte offset / 8) of the table of input vector r + kw,
-// Tk = the table of input vector kw (tables kTab elements apart).
-template <int NB, int64_t kTab, class E>
-KDBNN_LC_INL void lut_r4_add(typename V::T (&a)[NB][kR], const E* Tk, const uint32_t* off) {
-#pragma GCC unroll 32
-  for (int c = 0; c < NB; ++c) {
-    const E* e = reinterpret_cast<const E*>(reinterpret_cast<const char*>(Tk) + (size_t)off[c] * 8);
+// a[c][r] += entry (q >> 8(c - lo) & 255) / 8 of the table at Tk + r * kTab, channels lo <= c <
+// hi (q: the offset bytes of channels lo.., 8 of them, or 4 for a dword).
+template <int NB, int R, int64_t kTab, class E>
+KDBNN_LC_INL void lut_add_q(typename V::T (&a)[NB][R], const E* Tk, uint64_t q, int lo, int hi) {
+#pragma GCC unroll 8
+  for (int c = lo; c < hi; ++c) {
+    const E* e = reinterpret_cast<const E*>(reinterpret_cast<const char*>(Tk) + (size_t)((q >> (8 * (c - lo))) & 255u) * 8);
 #pragma GCC unroll 4
-    for (int r = 0; r < kR; ++r) a[c][r] = V::add(a[c][r], V::load(e + r * kTab));
+    for (int r = 0; r < R; ++r) a[c][r] = V::add(a[c][r], V::load(e + r * kTab));
   }
 }
 
-// r4: the lookups of nu pass units (NV = kR + KW - 1 tables each) for NB channels, the offsets of
-// index row u * KW + kw read just before use (the plain schedule; the BWN kernel has tuned ones).
+constexpr int kLutAhead = 3;  // index rows loaded ahead (lut_lookups); see the slack rule there
+
+// The lookups of nu x K index rows (co_pad apart, NB offset bytes each) for NB channels: row
+// u * K + k adds to a[c][r] the entry its offset selects in table T + u * kUStride + (k + r) * kTab
+// (elements). K = 1, R = 1: one table per row (the plain kernels); K = KW, R = kR: the r4 kernels
+// (tables of input vectors k + r).
+// The offsets are loaded ahead of their lookups (on Zen 5 a lookup whose address comes from a load
+// issued shortly before issues slowly; bwn_lut.h measured 1.4 lookups/cycle loaded just before
+// use, 1.5 one row ahead, 1.7 with an xmm ring three rows ahead): NB = 16 or 4 (AVX-512), the
+// 16 bytes / the dword of a row in an xmm ring kLutAhead rows ahead; else (AVX2: the accumulators
+// fill the 16 ymm) the qwords (a dword for NB <= 4) of the next row in GPRs. The loads ahead run
+// past the last row, unclamped: the index buffer must have kLutAhead rows + 16 readable bytes
+// after any block's last row (a qword read also covers up to 7 bytes past the block).
+template <int NB, int R, int K, int64_t kTab, int64_t kUStride, class E>
+KDBNN_LC_INL void lut_lookups(typename V::T (&a)[NB][R], const E* T, int64_t nu, const uint8_t* ir, int64_t co_pad) {
+  if constexpr (NB == 16 || NB == 4) {
+    constexpr int D = kLutAhead;
+    auto ld = [](const uint8_t* p) {
+      if constexpr (NB == 16) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      else return _mm_loadu_si32(p);
+    };
+    __m128i ring[D];
+#pragma GCC unroll 4
+    for (int d = 0; d < D; ++d, ir += co_pad) ring[d] = ld(ir);
+    for (int64_t u = 0; u < nu; ++u, T += kUStride) {
+#pragma GCC unroll 5
+      for (int k = 0; k < K; ++k, ir += co_pad) {
+        const __m128i v = ring[0];
+#pragma GCC unroll 4
+        for (int d = 0; d + 1 < D; ++d) ring[d] = ring[d + 1];
+        ring[D - 1] = ld(ir);
+        if constexpr (NB == 16) {
+          lut_add_q<NB, R, kTab>(a, T + k * kTab, (uint64_t)_mm_cvtsi128_si64(v), 0, 8);
+          lut_add_q<NB, R, kTab>(a, T + k * kTab, (uint64_t)_mm_extract_epi64(v, 1), 8, 16);
+        } else {
+          lut_add_q<NB, R, kTab>(a, T + k * kTab, (uint32_t)_mm_cvtsi128_si32(v), 0, 4);
+        }
+      }
+    }
+  } else {
+    constexpr int NQ = (NB + 7) / 8;
+    auto ld = [](const uint8_t* p, uint64_t* d) {
+      if constexpr (NB <= 4) {
+        uint32_t w;
+        std::memcpy(&w, p, 4);
+        d[0] = w;
+      } else {
+        std::memcpy(d, p, 8 * NQ);
+      }
+    };
+    uint64_t q[NQ];
+    ld(ir, q);
+    for (int64_t u = 0; u < nu; ++u, T += kUStride) {
+#pragma GCC unroll 5
+      for (int k = 0; k < K; ++k) {
+        uint64_t qn[NQ];
+        ir += co_pad;
+        ld(ir, qn);
+#pragma GCC unroll 4
+        for (int w = 0; w < NQ; ++w) lut_add_q<NB, R, kTab>(a, T + k * kTab, q[w], 8 * w, std::min(NB, 8 * w + 8));
+#pragma GCC unroll 4
+        for (int w = 0; w < NQ; ++w) q[w] = qn[w];
+      }
+    }
+  }
+}
+
+// r4: the lookups of nu pass units (NV = kR + KW - 1 tables each, index rows u * KW + kw).
 template <int NB, int KW, int64_t kTab, class E>
 KDBNN_LC_INL void lut_r4_lookups(typename V::T (&a)[NB][kR], const E* T, int64_t nu, const uint8_t* ir,
                                  int64_t co_pad) {
-  constexpr int NV = kR + KW - 1;
-  for (int64_t u = 0; u < nu; ++u) {
-    const E* Tu = T + u * NV * kTab;
-#pragma GCC unroll 5
-    for (int kw = 0; kw < KW; ++kw) {
-      uint32_t off[NB];
-      lut_offsets<NB>(ir + (u * KW + kw) * co_pad, off);
-      lut_r4_add<NB, kTab>(a, Tu + kw * kTab, off);
-    }
-  }
+  lut_lookups<NB, kR, KW, kTab, (kR + KW - 1) * kTab>(a, T, nu, ir, co_pad);
 }
 
 // ---------------------------------------------------------------- work items

@@ -92,6 +92,25 @@ void w8_direct(const W8Args& A, int64_t N, const uint64_t* wp, int64_t nw) {
   });
 }
 
+// Stride 1, one channel: rows of [pad zeros][W bytes][pad zeros], contiguous. Each row but the
+// last is copied in CH-byte chunks whose last one runs on into the gap and the next row, then CH
+// zero bytes go to the gap (over the next row's start, written next): no call per row (the
+// memset/memcpy/memset of the general path cost ~4% of a 64 @80 layer). Needs W >= CH >= 2 pad.
+template <int CH>
+void w8_pad_rows(const int8_t* src, int64_t H, int64_t W, int64_t pad, int64_t Wq, int64_t cplane, int8_t* d) {
+  static constexpr int8_t kZero[CH] = {};
+  std::memset(d, 0, pad * Wq + pad);  // top rows and the first lead
+  for (int64_t ih = 0; ih + 1 < H; ++ih) {
+    int8_t* row = d + (ih + pad) * Wq + pad;
+    const int8_t* sr = src + ih * W;
+    for (int64_t k = 0; k < W; k += CH) std::memcpy(row + k, sr + k, CH);
+    std::memcpy(row + W, kZero, CH);
+  }
+  int8_t* row = d + (H - 1 + pad) * Wq + pad;
+  std::memcpy(row, src + (H - 1) * W, W);
+  std::memset(row + W, 0, cplane - (row + W - d));  // the last gap and the bottom rows
+}
+
 // The padded stride-phase-split copy (w1a8.h) of int8 NCHW x, plus kW8Slack zero bytes.
 void w8_pad_input(const int8_t* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t pad, const W8Args& A,
                   int8_t* dst) {
@@ -106,6 +125,11 @@ void w8_pad_input(const int8_t* x, int64_t N, int64_t C, int64_t H, int64_t W, i
         continue;
       }
       const int8_t* src = x + (n * C + c) * H * W;
+      if (s == 1 && W >= 8 && 2 * pad <= (W >= 16 ? 16 : 8)) {
+        if (W >= 16) w8_pad_rows<16>(src, H, W, pad, Wq, A.cplane, d);
+        else w8_pad_rows<8>(src, H, W, pad, Wq, A.cplane, d);
+        continue;
+      }
       for (int64_t ph = 0; ph < s * s; ++ph) {
         const int64_t pa = ph / s, pb = ph % s;
         for (int64_t i = 0; i < Hq; ++i) {
@@ -172,7 +196,7 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
     }
     if (er != nullptr) A.r4 = std::strtol(er, nullptr, 10) != 0 && w8_r4_ok(A) && k->has_r4;
     if (eg != nullptr || er != nullptr)
-      A.pg = A.r4 ? std::max<int64_t>(1, 24576 / ((A.KW + 3) * (int64_t(64) << A.g))) : A.g == 5 ? 16 : 32;
+      A.pg = A.r4 ? std::max<int64_t>(1, 24576 / ((A.KW + 3) * (int64_t(64) << A.g))) : A.g == 5 ? 12 : 21;
     if (const char* e = std::getenv("KDBNN_W1A8_PG")) {
       const long v = std::strtol(e, nullptr, 10);
       if (v >= 1) A.pg = v;
@@ -223,7 +247,11 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
     w8_direct(A, N, wp, nw);
     return out;
   }
-  std::unique_ptr<uint8_t[]> idx(new uint8_t[KK * A.ngrp * A.co_pad]);  // all written
+  // all written, plus zero slack: the lookups read kLutAhead rows ahead, up to 7 bytes past a
+  // block's offsets (lut_lookups)
+  const int64_t n_idx = KK * A.ngrp * A.co_pad, n_slack = kW8IdxAhead * A.co_pad + 16;
+  std::unique_ptr<uint8_t[]> idx(new uint8_t[n_idx + n_slack]);
+  std::memset(idx.get() + n_idx, 0, n_slack);
   A.idx = idx.get();
   at::parallel_for(0, KK, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, A.ngrp * A.co_pad)),
                    [&](int64_t b, int64_t e) { k->prep_idx(wp, A, nw, b, e, idx.get()); });

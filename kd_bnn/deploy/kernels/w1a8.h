@@ -22,6 +22,7 @@ namespace kdbnn {
 
 constexpr int kW8Px = 32;           // positions per tile (one vector of 32 int16)
 constexpr int64_t kW8Slack = 512;  // zero bytes after the padded copy (a tile's junk lanes read there)
+constexpr int kW8IdxAhead = 3;     // zero index rows (+ 16 bytes) after the last one: read ahead
 
 struct W8Args {
   const int8_t* X;      // padded phase-split copy (see above), N * img bytes + kW8Slack

@@ -172,16 +172,19 @@ struct V {
 #undef KDBNN_W8_INL
 #undef KDBNN_W8_FN
 
-// Per layer (measured on Zen 5, 1 thread, interleaved A/B runs): the kw-sharing kernel (r4, 5-input
-// tables, 2 units = 24 KB per pass) for stride-1 layers of <= 64 output channels on rows >= 64
-// wide, where building tables costs most next to the few lookups per table; elsewhere 5-input
-// tables (12 = 24 KB per pass, int16 windows of 4 passes) for >= 128 output channels, 4-input
-// tables (32 KB per pass) below. On the benchmark layers r4 won only at 64 channels (0.59 vs
-// 0.62 ms at 80x80); at 128-512 channels it lost (0.56-0.62 vs 0.46-0.52 ms).
+// Per layer (measured on Zen 5, 1 thread, interleaved A/B runs, with the offsets loaded ahead):
+// 4-input tables, 21 per pass (21 KB, int16 windows of 3 passes = 63 entries, the int16 bound)
+// below 256 output channels; 5-input tables, 12 per pass (24 KB, windows of 4 passes) from 256 on;
+// the kw-sharing kernel (r4, 4-input tables, 4 units = 24 KB per pass) for stride-1 layers of
+// <= 32 output channels on rows >= 64 wide, where building tables costs most next to the few
+// lookups per table. Measured (ms): 64->64 @80 g4/pg21 0.529, g4/pg32 0.542, g5/pg12 0.586,
+// r4 g4 0.546, r4 g5 0.571; 128->128 @40 g4/pg21 0.463, g5/pg12 0.478; 256->256 @20 g5/pg12 0.448,
+// g4/pg21 0.453; 512->512 @10 g5/pg12 0.496, g4/pg21 0.524; 16->16 @320 r4 g4 1.09, g4/pg21 1.17,
+// r4 g5 1.39; 32->32 @160 r4 g4 0.709, g4/pg21 0.716.
 void plan_avx512(W8Args& A) {
-  A.r4 = w8_r4_ok(A) && A.c_out <= 64 && A.OW >= 64;
-  A.g = A.r4 || A.c_out >= 128 ? 5 : 4;
-  A.pg = A.g == 5 ? 12 : 32;
+  A.r4 = w8_r4_ok(A) && A.c_out <= 32 && A.OW >= 64;
+  A.g = !A.r4 && A.c_out >= 256 ? 5 : 4;
+  A.pg = A.g == 5 ? 12 : 21;
   if (A.r4) A.pg = std::max<int64_t>(1, 24576 / ((A.KW + 3) * (int64_t(64) << A.g)));
 }
 

@@ -26,7 +26,7 @@
 //          the top one negative; T[i + 2^a k] = P[i] + Q[k] for the indices with the top bit clear
 //          and T[~s] = -T[s] (sign flip) for the others: 2^g int16 ops and 2^g stores per table.
 //   passes: the tables of all (tap, group) pairs u = kk * ngrp + j are consumed in passes of pg
-//          tables (24-32 KB, L1-resident), built at the start of the pass. Output channels run in
+//          tables (21-24 KB, L1-resident), built at the start of the pass. Output channels run in
 //          register blocks of kNB int16 accumulators. The int16 sums of a channel persist across
 //          the passes of a window (win passes, a per-thread int16 buffer between passes) and are
 //          widened into int32 sums (a per-thread buffer) once per window; the last pass applies
@@ -45,16 +45,30 @@
 //          then converted with round-half-even: the same value as rint then clamp).
 //   input: the driver's padded phase-split copy (w1a8.h): a tile is 32 consecutive positions q of
 //          one image, tap kk reads 32 contiguous bytes at q0 + toff[kk].
-//   indices: one byte per (u, output channel), 8 * s (the kernel addresses table + 8 * byte).
+//   indices: one byte per (u, output channel), 8 * s (the kernel addresses table + 8 * byte),
+//          loaded a few rows ahead of their lookups (lut_lookups / lut_r4_lookups in lut_common.h,
+//          the schedules of bwn_lut.h: an xmm ring on AVX-512, the next row's qword on AVX2);
+//          measured against loading them just before use: AVX-512 -8..-11% (64@80 0.623 ->
+//          0.575 ms, 256@20 0.487 -> 0.441), AVX2 -2..-4% (64@80 0.888 -> 0.849).
 //   r4:    a second kernel for stride 1 (avx512) shares the tables of one kernel row between its
 //          KW taps (128-position tiles as 4 interleaved vectors, see "kw-sharing kernel" below).
-//   speed: the lookups are load-bound (about 4.5 G `vpaddw zmm, [mem]` per second measured on one
-//          Zen 5 core, i.e. ~0.6 T int8 MAC/s at g = 4); building the tables costs 2^g stores
-//          per table, amortized over the output channels (hence g = 5 only for >= 128 channels,
-//          and r4, which halves the builds of a 3x3 conv, for narrow layers on wide rows).
+//   speed: the lookups are load-bound (about 4.5-5 G `vpaddw zmm, [mem]` per second measured on
+//          one Zen 5 core, i.e. ~0.6 T int8 MAC/s at g = 4); building the tables costs 2^g stores
+//          per table, amortized over the output channels (hence g = 5 only for >= 256 channels,
+//          and r4, which halves the builds of a 3x3 conv, for narrow layers (<= 32 channels) on
+//          wide rows; the plan functions of the ISA files list the measurements). Profile of
+//          128->128 @40 (AVX-512, g = 4): lookups ~70% of the kernel, table builds ~18%, the rest
+//          (int16 windows, widening, epilogue) ~12%. Figures (1 thread, int8 in/out, ms, ratio to
+//          torch fp32): AVX-512 64 @80 0.51-0.53 (3.4x), 128 @40 0.44-0.45 (3.8-3.9x), 256 @20
+//          0.43 (4.2x), 512 @10 0.47-0.51 (5.2-5.5x); AVX2 (torch capped to AVX2) 0.82-0.84 (4.1x),
+//          0.75 (4.5x), 0.69 (4.9x), 0.80 (4.7x).
+//          Measured and dropped: loads ahead on AVX2 from an xmm ring (+4-5%: 16 ymm), ring depth
+//          2 or 4 instead of 3 (+2-9%), bmi/bmi2 in the AVX-512 target (no change), an empty asm
+//          against the compiler's reassociation of the r4 sums (+25%).
 
 #define KDBNN_LC_INL KDBNN_W8_INL
 #include "lut_common.h"
+static_assert(kLutAhead <= kW8IdxAhead, "w1a8: the index buffer's slack rows cover the loads ahead");
 
 template <int G>
 constexpr int64_t kW8Tab = (int64_t(1) << G) * kW8Px;  // int16 per table (G = 4: 1 KB, 5: 2 KB)
@@ -152,13 +166,7 @@ KDBNN_W8_INL void w8_block(const int16_t* T, int64_t ng, const uint8_t* ir, int6
   VT a[NB][1];
 #pragma GCC unroll 32
   for (int c = 0; c < NB; ++c) a[c][0] = load16 ? V::load(a16p + c * kW8Px) : V::zero();
-  const char* Tj = reinterpret_cast<const char*>(T);
-  for (int64_t j = 0; j < ng; ++j, Tj += 2 * kW8Tab<G>, ir += co_pad) {
-    uint32_t off[NB];
-    lut_offsets<NB>(ir, off);
-#pragma GCC unroll 32
-    for (int c = 0; c < NB; ++c) a[c][0] = V::add(a[c][0], V::load(reinterpret_cast<const int16_t*>(Tj + (size_t)off[c] * 8)));
-  }
+  lut_lookups<NB, 1, 1, kW8Tab<G>, kW8Tab<G>>(a, T, ng, ir, co_pad);
   w8_finish<NB, 1>(a, a16p, a32p, out, add32, epi, c0);
 }
 
