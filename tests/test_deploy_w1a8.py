@@ -86,6 +86,31 @@ def test_w1a8_table_size_pass_and_kernel_variants(isa, g, pg, r4, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", K.ISAS)
+def test_w1a8_prepared_offsets_give_the_per_call_result(isa, monkeypatch):
+    """w1a8_conv2d with w1a8_prepare's table offsets equals the call that rebuilds them, bit for
+    bit: plain and kw-sharing plans, 5-bit tables, batch 2, and offsets prepared for another plan
+    (another input size, table size or kernel: ignored, rebuilt per call)."""
+    _isa_or_skip(isa)
+    for shape in (SHAPES[0], SHAPES[2], SHAPES[5], SHAPES[8], SHAPES[9]):
+        n, ci, co, h, w, k, s, p = shape
+        xq, wp, scale, b = _case(shape)
+        want = K.w1a8_conv2d(xq, wp, scale, k, s, p, b, "leaky", 3.0, backend="torch")
+        preps = [K.w1a8_prepare(wp, xq.shape, k, s, p, isa=isa), K.w1a8_prepare(wp, (ci, 3, 3), k, s, p, isa=isa)]
+        for env in ("KDBNN_W1A8_G", "KDBNN_W1A8_R4"):  # a foreign plan: the other table size / kernel
+            monkeypatch.setenv(env, "5" if env.endswith("G") else "0")
+            preps.append(K.w1a8_prepare(wp, xq.shape, k, s, p, isa=isa))
+            monkeypatch.delenv(env)
+        if isa in ("scalar", "popcnt"):
+            assert all(t is None for t in preps)  # no lookup-table kernel: nothing to prepare
+        else:
+            assert all(t is not None and t.dtype == torch.uint8 for t in preps)
+        for prep in preps:
+            got = K.w1a8_conv2d(xq, wp, scale, k, s, p, b, "leaky", 3.0, isa=isa, prepared=prep)
+            assert torch.equal(got, want), (isa, shape)
+    assert K.w1a8_prepare(wp, xq.shape, k, s, p, backend="torch") is None
+
+
+@pytest.mark.parametrize("isa", K.ISAS)
 @pytest.mark.parametrize("g", [4, 5])
 @pytest.mark.parametrize("r4", [0, 1])
 def test_w1a8_extreme_inputs_never_overflow_int16(isa, g, r4, monkeypatch):

@@ -45,8 +45,9 @@ pure-torch path with identical results:
   at one tap an int16 table of the 2^g signed sums, one ``vpaddw`` per g MACs x 32 positions,
   int16 sums widened to int32 before they could overflow (proved bound, -128 included); a
   kw-sharing variant (``avx512``, stride 1) tabulates a kernel row once for its KW taps. The input
-  is copied once per call (zero-padded, stride phases split, int8) and the table offsets rebuilt
-  per call (one byte per g weights). ``scalar``/``popcnt``: a direct int32 conv (``w1a8.cpp``).
+  is copied once per call (zero-padded, stride phases split, int8); the table offsets (one byte per
+  g weights) are rebuilt per call, or computed once per layer by :func:`w1a8_prepare` (its
+  ``prepared=``). ``scalar``/``popcnt``: a direct int32 conv (``w1a8.cpp``).
   Tuning: ``KDBNN_W1A8_G`` (4/5), ``KDBNN_W1A8_PG`` (tables per pass), ``KDBNN_W1A8_R4`` (0/1).
 * :func:`stem_conv2d` - a float conv with few input channels (a detector's first conv,
   ``C_in <= 8``): direct conv vectorised over the output width from zero-padded per-row copies of
@@ -102,6 +103,7 @@ __all__ = [
     "output_affine",
     "bwn_conv2d",
     "bwn_prepare",
+    "w1a8_prepare",
     "w1a8_conv2d",
     "quantize_activations",
     "stem_conv2d",
@@ -918,13 +920,19 @@ def bwn_prepare(
     whose plan differs rebuilds them as without it). ``in_shape``: ``(N, C, H, W)`` or
     ``(C, H, W)`` of the input. None where no lookup-table kernel runs (torch backend, no
     extension, an ISA path without one)."""
+    return _lut_prepare("bwn_prepare", w_packed, in_shape, kernel_size, stride, padding, isa, backend)
+
+
+def _lut_prepare(fn, w_packed, in_shape, kernel_size, stride, padding, isa, backend) -> torch.Tensor | None:
+    """The prepared table offsets of a lookup-table kernel (extension function ``fn``:
+    ``bwn_prepare`` / ``w1a8_prepare``), or None where none runs."""
     ext = _use_ext(backend)
     if ext is None:
         return None
     c_in, h, w = (int(v) for v in tuple(in_shape)[-3:])
     kh, kw = _pair(kernel_size)
     _check_packed_weight(w_packed, c_in, kh, kw)
-    t = ext.bwn_prepare(w_packed, c_in, h, w, kh, kw, int(stride), int(padding), resolve_isa(isa))
+    t = getattr(ext, fn)(w_packed, c_in, h, w, kh, kw, int(stride), int(padding), resolve_isa(isa))
     return t if t.numel() else None
 
 
@@ -1014,6 +1022,22 @@ def quantize_activations(
     return _quantize_torch(x.detach().float(), float(inv_scale))
 
 
+def w1a8_prepare(
+    w_packed: torch.Tensor,
+    in_shape: tuple[int, ...] | torch.Size,
+    kernel_size: int | tuple[int, int],
+    stride: int = 1,
+    padding: int = 0,
+    isa: str | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | None:
+    """The lookup-table kernel's table offsets for :func:`w1a8_conv2d` (its ``prepared=``), as
+    :func:`bwn_prepare` for :func:`bwn_conv2d`: computed once per layer and input size (uint8, a
+    header naming the plan, then one byte per g weights); None where no lookup-table kernel runs
+    (torch backend, no extension, the scalar/popcnt paths)."""
+    return _lut_prepare("w1a8_prepare", w_packed, in_shape, kernel_size, stride, padding, isa, backend)
+
+
 def w1a8_conv2d(
     xq: torch.Tensor,
     w_packed: torch.Tensor,
@@ -1026,6 +1050,7 @@ def w1a8_conv2d(
     out_scale_inv: float | None = None,
     isa: str | None = None,
     backend: str | None = None,
+    prepared: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """int8 activations x packed binary weights (W1A8), exact integer sums, float32 epilogue.
 
@@ -1045,7 +1070,9 @@ def w1a8_conv2d(
     The C++ paths and the torch path (``backend="torch"`` or ``KDBNN_NO_EXT=1``: a float64 conv of
     the exact integers, exact since ``|acc| < 2**53``) are bit-identical (``torch.equal``; a NaN
     ``y`` from a NaN/inf scale or bias gives an unspecified int8 value). ``stride`` and ``padding``
-    are ints (the same on both axes); ``isa``: force an ISA path (see ``ISAS``).
+    are ints (the same on both axes); ``isa``: force an ISA path (see ``ISAS``). ``prepared``:
+    :func:`w1a8_prepare` of the same ``w_packed`` (saves rebuilding the kernel's table offsets per
+    call; ignored where it does not match the call's plan).
     """
     if xq.dtype != torch.int8:
         raise ValueError(f"w1a8_conv2d input must be int8 (quantize_activations), found {xq.dtype}")
@@ -1063,7 +1090,9 @@ def w1a8_conv2d(
     ext = _use_ext(backend)
     if ext is not None:
         code = resolve_isa(isa)
-        return ext.w1a8_conv(xq.detach().cpu(), w_packed, sc, bi, kh, kw, int(stride), int(padding), act, inv, code)
+        return ext.w1a8_conv(
+            xq.detach().cpu(), w_packed, sc, bi, kh, kw, int(stride), int(padding), act, inv, code, prepared
+        )
     ws = unpack_signs(w_packed, c_in, kh, kw).double()
     acc = F.conv2d(xq.detach().cpu().double(), ws, stride=stride, padding=padding).to(torch.int32)
     return _w1a8_epilogue(acc, sc, bi, act, inv)

@@ -31,7 +31,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("pad"), py::arg("isa"));
   m.def("w1a8_conv", &kdbnn::w1a8_conv, "int8 x packed-binary-weight convolution (exact integer sums)",
         py::arg("xq"), py::arg("wpacked"), py::arg("scale"), py::arg("bias"), py::arg("KH"), py::arg("KW"),
-        py::arg("stride"), py::arg("pad"), py::arg("act"), py::arg("out_scale_inv"), py::arg("isa"));
+        py::arg("stride"), py::arg("pad"), py::arg("act"), py::arg("out_scale_inv"), py::arg("isa"),
+        py::arg("prepared") = py::none());
+  m.def("w1a8_prepare", &kdbnn::w1a8_prepare, "table offsets of a W1A8 layer for the lookup-table kernel (reused per call)",
+        py::arg("wpacked"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("KH"), py::arg("KW"), py::arg("stride"),
+        py::arg("pad"), py::arg("isa"));
   m.def("quantize_act", &kdbnn::quantize_act, "float32 -> int8 clamp(rint(x * inv_scale), -127, 127)",
         py::arg("x"), py::arg("inv_scale"), py::arg("isa") = -1);
   m.def("stem_conv", &kdbnn::stem_conv, "float conv with few input channels (stem), bias + activation fused",

@@ -48,10 +48,13 @@ at::Tensor bwn_prepare(at::Tensor wpacked, int64_t C, int64_t H, int64_t W, int6
 
 // w1a8.cpp: int8 input (N, C, H, W) x packed binary weights, exact int32 sums, then the float32
 // epilogue float(acc) * scale + bias -> activation; float out, or int8 (clamp(rint(y * inv),
-// -127, 127)) when out_scale_inv is given.
+// -127, 127)) when out_scale_inv is given; prepared: w1a8_prepare's index rows for the layer (else
+// rebuilt per call).
 at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::optional<at::Tensor> bias, int64_t KH,
                      int64_t KW, int64_t stride, int64_t pad, int64_t act, c10::optional<double> out_scale_inv,
-                     int64_t isa);
+                     int64_t isa, c10::optional<at::Tensor> prepared);
+at::Tensor w1a8_prepare(at::Tensor wpacked, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t stride,
+                        int64_t pad, int64_t isa);
 // w1a8.cpp: float32 -> int8 clamp(rint(x * inv_scale), -127, 127) (round half to even); isa -1:
 // the best path.
 at::Tensor quantize_act(at::Tensor x, double inv_scale, int64_t isa);

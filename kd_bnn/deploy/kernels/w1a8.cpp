@@ -7,13 +7,15 @@
 // the torch reference in kernels/__init__.py (w1a8_conv2d).
 //
 // This file: argument checks, the zero-padded stride-phase-split int8 copy of the input (w1a8.h),
-// the table offsets (one byte per 4 weights, rebuilt per call), the work split over threads, and
+// the table offsets (one byte per g weights: per call, or once per layer by w1a8_prepare, whose
+// tensor w1a8_conv takes as prepared; the format of lut_prep.h), the work split over threads, and
 // the portable path (scalar / popcnt ISA codes: a direct int32 conv over the same copy). The avx2
 // and avx512 paths are the lookup-table kernel of w1a8_lut.h. Also quantize_act: float -> int8.
 
 #include "ops.h"
 #include "w1a8.h"
 #include "dispatch.h"
+#include "lut_prep.h"
 #include "lut_split.h"
 
 #include <ATen/Parallel.h>
@@ -157,32 +159,15 @@ void w8_pad_input(const int8_t* x, int64_t N, int64_t C, int64_t H, int64_t W, i
   });
 }
 
-}  // namespace
-
-at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::optional<at::Tensor> bias, int64_t KH,
-                     int64_t KW, int64_t stride, int64_t pad, int64_t act, c10::optional<double> out_scale_inv,
-                     int64_t isa) {
-  TORCH_CHECK(xq.dim() == 4 && xq.scalar_type() == at::kChar,
-              "kd_bnn.w1a8_conv: expected int8 input (N, C, H, W), found ", xq.scalar_type(), " ", xq.sizes());
-  TORCH_CHECK(wpacked.dim() == 3 && wpacked.scalar_type() == at::kLong,
-              "kd_bnn.w1a8_conv: packed weight must be int64 (C_out, KH*KW, nw), found ", wpacked.sizes());
-  const int64_t N = xq.size(0), C = xq.size(1), H = xq.size(2), W = xq.size(3);
-  const int64_t nw = (C + 63) / 64, KK = KH * KW, c_out = wpacked.size(0);
-  TORCH_CHECK(KH >= 1 && KW >= 1 && wpacked.size(1) == KK && wpacked.size(2) == nw, "kd_bnn.w1a8_conv: packed weight ",
-              wpacked.sizes(), " does not match input channels ", C, " and kernel ", KH, "x", KW);
-  TORCH_CHECK(scale.numel() == c_out && scale.scalar_type() == at::kFloat,
-              "kd_bnn.w1a8_conv: scale must be float32 with ", c_out, " values, found ", scale.numel());
-  TORCH_CHECK(act >= ACT_NONE && act <= ACT_LEAKY, "kd_bnn.w1a8_conv: bad activation ", act);
-  TORCH_CHECK(stride >= 1 && pad >= 0, "kd_bnn.w1a8_conv: bad stride/pad ", stride, "/", pad);
-  const int64_t Hp = H + 2 * pad, Wp = W + 2 * pad;
-  TORCH_CHECK(Hp >= KH && Wp >= KW, "kd_bnn.w1a8_conv: padded input smaller than kernel");
-  TORCH_CHECK(N >= 1 && C >= 1 && c_out >= 1, "kd_bnn.w1a8_conv: empty input or weight");
-  TORCH_CHECK(isa == ISA_SCALAR || cpu_has(isa), "kd_bnn: this CPU lacks the instructions of ISA path ", isa);
-  const int64_t OH = (Hp - KH) / stride + 1, OW = (Wp - KW) / stride + 1;
-
-  W8Args A{};
-  A.C = C, A.KH = KH, A.KW = KW, A.stride = stride, A.OH = OH, A.OW = OW, A.c_out = c_out;
-  const W1a8Kernel* k = w1a8_kernel(isa);
+// ---------------------------------------------------------------- plan and table offsets
+// The plan of kernel k (null: the portable path) for one layer geometry: A's geometry fields, g,
+// r4, pg, win (the int16 bound, w1a8_lut.h), Cg, ngrp, co_pad and the position domain (w1a8.h).
+// Returns the bytes of the layer's index rows.
+int64_t w8_setup(const W1a8Kernel* k, W8Args& A, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW,
+                 int64_t stride, int64_t pad, int64_t c_out) {
+  const int64_t Hp = H + 2 * pad, Wp = W + 2 * pad, KK = KH * KW;
+  A.C = C, A.KH = KH, A.KW = KW, A.stride = stride, A.c_out = c_out;
+  A.OH = (Hp - KH) / stride + 1, A.OW = (Wp - KW) / stride + 1;
   A.g = 4;
   if (k != nullptr) {
     k->plan(A);
@@ -214,9 +199,80 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
   TORCH_CHECK(128 * A.Cg * KK < (int64_t)INT32_MAX, "kd_bnn.w1a8_conv: C_in*KH*KW too large for int32 sums");
   A.Hq = (Hp + stride - 1) / stride, A.Wq = (Wp + stride - 1) / stride;
   A.cplane = stride * stride * A.Hq * A.Wq, A.img = A.Cg * A.cplane;
-  A.qtot = (OH - 1) * A.Wq + OW;
+  A.qtot = (A.OH - 1) * A.Wq + A.OW;
   A.ngrp = A.Cg / A.g;
   A.co_pad = (c_out + 7) / 8 * 8;
+  return KK * A.ngrp * A.co_pad;
+}
+
+// Zero bytes after the index rows: the lookups read kLutAhead rows ahead and up to 7 bytes past a
+// block's offsets (lut_lookups).
+inline int64_t w8_idx_slack(const W8Args& A) { return kW8IdxAhead * A.co_pad + 16; }
+
+// The header of prepared index rows (lut_prep.h): what their layout depends on.
+constexpr int64_t kW8PrepMagic = 0x6b64626e6e573841;  // "kdbnnW8A"
+void w8_header(const W8Args& A, int64_t bytes, LutPrepHead& h) {
+  const LutPrepHead v = {kW8PrepMagic, A.g, A.r4, A.C, A.KH, A.KW, A.c_out, bytes};
+  std::memcpy(h, v, sizeof(v));
+}
+
+// All index rows of the layer into idx (the slack after them is the caller's).
+void w8_prep_rows(const W1a8Kernel& k, const W8Args& A, const at::Tensor& wpk, uint8_t* idx) {
+  const uint64_t* wp = reinterpret_cast<const uint64_t*>(wpk.data_ptr<int64_t>());
+  const int64_t nw = (A.C + 63) / 64, KK = A.KH * A.KW;
+  at::parallel_for(0, KK, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, A.ngrp * A.co_pad)),
+                   [&](int64_t b, int64_t e) { k.prep_idx(wp, A, nw, b, e, idx); });
+}
+
+void w8_check_packed(const at::Tensor& wpacked, int64_t C, int64_t KH, int64_t KW) {
+  TORCH_CHECK(wpacked.dim() == 3 && wpacked.scalar_type() == at::kLong,
+              "kd_bnn.w1a8_conv: packed weight must be int64 (C_out, KH*KW, nw), found ", wpacked.sizes());
+  TORCH_CHECK(KH >= 1 && KW >= 1 && wpacked.size(1) == KH * KW && wpacked.size(2) == (C + 63) / 64,
+              "kd_bnn.w1a8_conv: packed weight ", wpacked.sizes(), " does not match input channels ", C, " and kernel ",
+              KH, "x", KW);
+}
+
+}  // namespace
+
+// The prepared index rows of a layer for inputs of C x H x W (lut_prep.h); an empty tensor when
+// ISA path isa has no lookup-table kernel.
+at::Tensor w1a8_prepare(at::Tensor wpacked, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t stride,
+                        int64_t pad, int64_t isa) {
+  w8_check_packed(wpacked, C, KH, KW);
+  TORCH_CHECK(C >= 1 && wpacked.size(0) >= 1 && stride >= 1 && pad >= 0 && H + 2 * pad >= KH && W + 2 * pad >= KW,
+              "kd_bnn.w1a8_prepare: bad geometry");
+  TORCH_CHECK(isa == ISA_SCALAR || cpu_has(isa), "kd_bnn: this CPU lacks the instructions of ISA path ", isa);
+  const W1a8Kernel* k = w1a8_kernel(isa);
+  if (k == nullptr) return at::empty({0}, at::kByte);
+  W8Args A{};
+  const int64_t bytes = w8_setup(k, A, C, H, W, KH, KW, stride, pad, wpacked.size(0));
+  LutPrepHead h;
+  w8_header(A, bytes, h);
+  uint8_t* rows = nullptr;
+  auto out = lut_prep_alloc(h, bytes, w8_idx_slack(A), rows);
+  w8_prep_rows(*k, A, wpacked.contiguous(), rows);
+  return out;
+}
+
+at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::optional<at::Tensor> bias, int64_t KH,
+                     int64_t KW, int64_t stride, int64_t pad, int64_t act, c10::optional<double> out_scale_inv,
+                     int64_t isa, c10::optional<at::Tensor> prepared) {
+  TORCH_CHECK(xq.dim() == 4 && xq.scalar_type() == at::kChar,
+              "kd_bnn.w1a8_conv: expected int8 input (N, C, H, W), found ", xq.scalar_type(), " ", xq.sizes());
+  const int64_t N = xq.size(0), C = xq.size(1), H = xq.size(2), W = xq.size(3);
+  w8_check_packed(wpacked, C, KH, KW);
+  const int64_t nw = (C + 63) / 64, KK = KH * KW, c_out = wpacked.size(0);
+  TORCH_CHECK(scale.numel() == c_out && scale.scalar_type() == at::kFloat,
+              "kd_bnn.w1a8_conv: scale must be float32 with ", c_out, " values, found ", scale.numel());
+  TORCH_CHECK(act >= ACT_NONE && act <= ACT_LEAKY, "kd_bnn.w1a8_conv: bad activation ", act);
+  TORCH_CHECK(stride >= 1 && pad >= 0, "kd_bnn.w1a8_conv: bad stride/pad ", stride, "/", pad);
+  TORCH_CHECK(H + 2 * pad >= KH && W + 2 * pad >= KW, "kd_bnn.w1a8_conv: padded input smaller than kernel");
+  TORCH_CHECK(N >= 1 && C >= 1 && c_out >= 1, "kd_bnn.w1a8_conv: empty input or weight");
+  TORCH_CHECK(isa == ISA_SCALAR || cpu_has(isa), "kd_bnn: this CPU lacks the instructions of ISA path ", isa);
+
+  W8Args A{};
+  const W1a8Kernel* k = w1a8_kernel(isa);
+  const int64_t idx_bytes = w8_setup(k, A, C, H, W, KH, KW, stride, pad, c_out);
   std::vector<int64_t> toff(KK);
   for (int64_t kh = 0; kh < KH; ++kh)
     for (int64_t kw = 0; kw < KW; ++kw)
@@ -235,26 +291,29 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
   A.scale = sc.data_ptr<float>(), A.bias = bi.data(), A.act = act;
   A.quant = out_scale_inv.has_value() ? 1 : 0;
   A.inv = A.quant ? (float)*out_scale_inv : 1.0f;
-  auto out = at::empty({N, c_out, OH, OW}, A.quant ? at::kChar : at::kFloat);
+  auto out = at::empty({N, c_out, A.OH, A.OW}, A.quant ? at::kChar : at::kFloat);
   A.O = out.data_ptr();
 
   std::unique_ptr<int8_t[]> xbuf(new int8_t[N * A.img + kW8Slack]);  // all written
   w8_pad_input(xc.data_ptr<int8_t>(), N, C, H, W, pad, A, xbuf.get());
   A.X = xbuf.get();
-  const uint64_t* wp = reinterpret_cast<const uint64_t*>(wpk.data_ptr<int64_t>());
 
   if (k == nullptr) {
-    w8_direct(A, N, wp, nw);
+    w8_direct(A, N, reinterpret_cast<const uint64_t*>(wpk.data_ptr<int64_t>()), nw);
     return out;
   }
-  // all written, plus zero slack: the lookups read kLutAhead rows ahead, up to 7 bytes past a
-  // block's offsets (lut_lookups)
-  const int64_t n_idx = KK * A.ngrp * A.co_pad, n_slack = kW8IdxAhead * A.co_pad + 16;
-  std::unique_ptr<uint8_t[]> idx(new uint8_t[n_idx + n_slack]);
-  std::memset(idx.get() + n_idx, 0, n_slack);
-  A.idx = idx.get();
-  at::parallel_for(0, KK, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, A.ngrp * A.co_pad)),
-                   [&](int64_t b, int64_t e) { k->prep_idx(wp, A, nw, b, e, idx.get()); });
+  // index rows: prepared (w1a8_prepare) when they match this call's plan, else rebuilt
+  LutPrepHead h;
+  w8_header(A, idx_bytes, h);
+  const int64_t slack = w8_idx_slack(A);
+  A.idx = lut_prep_rows(prepared, h, idx_bytes, slack);
+  std::unique_ptr<uint8_t[]> idx;
+  if (A.idx == nullptr) {
+    idx.reset(new uint8_t[idx_bytes + slack]);
+    std::memset(idx.get() + idx_bytes, 0, slack);
+    w8_prep_rows(*k, A, wpk, idx.get());
+    A.idx = idx.get();
+  }
   // work items: tiles or (tile, output-channel chunk) pairs (lut_split.h)
   const int64_t n_tiles = N * (A.r4 ? w8_r4_tiles_per_image(A) : w8_tiles_per_image(A));
   lut_parallel_items<int32_t>(
