@@ -259,8 +259,9 @@ def test_bwn_matches_conv2d(isa, shape):
 # variants of the BWN kernels - C_out not a multiple of the 16/8-channel register blocks or of 8,
 # C_in not a multiple of the 4/5/6-channel groups or of 64, rows narrower than a 16-pixel tile
 # (gathered lanes), tiles across rows and images (masked runs), stride 2 and 3 (gathers), 1x1,
-# 5x5, 1x3, padding 0 and 2, batch > 1; rows >= 48 wide with <= 128 output channels take the
-# kw-sharing r4 kernel, >= 256 output channels the 5-bit tables
+# 5x5, 1x3, padding 0 and 2, batch > 1; stride-1 3x3 layers with rows >= 16 wide take the
+# kh-sharing rows kernel (<= 128 output channels), other rows >= 48 wide with
+# <= 128 output channels the kw-sharing r4 kernel, >= 256 output channels the 5-bit tables
 BWN_SHAPES = [
     (1, 64, 64, 12, 12, 3, 1, 1, "leaky", True),
     (2, 3, 7, 10, 10, 3, 1, 1, "relu", True),
@@ -303,17 +304,19 @@ def test_bwn_tails_strides_and_activations(isa, shape):
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("g", [4, 5, 6])
-@pytest.mark.parametrize("r4", [0, 1])
-def test_bwn_lookup_table_variants(isa, g, r4, monkeypatch):
-    """Every table size (g = 4, 5, 6 bits) with the r = 1 and the kw-sharing r4 kernel (where it
-    applies: stride 1), forced through the tuning variables KDBNN_BWN_G / _R4 / _PG, on shapes
-    that stress their tails; the same rounding bound."""
+@pytest.mark.parametrize("kernel", ["r1", "r4", "rows2", "rows3"])
+def test_bwn_lookup_table_variants(isa, g, kernel, monkeypatch):
+    """Every table size (g = 4, 5, 6 bits) with the r = 1, the kw-sharing r4 and the kh-sharing rows
+    kernel (R = 2, 3 rows per tile; where they apply: stride 1, rows: KH 3 or 5 and g <= 5), forced
+    through the tuning variables KDBNN_BWN_G / _R4 / _ROWS / _PG, on shapes that stress their
+    tails; the same rounding bound."""
     _isa_or_skip(isa)
     monkeypatch.setenv("KDBNN_BWN_G", str(g))
-    monkeypatch.setenv("KDBNN_BWN_R4", str(r4))
+    monkeypatch.setenv("KDBNN_BWN_R4", "1" if kernel == "r4" else "0")
+    monkeypatch.setenv("KDBNN_BWN_ROWS", kernel[4:] if kernel.startswith("rows") else "0")
     cases = [
         (2, 23, 37, 6, 53, 3, 1, 1, "leaky", True),  # 2 images, partial last r4 tile
-        (1, 64, 24, 9, 17, 5, 1, 2, "relu", True),  # 5x5: 8 r4 input vectors per row
+        (1, 64, 24, 9, 17, 5, 1, 2, "relu", True),  # 5x5: 8 r4 input vectors per row; odd rows
         (1, 130, 9, 8, 8, 3, 2, 1, "none", False),  # stride 2: r = 1 (gathers)
         (1, 70, 20, 5, 48, 1, 1, 0, "none", True),  # 1x1
     ]
@@ -324,13 +327,45 @@ def test_bwn_lookup_table_variants(isa, g, r4, monkeypatch):
             _check_bwn(isa, *_bwn_case(shape))
 
 
+# the kh-sharing rows kernel's tiles (16 columns of R output rows, flattened over images and row
+# bands): bands past the last output row (OH not a multiple of R), tiles across rows, bands and
+# images, rows narrower than a tile (more than 4 runs: gathers), padding 0..2 (top and bottom
+# rows of a band outside the image), 5x5, odd channel counts (partial groups, register blocks of
+# 8 / 4 channels over c_out padded to 8)
+BWN_ROWS_SHAPES = [
+    (1, 64, 64, 12, 12, 3, 1, 1, "leaky", True),
+    (3, 13, 11, 7, 9, 3, 1, 1, "relu", True),
+    (2, 21, 40, 5, 50, 3, 1, 1, "leaky", True),
+    (1, 9, 11, 3, 2, 3, 1, 1, "leaky", True),
+    (2, 7, 5, 4, 3, 3, 1, 0, "none", False),
+    (1, 33, 17, 9, 9, 3, 1, 2, "relu", False),
+    (2, 16, 5, 17, 17, 5, 1, 2, "leaky", True),
+    (1, 19, 260, 6, 21, 5, 1, 1, "none", True),
+    (1, 40, 136, 11, 16, 3, 1, 0, "leaky", True),
+]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("rows", [2, 3])
+@pytest.mark.parametrize("shape", BWN_ROWS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bwn_rows_kernel_tiles(isa, rows, shape, monkeypatch):
+    _isa_or_skip(isa)
+    monkeypatch.setenv("KDBNN_BWN_ROWS", str(rows))
+    monkeypatch.setenv("KDBNN_BWN_R4", "0")
+    for g in (4, 5):
+        monkeypatch.setenv("KDBNN_BWN_G", str(g))
+        _check_bwn(isa, *_bwn_case(shape))
+
+
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_bwn_prepared_offsets_give_the_per_call_result(isa):
     """bwn_conv2d with bwn_prepare's table offsets equals the call that rebuilds them, bit for bit:
-    r = 1 and r4 plans, 5-bit tables, and an offsets tensor prepared for another plan (ignored)."""
+    rows, r = 1 and r4 plans, 5-bit tables, and an offsets tensor prepared for another plan
+    (ignored)."""
     _isa_or_skip(isa)
     for shape in [
-        (2, 23, 37, 6, 53, 3, 1, 1, "leaky", True),  # r4
+        (2, 23, 37, 6, 53, 3, 1, 1, "leaky", True),  # rows
+        (1, 16, 20, 9, 60, 5, 1, 2, "relu", True),  # r4
         (1, 70, 13, 11, 11, 3, 2, 1, "none", False),  # stride 2, r = 1
         (1, 40, 260, 6, 6, 3, 1, 1, "leaky", True),  # 5-bit tables
     ]:

@@ -26,17 +26,19 @@ pure-torch path with identical results:
   output pixels and group of g = 4 or 5 input channels at one tap, the 2^g sums
   ``+-x0+-x1+-...`` are tabulated once and each output channel adds the entry its g weight bits
   select (``vaddps zmm, zmm, [table + s*64]``: 16 pixels x g MACs per add), then
-  ``alpha*sum + bias`` and the activation in the same pass. A second kernel for stride 1 (rows
-  >= 48 wide, <= 128 output channels) tiles 64 positions as 4 interleaved vectors so the KW taps
-  of one kernel row share their tables. Both read the input in place (padding reads 0). Transient
+  ``alpha*sum + bias`` and the activation in the same pass. For stride-1 3x3 layers (rows >= 16
+  wide, <= 128 output channels) a second kernel tiles 16 columns x 2 output rows so the KH taps of
+  one kernel column share their tables; a third (other stride-1 layers with rows >= 48 wide, <= 128
+  output channels) tiles 64 positions as 4 interleaved vectors so the KW taps of one kernel row
+  share theirs. All read the input in place (padding reads 0). Transient
   memory per call: one offset byte per g weights (about 1/16 of a float copy; none with
   :func:`bwn_prepare`'s ``prepared=``, computed once per layer), per thread one pass of tables
   (16-32 KB) + the accumulators. ``scalar``/``popcnt`` paths
   (portable C++): direct conv on an NHWC copy with one 16-channel panel unpacked to floats per
   thread (``C_in*KH*KW*16`` floats). Sums are re-associated, so results match ``F.conv2d`` to
   float rounding (the tests check a per-output bound, ``tests/test_deploy_kernels.py``), not bit
-  for bit. Tuning: ``KDBNN_BWN_G`` (4..6), ``KDBNN_BWN_R4`` (0/1), ``KDBNN_BWN_PG`` (tables per
-  pass) override the per-layer plan.
+  for bit. Tuning: ``KDBNN_BWN_G`` (4..6), ``KDBNN_BWN_R4`` (0/1), ``KDBNN_BWN_ROWS`` (rows per
+  tile, 2..3, 0 = off), ``KDBNN_BWN_PG`` (tables per pass) override the per-layer plan.
 * :func:`w1a8_conv2d` - int8 activations x packed binary weights (W1A8), exact: int32 sums
   ``sum sign(W) * xq``, then the float32 epilogue ``float(acc)*scale[o] + bias[o]``, activation,
   and float or re-quantized int8 output (:func:`quantize_activations`' rounding), bit for bit the

@@ -9,10 +9,10 @@
 // bwn_lut.h, BiQGEMM-style): per tile of 16 output pixels and group of g = 4..6 input channels at
 // one tap, the 2^g signed sums +-x0+-x1... are tabulated once and every output channel adds the
 // entry its g weight bits select (one add per g MACs x 16 pixels). This file prepares the kernel's
-// inputs: the plan (g, tables per pass, r = 1 or the kw-sharing r4 kernel) and the table offsets
-// (one byte per g weights, about 1/16 of a float copy; prepared once per layer by bwn_prepare, or
-// per call); both kernels read the input in place; per thread one pass of tables (16-32 KB) plus
-// the accumulators.
+// inputs: the plan (g, tables per pass, r = 1, the kw-sharing r4 or the kh-sharing rows kernel)
+// and the table offsets (one byte per g weights, about 1/16 of a float copy; prepared once per
+// layer by bwn_prepare, or per call); the kernels read the input in place; per thread one pass of
+// tables (16-32 KB) plus the accumulators.
 //
 // Other paths (scalar, popcnt; portable C++): direct conv on a zero-padded NHWC float copy; each
 // 16-output-channel weight panel is unpacked from bits to +-alpha floats on the fly into a
@@ -96,8 +96,15 @@ void ftile_scalar(const FTile& t) {
 // ---------------------------------------------------------------- lookup-table kernel set-up
 constexpr int64_t kLutIdxSlack = 8;  // bytes after the index rows (see lut_block in bwn_lut.h)
 
-// Table size and kernel: the ISA's plan, or (tuning) KDBNN_BWN_G (4..6), KDBNN_BWN_PG (>= 1) and
-// KDBNN_BWN_R4 (0/1; where the r4 kernel applies).
+// Tables (r4, rows: units) per pass when a tuning variable overrides the plan's kernel: r = 1 16
+// tables, r4 about 24 KB, rows lut_rows_pg.
+void lut_default_pg(LutArgs& A) {
+  const int64_t table = int64_t(64) << A.g;
+  A.pg = A.r4 ? std::max<int64_t>(1, 24576 / ((4 + A.KW - 1) * table)) : A.rows ? lut_rows_pg(A) : 16;
+}
+
+// Table size and kernel: the ISA's plan, or (tuning) KDBNN_BWN_G (4..6), KDBNN_BWN_PG (>= 1),
+// KDBNN_BWN_R4 (0/1; where the r4 kernel applies) and KDBNN_BWN_ROWS (R, 0 = off; where it applies).
 void lut_choose(const BwnLutKernel& k, LutArgs& A) {
   k.plan(A);
   const int64_t g0 = A.g;
@@ -107,10 +114,9 @@ void lut_choose(const BwnLutKernel& k, LutArgs& A) {
   }
   if (const char* e = std::getenv("KDBNN_BWN_R4")) A.r4 = std::strtol(e, nullptr, 10) != 0;
   if (A.r4 && !lut_r4_ok(A)) A.r4 = 0;
-  if (A.g != g0 || std::getenv("KDBNN_BWN_R4")) {
-    const int64_t table = int64_t(64) << A.g;
-    A.pg = A.r4 ? std::max<int64_t>(1, 24576 / ((4 + A.KW - 1) * table)) : 16;
-  }
+  if (const char* e = std::getenv("KDBNN_BWN_ROWS")) A.rows = std::strtol(e, nullptr, 10);
+  if (A.r4 || !lut_rows_ok(A, A.rows)) A.rows = 0;
+  if (A.g != g0 || std::getenv("KDBNN_BWN_R4") || std::getenv("KDBNN_BWN_ROWS")) lut_default_pg(A);
   if (const char* e = std::getenv("KDBNN_BWN_PG")) {
     const long v = std::strtol(e, nullptr, 10);
     if (v >= 1 && v <= 256) A.pg = v;
@@ -118,12 +124,12 @@ void lut_choose(const BwnLutKernel& k, LutArgs& A) {
 }
 
 // ---------------------------------------------------------------- prepared table offsets
-// The table offsets depend only on the weights and the plan (g, r4: bwn_lut.h lays rows out by
-// them), so a runtime can compute them once per layer (bwn_prepare) instead of per call
+// The table offsets depend only on the weights and the plan (g, r4, rows: bwn_lut.h lays rows out
+// by them), so a runtime can compute them once per layer (bwn_prepare) instead of per call
 // (measured 6-8% of a 512->512 @10x10 call, 2-3% at 256@20, Zen 5 AVX-512, 1 thread). A prepared
-// tensor is uint8: a header of kPrepHeader int64 values {magic, g, r4, C, KH, KW, c_out, bytes},
-// then the offset rows (64-byte aligned) and kLutIdxSlack zero bytes; bwn_conv uses it when its
-// header matches the call's plan and prepares per call otherwise.
+// tensor is uint8: a header of kPrepHeader int64 values {magic, g, r4 + 16 * rows, C, KH, KW,
+// c_out, bytes}, then the offset rows (64-byte aligned) and kLutIdxSlack zero bytes; bwn_conv uses
+// it when its header matches the call's plan and prepares per call otherwise.
 constexpr int64_t kPrepMagic = 0x6b64626e6e4c5554;  // "kdbnnLUT"
 constexpr int kPrepHeader = 8;
 
@@ -142,7 +148,7 @@ int64_t lut_setup(const BwnLutKernel& k, LutArgs& A, int64_t N, int64_t C, int64
 }
 
 void lut_header(const LutArgs& A, int64_t bytes, int64_t* h) {
-  const int64_t v[kPrepHeader] = {kPrepMagic, A.g, A.r4, A.C, A.KH, A.KW, A.c_out, bytes};
+  const int64_t v[kPrepHeader] = {kPrepMagic, A.g, A.r4 + 16 * A.rows, A.C, A.KH, A.KW, A.c_out, bytes};
   std::memcpy(h, v, sizeof(v));
 }
 
@@ -234,7 +240,7 @@ at::Tensor bwn_conv(at::Tensor x, at::Tensor wpacked, at::Tensor alpha, c10::opt
     }
     A.alpha = a.data_ptr<float>(), A.bias = bi.data(), A.act = act, A.O = out.data_ptr<float>();
     // work items: tiles or (tile, output-channel chunk) pairs (lut_split.h)
-    const int64_t n_tiles = A.r4 ? N * lut_r4_tiles(A) : (A.total + 15) / 16;
+    const int64_t n_tiles = lut_tiles(A);
     lut_parallel_items<float>(
         n_tiles, A.co_pad, A.co_chunk, [&] { return lut_work_floats(A); },
         [&](int64_t b, int64_t e, float* work) { lut->range(A, b, e, work); });

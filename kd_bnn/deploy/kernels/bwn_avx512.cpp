@@ -27,6 +27,10 @@ struct V {
   using M = __mmask16;
   static constexpr int kNB = 16;   // output channels per register block
   static constexpr int kStep = 8;  // c_out is padded to 8: tail blocks of 8
+  // rows kernel (bwn_lut.h, rows_lookups): offsets loaded 3 rows ahead via an xmm ring; 8 channels
+  // per register block (R = 2, 3: 16 or 24 accumulators)
+  static constexpr bool kOffRing = true;
+  static constexpr int nb_rows(int) { return 8; }
   KDBNN_LUT_INL static M mask(uint32_t bits) { return (M)bits; }
   KDBNN_LUT_INL static T zero() { return _mm512_setzero_ps(); }
   KDBNN_LUT_INL static T load(const float* p) { return _mm512_load_ps(p); }
@@ -113,21 +117,9 @@ struct V {
 #undef KDBNN_LUT_INL
 #undef KDBNN_LUT_FN
 
-// Per layer (measured on Zen 5, 1 thread): g = 5 for wide layers (>= 256 output channels amortize
-// the 32-entry tables), else 4. The r4 kernel (kw-sharing) where its 4 accumulator vectors per
-// channel stay L1-sized (<= 128 output channels), the kernel is wider than 1 and rows are wide
-// enough (>= 48) that junk columns and tile tails cost little; elsewhere it lost to r = 1.
-// pg: 16 tables per pass (r = 1: 16 KB for g = 4, 32 KB for g = 5) or about 24 KB of units (r4).
-void plan_avx512(LutArgs& A) {
-  A.g = A.c_out >= 256 ? 5 : 4;
-  A.r4 = lut_r4_ok(A) && A.KW >= 2 && A.c_out <= 128 && A.OW >= 48;
-  const int64_t table = int64_t(64) << A.g;
-  A.pg = A.r4 ? std::max<int64_t>(1, 24576 / ((4 + A.KW - 1) * table)) : 16;
-}
-
 }  // namespace
 
-const BwnLutKernel kBwnLutAvx512 = {lut_range, lut_prep_idx, plan_avx512};
+const BwnLutKernel kBwnLutAvx512 = {lut_range, lut_prep_idx, lut_plan};
 
 }  // namespace kdbnn
 

@@ -48,13 +48,21 @@
 //          masked gather (stride > 1, narrow rows). Padding and lanes past the end read 0.
 //   r4:    a second kernel for stride 1 shares the tables of one kernel row between its KW taps
 //          (64-position tiles in 4 interleaved vectors; see "kw-sharing kernel" below).
+//   rows:  a third, for stride 1 and KH 3 or 5, shares the tables of one kernel column between
+//          its KH taps: tiles of 16 columns x R output rows, (R + KH - 1) * KW tables per group
+//          instead of R * KH * KW (3x3, R = 2: 12 for 18 uses); see "kh-sharing kernel" below.
 //   cost:  (Zen 5, 1 thread, measured by disabling parts) the lookups run at ~1.6 per cycle
 //          (r = 1), close to the 1.7 of a microbenchmark, and take ~65% of a call; the table builds
 //          ~27% at every benchmark shape (128->128 @40: 0.22 of 0.77 ms, of which 0.09 ms loading
 //          the inputs and the rest the 2^g stores, ~1 per cycle); prep, plans and epilogue the
 //          rest. The r4 kernel halves the builds but its lookups ran at ~1.35/cycle at 128 channels
-//          (its 4 accumulator vectors per channel, 32 KB, and the tables overflow L1: 0.91 vs
-//          0.77 ms), so the plans take it only for rows >= 48 wide and <= 128 output channels.
+//          (0.91 vs 0.77 ms), so the plans take it only for rows >= 48 wide and <= 128 output
+//          channels. The rows kernel (R = 2) cuts the builds to 2/3 (128@40: 0.15 vs 0.23 ms with
+//          the lookups switched off) at the same lookup speed (0.58-0.62 vs 0.57 ms with the
+//          builds off): 128@40 0.71 vs 0.76 ms, 64@80 0.85 vs 0.90 (r4). At >= 256 output channels
+//          it does not win (its 2 accumulator vectors per channel, 32 KB+, and 32 KB of tables
+//          overflow L1; 256@20 0.687 vs 0.693 ms, 512@10 0.77 vs 0.67) and R = 3 or 4 (more
+//          accumulators, fewer units per pass) was no faster at any benchmark shape; see lut_plan.
 
 #define KDBNN_LC_INL KDBNN_LUT_INL
 #include "lut_common.h"
@@ -156,17 +164,20 @@ KDBNN_LUT_INL void lut_build(const float* xc, int64_t HW, int nvalid, const LutT
 }
 
 template <int G>
-KDBNN_LUT_INL void lut_build_group(const LutArgs& A, const LutTapPlan* tp, int64_t u, float* T) {
-  const int64_t kk = u / A.ngrp, j = u % A.ngrp, c0 = j * G, HW = A.H * A.W;
-  const int nvalid = (int)std::min<int64_t>(G, A.C - c0);
-  const float* xc = A.X + c0 * HW;
-  const LutTapPlan& t = tp[kk];
+KDBNN_LUT_INL void lut_build_at(const float* xc, int64_t HW, int nvalid, const LutTapPlan& t, float* T) {
   switch (t.kind) {
     case 0: lut_build<G, 0>(xc, HW, nvalid, t, T); break;
     case 1: lut_build<G, 1>(xc, HW, nvalid, t, T); break;
     case 2: lut_build<G, 2>(xc, HW, nvalid, t, T); break;
     default: lut_build<G, 3>(xc, HW, nvalid, t, T); break;
   }
+}
+
+// Table u = kk * ngrp + j of the r = 1 kernel: group j at tap kk.
+template <int G>
+KDBNN_LUT_INL void lut_build_group(const LutArgs& A, const LutTapPlan* tp, int64_t u, float* T) {
+  const int64_t kk = u / A.ngrp, j = u % A.ngrp, c0 = j * G, HW = A.H * A.W;
+  lut_build_at<G>(A.X + c0 * HW, HW, (int)std::min<int64_t>(G, A.C - c0), tp[kk], T);
 }
 
 // ---------------------------------------------------------------- lookups
@@ -304,90 +315,101 @@ struct LutSeg {
   int64_t n, oh, ow0;
 };
 
-KDBNN_LUT_FN void lut_plan_tile(const LutArgs& A, int64_t q0, int np, LutTapPlan* tp, LutOutPlan& op) {
-  const int64_t plane = A.OH * A.OW, HW = A.H * A.W, CHW = A.C * HW;
-  // the tile's output rows (incremental (n, oh, ow): one division per tile)
-  LutSeg seg[kLutPx];
+// The segments of the tile of np positions from q0, in flattened (n, band, ow) order of bands of R
+// output rows (R = 1: output pixels); oh = the band's first output row. Returns their count.
+KDBNN_LUT_FN int lut_segs(const LutArgs& A, int64_t q0, int np, int64_t R, LutSeg* seg) {
+  const int64_t OB = (A.OH + R - 1) / R, plane = OB * A.OW;
   int ns = 0;
-  {
-    int64_t n = q0 / plane, rem = q0 % plane, oh = rem / A.OW, ow = rem % A.OW;
-    for (int l = 0; l < np;) {
-      const int len = (int)std::min<int64_t>(np - l, A.OW - ow);
-      seg[ns++] = {l, l + len, n, oh, ow};
-      l += len, ow = 0;
-      if (++oh == A.OH) oh = 0, ++n;
-    }
+  int64_t n = q0 / plane, rem = q0 % plane, b = rem / A.OW, ow = rem % A.OW;  // one division per tile
+  for (int l = 0; l < np;) {
+    const int len = (int)std::min<int64_t>(np - l, A.OW - ow);
+    seg[ns++] = {l, l + len, n, b * R, ow};
+    l += len, ow = 0;
+    if (++b == OB) b = 0, ++n;
   }
-  // output runs: rows of one image are contiguous
-  {
-    int nr = 0;
+  return ns;
+}
+
+// Output runs of row oh + r of each segment (rows past OH: none); rows of one image are contiguous.
+KDBNN_LUT_FN void lut_plan_out(const LutArgs& A, const LutSeg* seg, int ns, int64_t r, LutOutPlan& op) {
+  const int64_t plane = A.OH * A.OW;
+  int nr = 0, next_l = -1;
+  int64_t next = -1;
+  uint32_t bits[kLutPx] = {};
+  for (int i = 0; i < ns; ++i) {
+    const LutSeg& g = seg[i];
+    if (g.oh + r >= A.OH) continue;
+    const int64_t o = g.n * A.c_out * plane + (g.oh + r) * A.OW + g.ow0;
+    if (nr == 0 || o != next || g.l0 != next_l) op.base[nr++] = o - g.l0;
+    bits[nr - 1] |= ((1u << (g.l1 - g.l0)) - 1u) << g.l0;
+    next = o + (g.l1 - g.l0), next_l = g.l1;
+  }
+  op.nr = nr;
+  for (int i = 0; i < nr; ++i) op.m[i] = V::mask(bits[i]);
+  op.full = nr == 1 && bits[0] == 0xFFFFu;
+}
+
+// How to load the tile's input at input row oh * stride + kh - pad, column ow * stride + kw - pad of
+// each segment (stride 1: runs; else, or more than kMaxRuns runs, a gather).
+KDBNN_LUT_FN void lut_plan_tap(const LutArgs& A, const LutSeg* seg, int ns, int64_t kh, int64_t kw, LutTapPlan& t) {
+  const int64_t HW = A.H * A.W, CHW = A.C * HW;
+  int nr = 0;
+  uint32_t valid = 0, bits[kLutPx] = {};
+  int64_t rb[kLutPx];
+  if (A.stride == 1) {
+    // per row: the lanes whose input column is inside the image form one run
     int64_t next = -1;
-    uint32_t bits[kLutPx] = {};
+    int next_l = -1;
     for (int i = 0; i < ns; ++i) {
       const LutSeg& g = seg[i];
-      const int64_t o = g.n * A.c_out * plane + g.oh * A.OW + g.ow0;
-      if (nr == 0 || o != next) op.base[nr++] = o - g.l0;
-      bits[nr - 1] |= ((1u << (g.l1 - g.l0)) - 1u) << g.l0;
-      next = o + (g.l1 - g.l0);
-    }
-    op.nr = nr;
-    for (int r = 0; r < nr; ++r) op.m[r] = V::mask(bits[r]);
-    op.full = nr == 1 && np == kLutPx;
-  }
-  for (int64_t kk = 0; kk < A.KH * A.KW; ++kk) {
-    const int64_t kh = kk / A.KW, kw = kk % A.KW;
-    LutTapPlan& t = tp[kk];
-    int nr = 0;
-    uint32_t valid = 0, bits[kLutPx] = {};
-    int64_t rb[kLutPx];
-    if (A.stride == 1) {
-      // per row: the lanes whose input column is inside the image form one run
-      int64_t next = -1;
-      int next_l = -1;
-      for (int i = 0; i < ns; ++i) {
-        const LutSeg& g = seg[i];
-        const int64_t ih = g.oh + kh - A.pad;
-        if (ih < 0 || ih >= A.H) continue;
-        const int64_t d = kw - A.pad;  // iw = ow + d
-        const int64_t owa = std::max(g.ow0, -d), owb = std::min<int64_t>(g.ow0 + (g.l1 - g.l0), A.W - d);
-        if (owa >= owb) continue;
-        const int la = g.l0 + (int)(owa - g.ow0), lb = g.l0 + (int)(owb - g.ow0);
-        const int64_t pos = g.n * CHW + ih * A.W + owa + d;
-        if (nr == 0 || pos != next || la != next_l) rb[nr++] = pos - la;
-        bits[nr - 1] |= ((1u << (lb - la)) - 1u) << la;
-        valid |= ((1u << (lb - la)) - 1u) << la;
-        next = pos + (lb - la), next_l = lb;
-      }
-    }
-    if (A.stride != 1 || nr > kMaxRuns) {
-      // per-lane offsets for a gather
-      nr = kMaxRuns + 1;
-      valid = 0;
-      for (int l = 0; l < kLutPx; ++l) t.pos[l] = 0;
-      for (int i = 0; i < ns; ++i) {
-        const LutSeg& g = seg[i];
-        const int64_t ih = g.oh * A.stride + kh - A.pad;
-        if (ih < 0 || ih >= A.H) continue;
-        for (int l = g.l0; l < g.l1; ++l) {
-          const int64_t iw = (g.ow0 + (l - g.l0)) * A.stride + kw - A.pad;
-          if (iw < 0 || iw >= A.W) continue;
-          t.pos[l] = (int32_t)(g.n * CHW + ih * A.W + iw);
-          valid |= 1u << l;
-        }
-      }
-      if (valid == 0) nr = 0;
-    }
-    t.nr = nr;
-    if (nr == 0) {
-      t.kind = 3;
-    } else if (nr <= kMaxRuns) {
-      t.kind = nr == 1 && valid == 0xFFFFu ? 0 : 1;
-      for (int r = 0; r < nr; ++r) t.base[r] = rb[r], t.m[r] = V::mask(bits[r]);
-    } else {
-      t.kind = 2;
-      t.m[0] = V::mask(valid);
+      const int64_t ih = g.oh + kh - A.pad;
+      if (ih < 0 || ih >= A.H) continue;
+      const int64_t d = kw - A.pad;  // iw = ow + d
+      const int64_t owa = std::max(g.ow0, -d), owb = std::min<int64_t>(g.ow0 + (g.l1 - g.l0), A.W - d);
+      if (owa >= owb) continue;
+      const int la = g.l0 + (int)(owa - g.ow0), lb = g.l0 + (int)(owb - g.ow0);
+      const int64_t pos = g.n * CHW + ih * A.W + owa + d;
+      if (nr == 0 || pos != next || la != next_l) rb[nr++] = pos - la;
+      bits[nr - 1] |= ((1u << (lb - la)) - 1u) << la;
+      valid |= ((1u << (lb - la)) - 1u) << la;
+      next = pos + (lb - la), next_l = lb;
     }
   }
+  if (A.stride != 1 || nr > kMaxRuns) {
+    // per-lane offsets for a gather
+    nr = kMaxRuns + 1;
+    valid = 0;
+    for (int l = 0; l < kLutPx; ++l) t.pos[l] = 0;
+    for (int i = 0; i < ns; ++i) {
+      const LutSeg& g = seg[i];
+      const int64_t ih = g.oh * A.stride + kh - A.pad;
+      if (ih < 0 || ih >= A.H) continue;
+      for (int l = g.l0; l < g.l1; ++l) {
+        const int64_t iw = (g.ow0 + (l - g.l0)) * A.stride + kw - A.pad;
+        if (iw < 0 || iw >= A.W) continue;
+        t.pos[l] = (int32_t)(g.n * CHW + ih * A.W + iw);
+        valid |= 1u << l;
+      }
+    }
+    if (valid == 0) nr = 0;
+  }
+  t.nr = nr;
+  if (nr == 0) {
+    t.kind = 3;
+  } else if (nr <= kMaxRuns) {
+    t.kind = nr == 1 && valid == 0xFFFFu ? 0 : 1;
+    for (int r = 0; r < nr; ++r) t.base[r] = rb[r], t.m[r] = V::mask(bits[r]);
+  } else {
+    t.kind = 2;
+    t.m[0] = V::mask(valid);
+  }
+}
+
+KDBNN_LUT_FN void lut_plan_tile(const LutArgs& A, int64_t q0, int np, LutTapPlan* tp, LutOutPlan& op) {
+  LutSeg seg[kLutPx];
+  const int ns = lut_segs(A, q0, np, 1, seg);
+  lut_plan_out(A, seg, ns, 0, op);
+  for (int64_t kk = 0; kk < A.KH * A.KW; ++kk) lut_plan_tap(A, seg, ns, kk / A.KW, kk % A.KW, tp[kk]);
 }
 
 // Work items [tb, te) over tiles of 16 output pixels in flattened (n, oh, ow) order (see
@@ -669,8 +691,175 @@ KDBNN_LUT_FN void r4_range(const LutArgs& A, int64_t tb, int64_t te, float* work
   }
 }
 
+// ---------------------------------------------------------------- kh-sharing kernel (rows)
+// Stride 1, KH 3 or 5. A tile is 16 columns of R output rows: positions q in flattened
+// (n, band, ow) order, band = R output rows (the last band of an image may be partial), R vectors
+// per channel (vector r, lane l = output row band * R + r of position q0 + l). Tap (kh, kw) of
+// vector r reads input row band * R + r + kh - pad, which is the "input row" v = r + kh of the
+// tile: per group j and column shift kw the R + KH - 1 tables of input rows v = 0 .. R + KH - 2
+// (planned like r = 1 taps, lut_plan_tap with kh = v) are built once and serve all KH taps of
+// that kernel column ((R + KH - 1) * KW tables instead of R * KH * KW: 3x3, R = 2: 12 for 18
+// uses), and each offset byte selects R lookups. A pass unit is
+// (kw, j): u = kw * ngrp + j, index rows u * KH + kh; pg units per pass.
+
+// a[c][r] += entry (byte c of q) / 8 of table r (tables kVec floats apart from Tk)
+template <int NB, int R, int64_t kVec, class Q>
+KDBNN_LUT_INL void rows_add(V::T (&a)[NB][R], const float* Tk, Q q) {
+#pragma GCC unroll 8
+  for (int c = 0; c < NB; ++c) {
+    const char* e = reinterpret_cast<const char*>(Tk) + (size_t)((q >> (8 * c)) & 255u) * 8;
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) a[c][r] = V::add(a[c][r], V::load(reinterpret_cast<const float*>(e) + r * kVec));
+  }
+}
+
+// The lookups of nu pass units for NB channels: one offset byte of index row u * KH + kh selects
+// entry s of tables kh .. kh + R - 1 of unit u (a[c][r] += T_u,r+kh[s]). The NB offsets of a row
+// are loaded ahead of their lookups (lookups whose address was loaded shortly before issue slowly
+// on Zen 5, see lut_block and r4_block): AVX-512 (V::kOffRing, NB = 8) an xmm ring 3 rows ahead,
+// one row per loop iteration (unrolled over the KH rows, the compiler hoisted all their offsets
+// and spilled them: 128->128 @40 0.92 vs 0.77 ms); AVX2 (NB <= 4) the next row's offsets while
+// this row's lookups run. (r4_block keeps its own copy of these schedules: calling this function
+// instead measured 4-10% slower at 64->64 @80, from register allocation.)
+template <int G, int NB, int R, int KH>
+KDBNN_LUT_INL void rows_lookups(V::T (&a)[NB][R], const float* T, int64_t nu, const uint8_t* ir, int64_t co_pad) {
+  static_assert(V::kOffRing ? NB == 8 : NB <= 4, "rows_lookups: one offset qword (ring) or dword per row");
+  using Q = std::conditional_t<(NB <= 4), uint32_t, uint64_t>;
+  constexpr int NV = R + KH - 1;
+  constexpr int64_t kVec = (int64_t(1) << G) * kLutPx;
+  const int64_t nrow = nu * KH;
+  if constexpr (V::kOffRing) {
+    constexpr int D = 3;
+    const uint8_t* const last = ir + (nrow - 1) * co_pad;
+    const uint8_t* ahead = ir;
+    __m128i ring[D];
+#pragma GCC unroll 4
+    for (int d = 0; d < D; ++d, ahead += co_pad)
+      ring[d] = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(std::min(ahead, last)));
+    for (int64_t u = 0; u < nu; ++u) {
+      const float* Tk = T + u * NV * kVec;
+#pragma GCC unroll 1
+      for (int k = 0; k < KH; ++k, Tk += kVec, ahead += co_pad) {
+        const Q q = (Q)_mm_cvtsi128_si64(ring[0]);
+#pragma GCC unroll 4
+        for (int d = 0; d + 1 < D; ++d) ring[d] = ring[d + 1];
+        ring[D - 1] = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(std::min(ahead, last)));
+        rows_add<NB, R, kVec>(a, Tk, q);
+      }
+    }
+  } else {
+    Q q;
+    std::memcpy(&q, ir, sizeof(Q));
+    int64_t row = 0;
+    for (int64_t u = 0; u < nu; ++u) {
+      const float* Tu = T + u * NV * kVec;
+#pragma GCC unroll 5
+      for (int k = 0; k < KH; ++k) {
+        ++row;
+        Q qn;
+        std::memcpy(&qn, ir + (row < nrow ? row : 0) * co_pad, sizeof(Q));
+        rows_add<NB, R, kVec>(a, Tu + k * kVec, q);
+        q = qn;
+      }
+    }
+  }
+}
+
+template <int G, int NB, int R, int KH>
+KDBNN_LUT_INL void rows_block(const float* T, int64_t nu, const uint8_t* ir, int64_t co_pad, float* accp, bool first,
+                              const LutArgs* epi, const LutOutPlan* op, int64_t c0) {
+  using VT = V::T;
+  VT a[NB][R];
+#pragma GCC unroll 8
+  for (int c = 0; c < NB; ++c)
+#pragma GCC unroll 5
+    for (int r = 0; r < R; ++r) a[c][r] = first ? V::zero() : V::load(accp + (c * R + r) * kLutPx);
+  rows_lookups<G, NB, R, KH>(a, T, nu, ir, co_pad);
+  if (epi == nullptr) {
+#pragma GCC unroll 8
+    for (int c = 0; c < NB; ++c)
+#pragma GCC unroll 5
+      for (int r = 0; r < R; ++r) V::store(accp + (c * R + r) * kLutPx, a[c][r]);
+    return;
+  }
+  const LutArgs& A = *epi;
+  const int64_t plane = A.OH * A.OW;
+#pragma GCC unroll 8
+  for (int c = 0; c < NB; ++c) {
+    const int64_t o = c0 + c;
+    if (o >= A.c_out) break;
+    float* dst = A.O + o * plane;
+#pragma GCC unroll 5
+    for (int r = 0; r < R; ++r) {
+      const VT y = V::epi(a[c][r], A.alpha[o], A.bias[o], A.act);
+      if (op[r].full) {
+        V::storeu(dst + op[r].base[0], y);
+      } else {
+        for (int i = 0; i < op[r].nr; ++i) V::store_mask(dst + op[r].base[i], op[r].m[i], y);
+      }
+    }
+  }
+}
+
+template <int G, int R, int KH>
+KDBNN_LUT_FN void rows_tile(const LutArgs& A, const LutTapPlan* tp, const LutOutPlan* op, float* work, int64_t co_b,
+                            int64_t co_e) {
+  constexpr int NV = R + KH - 1, NB = V::nb_rows(R);
+  constexpr int64_t kTab = (int64_t(1) << G) * kLutPx, kUnit = NV * kTab;
+  const int64_t U = A.KW * A.ngrp, pg = A.pg, co_pad = A.co_pad, HW = A.H * A.W;
+  const int64_t n_pass = (U + pg - 1) / pg;
+  float* tab = work;
+  float* acc = work + pg * kUnit + kLutSkew;
+  const uint8_t* idx = static_cast<const uint8_t*>(A.idx);
+  for (int64_t p = 0; p < n_pass; ++p) {
+    const int64_t u0 = p * pg, nu = std::min(pg, U - u0);
+    for (int64_t i = 0; i < nu; ++i) {
+      const int64_t u = u0 + i, kw = u / A.ngrp, c0 = u % A.ngrp * G;
+      const float* xc = A.X + c0 * HW;
+      const int nvalid = (int)std::min<int64_t>(G, A.C - c0);
+      for (int v = 0; v < NV; ++v) lut_build_at<G>(xc, HW, nvalid, tp[v * A.KW + kw], tab + i * kUnit + v * kTab);
+    }
+    const bool first = p == 0;
+    const LutArgs* e = p == n_pass - 1 ? &A : nullptr;
+    const uint8_t* ir = idx + u0 * KH * co_pad;
+    for (int64_t cb = co_b; cb < co_e; cb += NB)
+      rows_block<G, NB, R, KH>(tab, nu, ir + cb, co_pad, acc + cb * R * kLutPx, first, e, op, cb);
+  }
+}
+
+// Work items [tb, te) over tiles of 16 positions (columns of R rows; lut_rows_total of them).
+KDBNN_LUT_FN void rows_range(const LutArgs& A, int64_t tb, int64_t te, float* work) {
+  const int64_t R = A.rows, NV = R + A.KH - 1, total = lut_rows_total(A);
+  std::vector<LutTapPlan> tp(NV * A.KW);
+  LutOutPlan op[kLutMaxRows];
+  LutItems items(A.co_pad, A.co_chunk);
+  for (int64_t t = tb; t < te; ++t) {
+    int64_t tile, co_b, co_e;
+    if (items.at(t, tile, co_b, co_e)) {
+      const int64_t q0 = tile * kLutPx;
+      LutSeg seg[kLutPx];
+      const int ns = lut_segs(A, q0, (int)std::min<int64_t>(kLutPx, total - q0), R, seg);
+      for (int64_t r = 0; r < R; ++r) lut_plan_out(A, seg, ns, r, op[r]);
+      for (int64_t v = 0; v < NV; ++v)
+        for (int64_t kw = 0; kw < A.KW; ++kw) lut_plan_tap(A, seg, ns, v, kw, tp[v * A.KW + kw]);
+    }
+    switch (A.g * 100 + R * 10 + A.KH) {
+      case 423: rows_tile<4, 2, 3>(A, tp.data(), op, work, co_b, co_e); break;
+      case 433: rows_tile<4, 3, 3>(A, tp.data(), op, work, co_b, co_e); break;
+      case 425: rows_tile<4, 2, 5>(A, tp.data(), op, work, co_b, co_e); break;
+      case 435: rows_tile<4, 3, 5>(A, tp.data(), op, work, co_b, co_e); break;
+      case 523: rows_tile<5, 2, 3>(A, tp.data(), op, work, co_b, co_e); break;
+      case 533: rows_tile<5, 3, 3>(A, tp.data(), op, work, co_b, co_e); break;
+      case 525: rows_tile<5, 2, 5>(A, tp.data(), op, work, co_b, co_e); break;
+      case 535: rows_tile<5, 3, 5>(A, tp.data(), op, work, co_b, co_e); break;
+      default: break;  // lut_rows_ok() admits only the cases above
+    }
+  }
+}
+
 KDBNN_LUT_FN void lut_range(const LutArgs& A, int64_t tb, int64_t te, float* work) {
   if (A.r4) r4_range(A, tb, te, work);
+  else if (A.rows) rows_range(A, tb, te, work);
   else lut_range1(A, tb, te, work);
 }
 
@@ -688,7 +877,8 @@ KDBNN_LUT_FN void lut_prep_idx_t(const uint64_t* wp, const LutArgs& A, int64_t n
   std::vector<uint32_t> w32(nk * L);  // [32-bit word k][L channels]
   for (int64_t kk = kb; kk < ke; ++kk) {
     const int64_t kh = kk / A.KW, kw = kk % A.KW;
-    const int64_t row0 = A.r4 ? kh * A.ngrp * A.KW + kw : kk * A.ngrp, rstep = A.r4 ? A.KW : 1;
+    const int64_t row0 = A.r4 ? kh * A.ngrp * A.KW + kw : A.rows ? kw * A.ngrp * A.KH + kh : kk * A.ngrp;
+    const int64_t rstep = A.r4 ? A.KW : A.rows ? A.KH : 1;
     for (int64_t o0 = 0; o0 < co_pad; o0 += L) {
       const int n = (int)std::min<int64_t>(L, co_pad - o0);  // a multiple of 8
       lut_gather_words<L>(wp, KK, kk, nw, o0, A.c_out - o0, w32.data());
@@ -704,6 +894,31 @@ KDBNN_LUT_FN void lut_prep_idx(const uint64_t* wp, const LutArgs& A, int64_t nw,
     case 5: lut_prep_idx_t<5>(wp, A, nw, kb, ke, out); break;
     default: lut_prep_idx_t<6>(wp, A, nw, kb, ke, out); break;
   }
+}
+
+// ---------------------------------------------------------------- plan
+// Per layer, the same for both ISAs (measured on Zen 5, 1 thread, ms, AVX-512 / AVX2): the rows
+// kernel (kh-sharing, R = 2, g = 4, 8 units = 32 KB of tables per pass) for stride-1 3x3 layers
+// with rows >= 16 wide and <= 128 output channels: 64->64 @80x80 0.85 / 1.36 (r4 0.90 / 1.47),
+// 128->128 @40 0.71 / 1.20 (r = 1 0.76 / 1.30), 64@40 0.245 (0.273), 32@80 0.33 (0.35), 128@20
+// 0.205 (0.212). Not taken: 256@20 0.687 / 1.17 (r = 1, g = 5: 0.693 / 1.09), 256@40 2.76
+// (2.71), 128@10 0.067 (0.065: partial 16-column tiles), 512@10 0.77 (0.67); R = 3 and 4 no
+// faster. Elsewhere g = 5 for wide layers (>= 256 output channels amortize the 32-entry tables),
+// else 4; the r4 kernel (kw-sharing) where its 4 accumulator vectors per channel stay L1-sized
+// (<= 128 output channels), the kernel is wider than 1 and rows are wide enough (>= 48) that junk
+// columns and tile tails cost little; elsewhere r = 1. pg: 16 tables per pass (r = 1: 16 KB for
+// g = 4, 32 KB for g = 5), about 24 KB of units (r4) or lut_rows_pg.
+KDBNN_LUT_FN void lut_plan(LutArgs& A) {
+  A.g = 4, A.rows = 2;
+  if (lut_rows_ok(A, 2) && A.KH == 3 && A.OW >= 16 && A.c_out <= 128) {
+    A.r4 = 0, A.pg = lut_rows_pg(A);
+    return;
+  }
+  A.rows = 0;
+  A.g = A.c_out >= 256 ? 5 : 4;
+  A.r4 = lut_r4_ok(A) && A.KW >= 2 && A.c_out <= 128 && A.OW >= 48;
+  const int64_t table = int64_t(64) << A.g;
+  A.pg = A.r4 ? std::max<int64_t>(1, 24576 / ((4 + A.KW - 1) * table)) : 16;
 }
 
 #undef KDBNN_LC_INL

@@ -33,6 +33,10 @@ struct V {
   // accumulator loads and stores per pass, which compete with the table builds' stores.
   static constexpr int kNB = 8;
   static constexpr int kStep = 8;
+  // rows kernel (bwn_lut.h, rows_lookups): offsets loaded one row ahead in a GPR; 4 channels per
+  // register block for R = 2, 2 for R = 3 (8 or 6 accumulators = 16 or 12 ymm)
+  static constexpr bool kOffRing = false;
+  static constexpr int nb_rows(int R) { return R <= 2 ? 4 : 2; }
   KDBNN_LUT_INL static M mask(uint32_t bits) {
     const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     const __m256i lo = _mm256_set1_epi32((int)(bits & 255u)), hi = _mm256_set1_epi32((int)((bits >> 8) & 255u));
@@ -156,21 +160,9 @@ struct V {
 #undef KDBNN_LUT_INL
 #undef KDBNN_LUT_FN
 
-// Per layer (measured on Zen 5, 1 thread): g = 5 for wide layers (>= 256 output channels amortize
-// the 32-entry tables), else 4. The r4 kernel (kw-sharing) where its 4 accumulator vectors per
-// channel stay L1-sized (<= 128 output channels), the kernel is wider than 1 and rows are wide
-// enough (>= 48) that junk columns and tile tails cost little; elsewhere it lost to r = 1.
-// pg: 16 tables per pass (r = 1: 16 KB for g = 4, 32 KB for g = 5) or about 24 KB of units (r4).
-void plan_avx2(LutArgs& A) {
-  A.g = A.c_out >= 256 ? 5 : 4;
-  A.r4 = lut_r4_ok(A) && A.KW >= 2 && A.c_out <= 128 && A.OW >= 48;
-  const int64_t table = int64_t(64) << A.g;
-  A.pg = A.r4 ? std::max<int64_t>(1, 24576 / ((4 + A.KW - 1) * table)) : 16;
-}
-
 }  // namespace
 
-const BwnLutKernel kBwnLutAvx2 = {lut_range, lut_prep_idx, plan_avx2};
+const BwnLutKernel kBwnLutAvx2 = {lut_range, lut_prep_idx, lut_plan};
 
 }  // namespace kdbnn
 

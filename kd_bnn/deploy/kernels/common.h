@@ -141,6 +141,9 @@ struct LutArgs {
   // zero-padded domain Hp x Wp (its input vectors are loaded from X in place, padding reads 0)
   int64_t r4;
   int64_t Hp, Wp;
+  // kh-sharing variant (rows = R in 2..kLutMaxRows, lut_rows_ok; see bwn_lut.h): tiles of 16
+  // columns x R output rows; 0 = off. idx rows ordered [kw][j][kh]
+  int64_t rows;
   const float* alpha;   // per output channel scale, then bias, then the activation
   const float* bias;
   int64_t act;
@@ -150,8 +153,9 @@ struct LutArgs {
 // Floats of per-thread scratch the kernel needs (one pass of tables + the accumulators, 80 floats
 // of skew between them, 16 for 64-byte alignment).
 // r4: a pass unit is (4 + KW - 1) tables and each channel has 4 accumulator vectors.
+// rows: a pass unit is (R + KH - 1) tables and each channel has R accumulator vectors.
 inline int64_t lut_work_floats(const LutArgs& A) {
-  const int64_t unit = A.r4 ? 4 + A.KW - 1 : 1, accv = A.r4 ? 4 : 1;
+  const int64_t unit = A.r4 ? 4 + A.KW - 1 : A.rows ? A.rows + A.KH - 1 : 1, accv = A.r4 ? 4 : A.rows ? A.rows : 1;
   return A.pg * unit * (int64_t(16) << A.g) + A.co_pad * 16 * accv + 80 + 16;
 }
 
@@ -163,6 +167,27 @@ inline int64_t lut_r4_tiles(const LutArgs& A) {
   return ((A.OH - 1) * Wp + A.OW + 63) / 64;
 }
 
+// Whether the row-sharing kernel handles the layer with R rows per tile (stride 1, KH 3 or 5, g 4
+// or 5; R: bwn_lut.h instantiates 2..kLutMaxRows), and its positions: N * ceil(OH / R) * OW
+// (columns of R output rows, flattened (n, row band, ow); tiles of 16).
+constexpr int64_t kLutMaxRows = 3;
+inline bool lut_rows_ok(const LutArgs& A, int64_t R) {
+  return A.stride == 1 && (A.KH == 3 || A.KH == 5) && (A.g == 4 || A.g == 5) && R >= 2 && R <= kLutMaxRows;
+}
+// Units per pass of the rows kernel: about 32 KB of tables (3x3, g = 4, R = 2: 8 units; measured
+// at 64->64 @80x80 and 128->128 @40x40, Zen 5: 6 units 3-4% slower, 10 units 3%, 12 units 10%).
+inline int64_t lut_rows_pg(const LutArgs& A) {
+  return std::max<int64_t>(1, 32768 / ((A.rows + A.KH - 1) * (int64_t(64) << A.g)));
+}
+inline int64_t lut_rows_total(const LutArgs& A) {
+  return A.total / (A.OH * A.OW) * ((A.OH + A.rows - 1) / A.rows) * A.OW;
+}
+// Work tiles of the layer's kernel (r = 1: 16 output pixels, r4: 64 positions, rows: 16 columns).
+inline int64_t lut_tiles(const LutArgs& A) {
+  if (A.r4) return A.total / (A.OH * A.OW) * lut_r4_tiles(A);
+  return ((A.rows ? lut_rows_total(A) : A.total) + 15) / 16;
+}
+
 struct BwnLutKernel {
   // Work items [tb, te): item t is tile t / n_chunks (16 output pixels; r4: 64 positions) for
   // output channels [c * co_chunk, (c + 1) * co_chunk) with c = t % n_chunks, n_chunks =
@@ -170,8 +195,8 @@ struct BwnLutKernel {
   void (*range)(const LutArgs& A, int64_t tb, int64_t te, float* work);
   // Index rows of taps [kb, ke) from packed weights (C_out, KH*KW, nw) into A.idx.
   void (*prep_idx)(const uint64_t* wp, const LutArgs& A, int64_t nw, int64_t kb, int64_t ke, void* idx);
-  // Table size g, tables (r4: units) per pass pg and the r4 choice for the layer whose geometry
-  // (C .. total) A holds.
+  // Table size g, tables (r4, rows: units) per pass pg and the kernel (r4, rows) for the layer
+  // whose geometry (C .. total) A holds.
   void (*plan)(LutArgs& A);
 };
 
