@@ -19,6 +19,7 @@
 // thread-local buffer (K*16 floats) and consumed by a 6-pixel x 16-channel micro-kernel.
 
 #include "dispatch.h"
+#include "lut_prep.h"
 #include "lut_split.h"
 #include "ops.h"
 
@@ -126,12 +127,11 @@ void lut_choose(const BwnLutKernel& k, LutArgs& A) {
 // ---------------------------------------------------------------- prepared table offsets
 // The table offsets depend only on the weights and the plan (g, r4, rows: bwn_lut.h lays rows out
 // by them), so a runtime can compute them once per layer (bwn_prepare) instead of per call
-// (measured 6-8% of a 512->512 @10x10 call, 2-3% at 256@20, Zen 5 AVX-512, 1 thread). A prepared
-// tensor is uint8: a header of kPrepHeader int64 values {magic, g, r4 + 16 * rows, C, KH, KW,
-// c_out, bytes}, then the offset rows (64-byte aligned) and kLutIdxSlack zero bytes; bwn_conv uses
-// it when its header matches the call's plan and prepares per call otherwise.
+// (measured 6-8% of a 512->512 @10x10 call, 2-3% at 256@20, Zen 5 AVX-512, 1 thread). The
+// prepared tensor has lut_prep.h's format: header {magic, g, r4 + 16 * rows, C, KH, KW, c_out,
+// bytes}, then the offset rows and kLutIdxSlack zero bytes; bwn_conv uses it when its header
+// matches the call's plan and prepares per call otherwise.
 constexpr int64_t kPrepMagic = 0x6b64626e6e4c5554;  // "kdbnnLUT"
-constexpr int kPrepHeader = 8;
 
 // The plan of the lookup-table kernel for one layer geometry: A's geometry fields, g, pg, r4,
 // ngrp, co_pad; the bytes of its offset rows.
@@ -147,8 +147,8 @@ int64_t lut_setup(const BwnLutKernel& k, LutArgs& A, int64_t N, int64_t C, int64
   return KH * KW * A.ngrp * A.co_pad * (A.g == 6 ? 2 : 1);
 }
 
-void lut_header(const LutArgs& A, int64_t bytes, int64_t* h) {
-  const int64_t v[kPrepHeader] = {kPrepMagic, A.g, A.r4 + 16 * A.rows, A.C, A.KH, A.KW, A.c_out, bytes};
+void lut_header(const LutArgs& A, int64_t bytes, LutPrepHead& h) {
+  const LutPrepHead v = {kPrepMagic, A.g, A.r4 + 16 * A.rows, A.C, A.KH, A.KW, A.c_out, bytes};
   std::memcpy(h, v, sizeof(v));
 }
 
@@ -182,10 +182,11 @@ at::Tensor bwn_prepare(at::Tensor wpacked, int64_t C, int64_t H, int64_t W, int6
   if (lut == nullptr) return at::empty({0}, at::kByte);
   LutArgs A{};
   const int64_t bytes = lut_setup(*lut, A, 1, C, H, W, KH, KW, stride, pad, wpacked.size(0));
-  auto out = at::empty({8 * kPrepHeader + bytes + kLutIdxSlack}, at::kByte);
-  uint8_t* p = out.data_ptr<uint8_t>();
-  lut_header(A, bytes, reinterpret_cast<int64_t*>(p));
-  lut_prepare(*lut, A, wpacked.contiguous(), (C + 63) / 64, bytes, p + 8 * kPrepHeader);
+  LutPrepHead h;
+  lut_header(A, bytes, h);
+  uint8_t* rows = nullptr;
+  auto out = lut_prep_alloc(h, bytes, kLutIdxSlack, rows);
+  lut_prepare(*lut, A, wpacked.contiguous(), (C + 63) / 64, bytes, rows);
   return out;
 }
 
@@ -226,13 +227,9 @@ at::Tensor bwn_conv(at::Tensor x, at::Tensor wpacked, at::Tensor alpha, c10::opt
     // (the lookups load offsets a qword at a time and may read up to 7 bytes past the last row:
     // kLutIdxSlack zero bytes there)
     std::unique_ptr<uint8_t[]> idx;
-    if (prepared.has_value() && prepared->defined() && prepared->scalar_type() == at::kByte &&
-        prepared->is_contiguous() && prepared->numel() == 8 * kPrepHeader + idx_bytes + kLutIdxSlack) {
-      int64_t want[kPrepHeader], have[kPrepHeader];
-      lut_header(A, idx_bytes, want);
-      std::memcpy(have, prepared->data_ptr<uint8_t>(), sizeof(have));
-      if (std::memcmp(want, have, sizeof(want)) == 0) A.idx = prepared->data_ptr<uint8_t>() + 8 * kPrepHeader;
-    }
+    LutPrepHead h;
+    lut_header(A, idx_bytes, h);
+    A.idx = lut_prep_rows(prepared, h, idx_bytes, kLutIdxSlack);
     if (A.idx == nullptr) {
       idx.reset(new uint8_t[idx_bytes + kLutIdxSlack]);
       lut_prepare(*lut, A, wpacked.contiguous(), nw, idx_bytes, idx.get());

@@ -1,5 +1,5 @@
-// kd_bnn kernels: prepared table offsets of the lookup-table convs (w1a8.cpp; the same format as
-// bwn.cpp's bwn_prepare, which can move onto these helpers).
+// kd_bnn kernels: prepared table offsets of the lookup-table convs (bwn.cpp: bwn_prepare,
+// w1a8.cpp: w1a8_prepare).
 //
 // The table offsets of a layer depend only on its weights and its kernel's plan (table size, row
 // layout), so a runtime computes them once per layer and input size instead of per call. A
