@@ -139,32 +139,6 @@ def test_int8_chains_between_w1a8_layers_are_exact(w1a8_file):
         assert torch.equal(a, b)
 
 
-def test_w1a8_layers_prepare_their_table_offsets_once_and_keep_the_result(w1a8_file):
-    """A W1A8 layer computes its kernel's table offsets on the first call per input size and reuses
-    them (w1a8_prepare): the same maps, bit for bit, as layers that rebuild them per call, calls
-    after the first included, and one cached entry per layer and input size."""
-    from kd_bnn.deploy import kernels as K
-    from kd_bnn.deploy.pack import pack_signs
-    from kd_bnn.deploy.runtime import Runtime
-
-    if K.w1a8_prepare(pack_signs(torch.ones(8, 4, 3, 3)), (4, 8, 8), 3, 1, 1) is None:
-        pytest.skip("no lookup-table W1A8 kernel on this ISA path (or no extension)")
-    _, _, path = w1a8_file
-    rt, ref = Runtime(path), Runtime(path)
-    convs = [m for m in rt.model.modules() if getattr(m, "act_scale", None) is not None]
-    for m in ref.model.modules():
-        if getattr(m, "act_scale", None) is not None:
-            m._prepared = lambda *args: None  # rebuilt per call
-    g = torch.Generator().manual_seed(5)
-    for n, h in ((1, 64), (2, 64), (1, 32)):  # batch 2 reuses the offsets; a new size adds some
-        x = torch.rand(n, 3, h, 192, generator=g)
-        for a, b in zip(rt(x), ref(x)):
-            assert torch.equal(a, b)
-    for m in convs:
-        cache = m.__dict__.get("_prep_w1a8_prepare", {})
-        assert len(cache) == 2 and all(t is not None for t in cache.values())
-
-
 def test_w1a8_file_is_refused_by_a_reader_without_the_mode(w1a8_file, monkeypatch):
     """A reader of format 2 (no 8-bit activations) refuses the file with the upgrade message
     instead of running the convs some other way."""

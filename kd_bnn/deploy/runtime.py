@@ -46,7 +46,6 @@ from kd_bnn.deploy.kernels import (
     OutputMap,
     block_epilogue,
     bwn_conv2d,
-    bwn_prepare,
     concat_packed,
     default_isa,
     output_affine,
@@ -57,7 +56,6 @@ from kd_bnn.deploy.kernels import (
     sign_thresholds,
     stem_conv2d,
     w1a8_conv2d,
-    w1a8_prepare,
     weight_panel,
     xnor_conv2d,
 )
@@ -185,22 +183,11 @@ class PackedBinaryConv(nn.Module):
                                self.pad_value, scale=self.scale, bias=self.shift,
                                activation=self.activation, panel=self.panel, backend=self.backend)
         scale = self.alpha if self.bn_scale is None else self.scale
+        # the kernels rebuild their table offsets per call: keeping them per layer (bwn_prepare,
+        # w1a8_prepare) measured no faster on the KITTI-size DarkNet-19 (128.5 vs 127.7 ms) and
+        # added 15-26 MB to its inference peak (39 -> 54-65 MB), Zen 5, 1 thread
         return bwn_conv2d(xin, self.words, scale, (kh, kw), self.stride[0], pad, bias=self.shift,
-                          activation=self.activation, backend=self.backend,
-                          prepared=self._prepared(bwn_prepare, xin, pad))
-
-    def _prepared(self, prepare, x: torch.Tensor, pad: int) -> torch.Tensor | None:
-        """A lookup-table kernel's table offsets (``prepare``: :func:`bwn_prepare` or
-        :func:`w1a8_prepare`) for inputs shaped like ``x``: computed on the first call per input size
-        and ISA path and kept (one byte per g weights; the kernel would otherwise rebuild them per
-        call), keyed also by the weights' version."""
-        key = (tuple(x.shape[1:]), pad, os.environ.get("KDBNN_ISA", ""), self.words.data_ptr(), self.words._version)
-        cache = self.__dict__.setdefault("_prep_" + prepare.__name__, {})
-        if key not in cache:
-            if len(cache) >= 8:  # a few input sizes per layer; more: start over
-                cache.clear()
-            cache[key] = prepare(self.words, x.shape, self.kernel_size, self.stride[0], pad, backend=self.backend)
-        return cache[key]
+                          activation=self.activation, backend=self.backend)
 
     def w1a8(self, x: torch.Tensor, out_inv: float | None = None) -> torch.Tensor:
         """The W1A8 conv: ``x`` float (quantized here with the layer's scale) or int8 already in it;
@@ -208,8 +195,7 @@ class PackedBinaryConv(nn.Module):
         xq = x if x.dtype == torch.int8 else quantize_activations(x, self.in_inv, backend=self.backend)
         kh, kw = self.kernel_size
         return w1a8_conv2d(xq, self.words, self.qscale, (kh, kw), self.stride[0], self.pad[0], bias=self.shift,
-                           activation=self.activation, out_scale_inv=out_inv, backend=self.backend,
-                           prepared=self._prepared(w1a8_prepare, xq, self.pad[0]))
+                           activation=self.activation, out_scale_inv=out_inv, backend=self.backend)
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``y`` = conv * alpha; apply K, BN scale, shift and the activation in torch."""

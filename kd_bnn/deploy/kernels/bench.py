@@ -112,10 +112,8 @@ def _methods(
     xq = K.quantize_activations(x, 1.0 / s_in)  # int8 input: prepared outside the timed region
     qscale = alpha * s_in
     panel = K.weight_panel(wp)  # a runtime computes it once at load time
-    # the BWN and W1A8 kernels' table offsets: a runtime computes them once per layer and input size
-    # (PackedBinaryConv), so they are prepared outside the timed region too
-    bwn_prep = K.bwn_prepare(wp, x.shape, s.kernel, s.stride, s.padding, isa=isa)
-    w8_prep = K.w1a8_prepare(wp, x.shape, s.kernel, s.stride, s.padding, isa=isa)
+    # the BWN and W1A8 kernels rebuild their table offsets per call, as the runtime runs them
+    # (PackedBinaryConv keeps no bwn_prepare / w1a8_prepare offsets: see its bwn path)
     methods: dict[str, Callable[[], object]] = {
         "nchw": lambda: F.conv2d(x, wf, bias, s.stride, s.padding),
         "cl": lambda: F.conv2d(x_cl, wf_cl, bias, s.stride, s.padding),
@@ -150,13 +148,13 @@ def _methods(
             isa=isa,
         ),
         "bwn": lambda: K.bwn_conv2d(
-            x, wp, alpha, s.kernel, s.stride, s.padding, bias=bias, isa=isa, prepared=bwn_prep
+            x, wp, alpha, s.kernel, s.stride, s.padding, bias=bias, isa=isa
         ),
         "w1a8": lambda: K.w1a8_conv2d(
-            xq, wp, qscale, s.kernel, s.stride, s.padding, bias, "leaky", 8.0, isa=isa, prepared=w8_prep
+            xq, wp, qscale, s.kernel, s.stride, s.padding, bias, "leaky", 8.0, isa=isa
         ),
         "w1a8_float": lambda: K.w1a8_conv2d(
-            xq, wp, qscale, s.kernel, s.stride, s.padding, bias, "leaky", None, isa=isa, prepared=w8_prep
+            xq, wp, qscale, s.kernel, s.stride, s.padding, bias, "leaky", None, isa=isa
         ),
     }
     return methods, w, wp

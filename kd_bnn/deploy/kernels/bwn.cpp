@@ -126,7 +126,7 @@ void lut_choose(const BwnLutKernel& k, LutArgs& A) {
 
 // ---------------------------------------------------------------- prepared table offsets
 // The table offsets depend only on the weights and the plan (g, r4, rows: bwn_lut.h lays rows out
-// by them), so a runtime can compute them once per layer (bwn_prepare) instead of per call
+// by them), so a caller can compute them once per layer (bwn_prepare; lut_prep.h says when it pays) instead of per call
 // (measured 6-8% of a 512->512 @10x10 call, 2-3% at 256@20, Zen 5 AVX-512, 1 thread). The
 // prepared tensor has lut_prep.h's format: header {magic, g, r4 + 16 * rows, C, KH, KW, c_out,
 // bytes}, then the offset rows and kLutIdxSlack zero bytes; bwn_conv uses it when its header

@@ -50,8 +50,8 @@
 //          the schedules of bwn_lut.h: an xmm ring on AVX-512, the next row's qword on AVX2);
 //          measured against loading them just before use: AVX-512 -8..-11% (64@80 0.623 ->
 //          0.575 ms, 256@20 0.487 -> 0.441), AVX2 -2..-4% (64@80 0.888 -> 0.849).
-//          Built per call or once per layer (w1a8_prepare, w1a8.cpp; the runtime's layers cache
-//          them): prepared, measured (interleaved rounds, thread CPU time) AVX-512 512@10 0.46 ->
+//          Built per call (what the runtime does) or once per layer by a caller (w1a8_prepare,
+//          w1a8.cpp): prepared, measured (interleaved rounds, thread CPU time) AVX-512 512@10 0.46 ->
 //          0.42 ms (-9..-12%), 256@20 -2%, 128@40 and 64@80 within noise (+-2%); AVX2 -3% at
 //          64..256 channels, -13% at 512@10.
 //   r4:    a second kernel for stride 1 (avx512) shares the tables of one kernel row between its
