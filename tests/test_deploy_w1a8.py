@@ -71,24 +71,62 @@ def test_w1a8_bit_exact_int8_and_float_output(isa, shape):
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("g", [4, 5])
 @pytest.mark.parametrize("pg", [1, 7, 1000])
-@pytest.mark.parametrize("r4", [0, 1])
-def test_w1a8_table_size_pass_and_kernel_variants(isa, g, pg, r4, monkeypatch):
+@pytest.mark.parametrize("kernel", ["plain", "r4", "rows"])
+def test_w1a8_table_size_pass_and_kernel_variants(isa, g, pg, kernel, monkeypatch):
     """Every table size, pass length (1000: clamped to the int16 bound; windows of several passes
-    share an int16 sum) and kernel (r4: kw-sharing, stride 1 only) gives the same integers."""
+    share an int16 sum) and kernel (r4: kw-sharing, rows: kh-sharing, stride 1 only) gives the same
+    integers."""
     _isa_or_skip(isa)
-    monkeypatch.setenv("KDBNN_W1A8_G", str(g))
-    monkeypatch.setenv("KDBNN_W1A8_PG", str(pg))
-    monkeypatch.setenv("KDBNN_W1A8_R4", str(r4))
+    _kernel_env(monkeypatch, kernel, g, pg)
     for shape in (SHAPES[1], SHAPES[2], SHAPES[5], SHAPES[8], SHAPES[9]):
         for inv in (3.0, None):
             got, ref = _both(shape, isa, "leaky", inv)
-            assert torch.equal(got, ref), (isa, g, pg, r4, shape, inv)
+            assert torch.equal(got, ref), (isa, g, pg, kernel, shape, inv)
+
+
+def _kernel_env(monkeypatch, kernel, g=None, pg=None):
+    """Force a kernel of the lookup-table paths (where it applies) and optionally g / pass length."""
+    if g is not None:
+        monkeypatch.setenv("KDBNN_W1A8_G", str(g))
+    if pg is not None:
+        monkeypatch.setenv("KDBNN_W1A8_PG", str(pg))
+    monkeypatch.setenv("KDBNN_W1A8_R4", "1" if kernel == "r4" else "0")
+    monkeypatch.setenv("KDBNN_W1A8_ROWS", "1" if kernel == "rows" else "0")
+
+
+# The kh-sharing (rows) kernel: 3x3 stride 1, tiles of 32 positions of the (2-row band, column)
+# domain; vectors that span bands or rows narrower than 32 load in masked runs.
+ROWS_SHAPES = [
+    (1, 128, 128, 40, 40, 3, 1, 1),  # the benchmark shape (5 tiles per 4 bands, most spanning two)
+    (2, 13, 19, 11, 7, 3, 1, 1),  # batch 2, odd height (last band one row), narrow rows, odd channels
+    (1, 70, 33, 9, 9, 3, 1, 0),  # padding 0, C_in off 4 / 5 / 64
+    (2, 9, 72, 5, 3, 3, 1, 2),  # padding 2, 7 x 5 outputs: one tile of 4 bands (4 runs, the last one row)
+    (1, 6, 8, 1, 1, 3, 1, 1),  # one output: one band, one lane
+    (1, 21, 130, 2, 70, 3, 1, 1),  # one band of two rows, C_out off 8 / 16
+    (2, 40, 64, 13, 33, 3, 1, 1),  # rows just past 32
+    (1, 5, 3, 3, 3, 3, 1, 0),  # one output from a 3x3 input
+]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("g", [4, 5])
+@pytest.mark.parametrize("pg", [1, 2, 1000])
+def test_w1a8_rows_kernel_bit_exact(isa, g, pg, monkeypatch):
+    """The rows kernel (avx512; the avx2 path ignores the switch) equals the torch reference for
+    every activation and output type, at odd sizes, paddings, batch 2 and narrow rows."""
+    _isa_or_skip(isa)
+    _kernel_env(monkeypatch, "rows", g, pg)
+    for shape in ROWS_SHAPES:
+        for i, act in enumerate(ACTS):
+            for inv in (None, 2.5):
+                got, ref = _both(shape, isa, act, inv, bias=i != 1)
+                assert torch.equal(got, ref), (isa, g, pg, shape, act, inv)
 
 
 @pytest.mark.parametrize("isa", K.ISAS)
 def test_w1a8_prepared_offsets_give_the_per_call_result(isa, monkeypatch):
     """w1a8_conv2d with w1a8_prepare's table offsets equals the call that rebuilds them, bit for
-    bit: plain and kw-sharing plans, 5-bit tables, batch 2, and offsets prepared for another plan
+    bit: plain, kw-sharing and kh-sharing (rows) plans, 5-bit tables, batch 2, and offsets prepared for another plan
     (another input size, table size or kernel: ignored, rebuilt per call)."""
     _isa_or_skip(isa)
     for shape in (SHAPES[0], SHAPES[2], SHAPES[5], SHAPES[8], SHAPES[9]):
@@ -96,8 +134,8 @@ def test_w1a8_prepared_offsets_give_the_per_call_result(isa, monkeypatch):
         xq, wp, scale, b = _case(shape)
         want = K.w1a8_conv2d(xq, wp, scale, k, s, p, b, "leaky", 3.0, backend="torch")
         preps = [K.w1a8_prepare(wp, xq.shape, k, s, p, isa=isa), K.w1a8_prepare(wp, (ci, 3, 3), k, s, p, isa=isa)]
-        for env in ("KDBNN_W1A8_G", "KDBNN_W1A8_R4"):  # a foreign plan: the other table size / kernel
-            monkeypatch.setenv(env, "5" if env.endswith("G") else "0")
+        for env in ("KDBNN_W1A8_G", "KDBNN_W1A8_R4", "KDBNN_W1A8_ROWS"):  # a foreign plan: the other
+            monkeypatch.setenv(env, "5" if env.endswith("G") else "0")  # table size / kernel
             preps.append(K.w1a8_prepare(wp, xq.shape, k, s, p, isa=isa))
             monkeypatch.delenv(env)
         if isa in ("scalar", "popcnt"):
@@ -112,20 +150,20 @@ def test_w1a8_prepared_offsets_give_the_per_call_result(isa, monkeypatch):
 
 @pytest.mark.parametrize("isa", K.ISAS)
 @pytest.mark.parametrize("g", [4, 5])
-@pytest.mark.parametrize("r4", [0, 1])
-def test_w1a8_extreme_inputs_never_overflow_int16(isa, g, r4, monkeypatch):
+@pytest.mark.parametrize("kernel", ["plain", "r4", "rows"])
+@pytest.mark.parametrize("pg", [1000, 3])
+def test_w1a8_extreme_inputs_never_overflow_int16(isa, g, kernel, pg, monkeypatch):
     """All +127 / all -127 (and -128) inputs with all-+1 weights: every table entry at its bound
-    and long int16 runs (the longest pass the bound allows): sums must stay exact."""
+    and long int16 runs (1000: the longest pass the bound allows, rows g = 4: 7 units x 9 taps = 63
+    entries, the bound itself; 3: windows of several passes): sums must stay exact."""
     _isa_or_skip(isa)
-    monkeypatch.setenv("KDBNN_W1A8_G", str(g))
-    monkeypatch.setenv("KDBNN_W1A8_PG", "1000")
-    monkeypatch.setenv("KDBNN_W1A8_R4", str(r4))
+    _kernel_env(monkeypatch, kernel, g, pg)
     ci, co, k = 640, 24, 3
     wp = pack_signs(torch.ones(co, ci, k, k))
     wp_neg = pack_signs(-torch.ones(co, ci, k, k))
     scale = torch.ones(co)
     for v in (127, -127, -128):
-        xq = torch.full((1, ci, 6, 7), v, dtype=torch.int8)
+        xq = torch.full((1, ci, 7, 7), v, dtype=torch.int8)
         for w in (wp, wp_neg):
             got = K.w1a8_conv2d(xq, w, scale, k, 1, 1, isa=isa)
             ref = K.w1a8_conv2d(xq, w, scale, k, 1, 1, backend="torch")

@@ -68,24 +68,25 @@ KDBNN_LC_INL void lut_offsets(const I* ir, uint32_t* off) {
   }
 }
 
-// a[c][r] += entry (q >> 8(c - lo) & 255) / 8 of the table at Tk + r * kTab, channels lo <= c <
+// a[c][r] += entry (q >> 8(c - lo) & 255) / 8 of the table at Tk + r * kRStride, channels lo <= c <
 // hi (q: the offset bytes of channels lo.., 8 of them, or 4 for a dword).
-template <int NB, int R, int64_t kTab, class E>
+template <int NB, int R, int64_t kRStride, class E>
 KDBNN_LC_INL void lut_add_q(typename V::T (&a)[NB][R], const E* Tk, uint64_t q, int lo, int hi) {
 #pragma GCC unroll 8
   for (int c = lo; c < hi; ++c) {
     const E* e = reinterpret_cast<const E*>(reinterpret_cast<const char*>(Tk) + (size_t)((q >> (8 * (c - lo))) & 255u) * 8);
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) a[c][r] = V::add(a[c][r], V::load(e + r * kTab));
+    for (int r = 0; r < R; ++r) a[c][r] = V::add(a[c][r], V::load(e + r * kRStride));
   }
 }
 
 constexpr int kLutAhead = 3;  // index rows loaded ahead (lut_lookups); see the slack rule there
 
 // The lookups of nu x K index rows (co_pad apart, NB offset bytes each) for NB channels: row
-// u * K + k adds to a[c][r] the entry its offset selects in table T + u * kUStride + (k + r) * kTab
-// (elements). K = 1, R = 1: one table per row (the plain kernels); K = KW, R = kR: the r4 kernels
-// (tables of input vectors k + r).
+// u * K + k adds to a[c][r] the entry its offset selects in table T + u * kUStride + k * kTab +
+// r * kRStride (elements). K = 1, R = 1: one table per row (the plain kernels); K = KW, R = kR,
+// kRStride = kTab: the r4 kernels (tables of input vectors k + r); K = KH * KW, R = 2, kRStride =
+// KW * kTab: the W1A8 rows kernel (tables of input row kh + r, shift kw).
 // The offsets are loaded ahead of their lookups (on Zen 5 a lookup whose address comes from a load
 // issued shortly before issues slowly; bwn_lut.h measured 1.4 lookups/cycle loaded just before
 // use, 1.5 one row ahead, 1.7 with an xmm ring three rows ahead): NB = 16 or 4 (AVX-512), the
@@ -93,12 +94,13 @@ constexpr int kLutAhead = 3;  // index rows loaded ahead (lut_lookups); see the 
 // fill the 16 ymm) the qwords (a dword for NB <= 4) of the next row in GPRs. The loads ahead run
 // past the last row, unclamped: the index buffer must have kLutAhead rows + 16 readable bytes
 // after any block's last row (a qword read also covers up to 7 bytes past the block).
-template <int NB, int R, int K, int64_t kTab, int64_t kUStride, class E>
+template <int NB, int R, int K, int64_t kTab, int64_t kUStride, int64_t kRStride = kTab, class E>
 KDBNN_LC_INL void lut_lookups(typename V::T (&a)[NB][R], const E* T, int64_t nu, const uint8_t* ir, int64_t co_pad) {
-  if constexpr (NB == 16 || NB == 4) {
+  if constexpr (NB == 16 || NB == 4 || (NB == 8 && R > 1)) {
     constexpr int D = kLutAhead;
     auto ld = [](const uint8_t* p) {
       if constexpr (NB == 16) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      else if constexpr (NB == 8) return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
       else return _mm_loadu_si32(p);
     };
     __m128i ring[D];
@@ -111,11 +113,13 @@ KDBNN_LC_INL void lut_lookups(typename V::T (&a)[NB][R], const E* T, int64_t nu,
 #pragma GCC unroll 4
         for (int d = 0; d + 1 < D; ++d) ring[d] = ring[d + 1];
         ring[D - 1] = ld(ir);
-        if constexpr (NB == 16) {
-          lut_add_q<NB, R, kTab>(a, T + k * kTab, (uint64_t)_mm_cvtsi128_si64(v), 0, 8);
-          lut_add_q<NB, R, kTab>(a, T + k * kTab, (uint64_t)_mm_extract_epi64(v, 1), 8, 16);
+        if constexpr (NB == 8) {
+          lut_add_q<NB, R, kRStride>(a, T + k * kTab, (uint64_t)_mm_cvtsi128_si64(v), 0, 8);
+        } else if constexpr (NB == 16) {
+          lut_add_q<NB, R, kRStride>(a, T + k * kTab, (uint64_t)_mm_cvtsi128_si64(v), 0, 8);
+          lut_add_q<NB, R, kRStride>(a, T + k * kTab, (uint64_t)_mm_extract_epi64(v, 1), 8, 16);
         } else {
-          lut_add_q<NB, R, kTab>(a, T + k * kTab, (uint32_t)_mm_cvtsi128_si32(v), 0, 4);
+          lut_add_q<NB, R, kRStride>(a, T + k * kTab, (uint32_t)_mm_cvtsi128_si32(v), 0, 4);
         }
       }
     }
@@ -139,7 +143,7 @@ KDBNN_LC_INL void lut_lookups(typename V::T (&a)[NB][R], const E* T, int64_t nu,
         ir += co_pad;
         ld(ir, qn);
 #pragma GCC unroll 4
-        for (int w = 0; w < NQ; ++w) lut_add_q<NB, R, kTab>(a, T + k * kTab, q[w], 8 * w, std::min(NB, 8 * w + 8));
+        for (int w = 0; w < NQ; ++w) lut_add_q<NB, R, kRStride>(a, T + k * kTab, q[w], 8 * w, std::min(NB, 8 * w + 8));
 #pragma GCC unroll 4
         for (int w = 0; w < NQ; ++w) q[w] = qn[w];
       }

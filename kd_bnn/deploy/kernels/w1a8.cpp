@@ -172,22 +172,36 @@ int64_t w8_setup(const W1a8Kernel* k, W8Args& A, int64_t C, int64_t H, int64_t W
   if (k != nullptr) {
     k->plan(A);
     // tuning overrides: KDBNN_W1A8_G (4/5), KDBNN_W1A8_R4 (0/1, where the r4 kernel applies),
-    // KDBNN_W1A8_PG (tables, r4: units, per pass; clamped to the int16 bound below)
+    // KDBNN_W1A8_ROWS (0/1, where the rows kernel applies; the one set to 1 clears the other, ROWS
+    // read last), KDBNN_W1A8_PG (tables, r4 / rows: units, per pass; clamped to the int16 bound
+    // below)
     const char* eg = std::getenv("KDBNN_W1A8_G");
     const char* er = std::getenv("KDBNN_W1A8_R4");
     if (eg != nullptr) {
       const long v = std::strtol(eg, nullptr, 10);
       if (v == 4 || v == 5) A.g = v;
     }
-    if (er != nullptr) A.r4 = std::strtol(er, nullptr, 10) != 0 && w8_r4_ok(A) && k->has_r4;
-    if (eg != nullptr || er != nullptr)
-      A.pg = A.r4 ? std::max<int64_t>(1, 24576 / ((A.KW + 3) * (int64_t(64) << A.g))) : A.g == 5 ? 12 : 21;
+    const char* ew = std::getenv("KDBNN_W1A8_ROWS");
+    if (er != nullptr) {
+      A.r4 = std::strtol(er, nullptr, 10) != 0 && w8_r4_ok(A) && k->has_r4;
+      if (A.r4) A.rows = 0;
+    }
+    if (ew != nullptr) {
+      A.rows = std::strtol(ew, nullptr, 10) != 0 && w8_rows_ok(A) && k->has_r4;
+      if (A.rows) A.r4 = 0;
+    }
+    if (eg != nullptr || er != nullptr || ew != nullptr)
+      A.pg = A.r4 ? std::max<int64_t>(1, 24576 / ((A.KW + 3) * (int64_t(64) << A.g)))
+                  : A.rows ? w8_rows_pg(A) : A.g == 5 ? 12 : 21;
     if (const char* e = std::getenv("KDBNN_W1A8_PG")) {
       const long v = std::strtol(e, nullptr, 10);
       if (v >= 1) A.pg = v;
     }
     // the int16 bound (w1a8_lut.h): at most w8_max_pass(g) entries per int16 sum
-    if (A.r4) {
+    if (A.rows) {  // each int16 sum adds KH * KW entries per unit (group)
+      A.pg = std::min<int64_t>(A.pg, w8_max_pass(A.g) / KK);
+      A.win = w8_max_pass(A.g) / (A.pg * KK);
+    } else if (A.r4) {
       A.pg = std::min<int64_t>(A.pg, w8_max_pass(A.g) / A.KW);
       A.win = w8_max_pass(A.g) / (A.pg * A.KW);
     } else {
@@ -212,7 +226,7 @@ inline int64_t w8_idx_slack(const W8Args& A) { return kW8IdxAhead * A.co_pad + 1
 // The header of prepared index rows (lut_prep.h): what their layout depends on.
 constexpr int64_t kW8PrepMagic = 0x6b64626e6e573841;  // "kdbnnW8A"
 void w8_header(const W8Args& A, int64_t bytes, LutPrepHead& h) {
-  const LutPrepHead v = {kW8PrepMagic, A.g, A.r4, A.C, A.KH, A.KW, A.c_out, bytes};
+  const LutPrepHead v = {kW8PrepMagic, A.g, A.r4 + 2 * A.rows, A.C, A.KH, A.KW, A.c_out, bytes};
   std::memcpy(h, v, sizeof(v));
 }
 
@@ -315,7 +329,8 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
     A.idx = idx.get();
   }
   // work items: tiles or (tile, output-channel chunk) pairs (lut_split.h)
-  const int64_t n_tiles = N * (A.r4 ? w8_r4_tiles_per_image(A) : w8_tiles_per_image(A));
+  const int64_t n_tiles =
+      N * (A.r4 ? w8_r4_tiles_per_image(A) : A.rows ? w8_rows_tiles_per_image(A) : w8_tiles_per_image(A));
   lut_parallel_items<int32_t>(
       n_tiles, A.co_pad, A.co_chunk, [&] { return w8_work_ints(A); },
       [&](int64_t b, int64_t e, int32_t* work) { k->range(A, b, e, work); });

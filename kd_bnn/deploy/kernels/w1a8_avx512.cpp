@@ -103,6 +103,8 @@ struct V {
   }
   // ---- r4 kernel (w1a8_lut.h): 4 channels per register block (16 zmm of sums)
   static constexpr int kNB4 = 4;
+  // ---- rows kernel (w1a8_lut.h): 8 channels x 2 vectors per register block
+  static constexpr int kNBRows = 8;
   // out[v] lane l = p[4l + v], v < NV (<= 6): a 4x4 byte transpose per 128-bit lane (vpshufb),
   // then dword gathers across two registers (vpermt2d); AVX-512F/BW only.
   template <int NV>
@@ -181,11 +183,18 @@ struct V {
 // r4 g4 0.546, r4 g5 0.571; 128->128 @40 g4/pg21 0.463, g5/pg12 0.478; 256->256 @20 g5/pg12 0.448,
 // g4/pg21 0.453; 512->512 @10 g5/pg12 0.496, g4/pg21 0.524; 16->16 @320 r4 g4 1.09, g4/pg21 1.17,
 // r4 g5 1.39; 32->32 @160 r4 g4 0.709, g4/pg21 0.716.
+// The kh-sharing kernel (rows, 4-input tables, 2 units = 24 KB per pass) for 3x3 stride-1 layers of
+// <= 128 output channels on rows >= 16 wide (before r4, which it beat at every shape it covers).
+// Measured (ms, interleaved rounds): 128->128 @40 rows 0.40-0.43 vs g4/pg21 0.45-0.47, 64->64 @80
+// 0.47-0.49 vs 0.52-0.55 (pg 3 units: 0.43 / 0.48), 32->32 @160 0.61-0.63 vs r4 0.69-0.73, 16->16
+// @320 0.99-1.05 vs r4 1.10-1.13; 256->256 @20 0.44 vs g5/pg12 0.43-0.45 (not taken).
 void plan_avx512(W8Args& A) {
-  A.r4 = w8_r4_ok(A) && A.c_out <= 32 && A.OW >= 64;
-  A.g = !A.r4 && A.c_out >= 256 ? 5 : 4;
+  A.rows = w8_rows_ok(A) && A.c_out <= 128 && A.OW >= 16;
+  A.r4 = !A.rows && w8_r4_ok(A) && A.c_out <= 32 && A.OW >= 64;
+  A.g = !A.r4 && !A.rows && A.c_out >= 256 ? 5 : 4;
   A.pg = A.g == 5 ? 12 : 21;
   if (A.r4) A.pg = std::max<int64_t>(1, 24576 / ((A.KW + 3) * (int64_t(64) << A.g)));
+  if (A.rows) A.pg = w8_rows_pg(A);
 }
 
 }  // namespace

@@ -34,8 +34,10 @@
 //   exactness: every table entry is a sum of g values +-x with |x| <= 128, so |entry| <= 128 g
 //          (exact in int16); an int16 sum adds at most w8_max_pass(g) = floor(32767 / (128 g))
 //          entries (63 for g = 4, 51 for g = 5) starting from 0: |sum| <= 32256 resp. 32640 <=
-//          32767, never wrapping (the driver clamps pg and win so that win * pg * (r4: KW) <=
-//          w8_max_pass(g)); the int32 sums hold |acc| <= 128 * Cg * KH * KW < 2^31 (checked by
+//          32767, never wrapping (the driver clamps pg and win so that win * pg * (r4: KW, rows:
+//          KH * KW) <= w8_max_pass(g); the r4 and rows kernels add several lookups per offset byte,
+//          but each into a different accumulator, so every int16 sum still gets one entry per
+//          (tap, group)); the int32 sums hold |acc| <= 128 * Cg * KH * KW < 2^31 (checked by
 //          the driver). So acc is the exact integer dot product for every int8 input, -128
 //          included (tests: all +-127 / -128 inputs with all-equal weights, the longest windows).
 //   epilogue (float32, one rounding per op, no contraction: the vector files keep the product in
@@ -56,6 +58,10 @@
 //          64..256 channels, -13% at 512@10.
 //   r4:    a second kernel for stride 1 (avx512) shares the tables of one kernel row between its
 //          KW taps (128-position tiles as 4 interleaved vectors, see "kw-sharing kernel" below).
+//   rows:  a third (avx512, stride 1, 3x3) shares the tables of one input row between the KH taps
+//          that read it: tiles of 32 positions x 2 output rows, 12 tables per group for 18 uses
+//          (see "kh-sharing kernel" below). The plan takes it for <= 128 output channels on rows
+//          >= 16 wide (w1a8_avx512.cpp: -7..-14% at 16..128 channels, 128 @40 0.40-0.43 ms).
 //   speed: the lookups are load-bound (about 4.5-5 G `vpaddw zmm, [mem]` per second measured on
 //          one Zen 5 core, i.e. ~0.6 T int8 MAC/s at g = 4); building the tables costs 2^g stores
 //          per table, amortized over the output channels (hence g = 5 only for >= 256 channels,
@@ -79,7 +85,7 @@ constexpr int64_t kW8Tab = (int64_t(1) << G) * kW8Px;  // int16 per table (G = 4
 
 struct W8Epi {
   const W8Args* A;
-  const W8OutPlan* op;
+  const W8OutPlan* op;  // one per vector of the tile (rows kernel: kW8Band)
 };
 
 // ---------------------------------------------------------------- table build
@@ -118,10 +124,10 @@ KDBNN_W8_INL void w8_table(const int8_t* src, int64_t cplane, int16_t* T) {
 
 // ---------------------------------------------------------------- lookups
 // The end of a register block of NB channels x R vectors, a[c][r] (R = 1: w8_block, kR:
-// r4_block): out 0 stores the int16 sums to a16p, 1 widens and stores them to the int32 sums
-// a32p, 2 widens and adds, 3 applies the epilogue and stores the output (adding the int32 sums
-// when add32; Epi: W8Epi for R = 1, R4Epi for kR). (VV: V, a parameter so that V::epi4 is looked
-// up only where R = kR: the AVX2 V has none.)
+// r4_block, kW8Band: rows_block): out 0 stores the int16 sums to a16p, 1 widens and stores them to
+// the int32 sums a32p, 2 widens and adds, 3 applies the epilogue and stores the output (adding the
+// int32 sums when add32; Epi: W8Epi, one output plan per vector, for R = 1 and kW8Band, R4Epi for
+// kR). (VV: V, a parameter so that V::epi4 is looked up only where R = kR: the AVX2 V has none.)
 template <int NB, int R, class Epi, class VV = V>
 KDBNN_W8_INL void w8_finish(const typename VV::T (&a)[NB][R], int16_t* a16p, int32_t* a32p, int out, bool add32, const Epi* epi,
                             int64_t c0) {
@@ -153,10 +159,14 @@ KDBNN_W8_INL void w8_finish(const typename VV::T (&a)[NB][R], int16_t* a16p, int
     const int64_t o = c0 + c;
     if (o >= A.c_out) break;
     const int32_t* b = add32 ? a32p + c * R * kW8Px : nullptr;
-    if constexpr (R == 1)
-      VV::epi(b, a[c][0], A.scale[o], A.bias[o], A.act, A.quant, A.inv, A.O, o * plane, *epi->op);
-    else
+    if constexpr (R == kR) {
       VV::epi4(b, a[c], A.scale[o], A.bias[o], A.act, A.quant, A.inv, A.O, o * plane, *epi->op);
+    } else {
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r)
+        VV::epi(b != nullptr ? b + r * kW8Px : nullptr, a[c][r], A.scale[o], A.bias[o], A.act, A.quant, A.inv, A.O,
+                o * plane, epi->op[r]);
+    }
   }
 }
 
@@ -361,11 +371,148 @@ KDBNN_W8_FN void r4_range(const W8Args& A, int64_t tb, int64_t te, int32_t* work
     }
   }
 }
+
+// ---------------------------------------------------------------- kh-sharing kernel (rows)
+// Stride 1, 3x3 (w8_rows_ok; the ISA file defines KDBNN_W8_R4). The output rows are taken in
+// bands of kW8Band = 2; a tile is 32 consecutive positions d0.. of the image's (band, ow) domain
+// d = band * OW + ow (no junk columns; the last band of an odd OH has one real row) held as 2
+// vectors per channel: lane l of vector r is output (kW8Band * band + r, ow) of position d0 + l.
+// Tap (kh, kw) of vector r reads input row kW8Band * band + r + kh, i.e. "input row" v = r + kh of
+// the tile at column shift kw: per group j the (kW8Band + KH - 1) * KW tables (v, kw) (4 x 3 = 12
+// for 3x3) are built once and serve the 18 (tap, vector) uses, each offset byte selecting 2 lookups
+// (tables kW8Tab * KW apart). Lanes read the padded copy in runs of one band (W8RowsInPlan): a
+// vector that spans two bands (or narrow rows: several) loads its bytes with one masked byte load
+// per run (AVX-512BW, masked lanes not read); input rows past the padded height and lanes past the
+// image's last band read 0. A pass unit is a group j (index rows j * KK + kk); pg units per pass.
+// Exactness: each int16 sum still adds one entry per (tap, group), KH * KW per unit, so the
+// driver clamps win * pg * KH * KW <= w8_max_pass(g) (the bound of the method above).
+
+// The int8 bytes of input row v of one tile (column shift folded into p) as 32 int16: plain
+// (K = 0), or one masked byte load per run (K = 1: two runs, K = 2: ip.nr).
+template <int K>
+KDBNN_W8_INL V::T rows_x(const int8_t* p, const W8RowsInPlan& ip, int v, int64_t vWq) {
+  if constexpr (K == 0) return V::load_x(p + ip.off[0] + vWq);
+  __m256i b = _mm256_maskz_loadu_epi8((__mmask32)ip.bits[v][0], p + ip.off[0] + vWq);
+  if constexpr (K == 1) {
+    b = _mm256_mask_loadu_epi8(b, (__mmask32)ip.bits[v][1], p + ip.off[1] + vWq);
+  } else {
+    for (int i = 1; i < ip.nr; ++i) b = _mm256_mask_loadu_epi8(b, (__mmask32)ip.bits[v][i], p + ip.off[i] + vWq);
+  }
+  return _mm512_cvtepi8_epi16(b);
+}
+
+// The (kW8Band + KH - 1) * KW tables (v, kw) of one unit (group of G channels at src, cplane apart).
+template <int G, int KH, int KW, int K>
+KDBNN_W8_INL void rows_build(const int8_t* src, int64_t cplane, int64_t Wq, const W8RowsInPlan& ip, int16_t* T) {
+  constexpr int NV = kW8Band + KH - 1;
+  static_assert(NV <= kW8RowsNV, "rows: W8RowsInPlan holds kW8RowsNV input rows");
+#pragma GCC unroll 1
+  for (int v = 0; v < NV; ++v) {
+#pragma GCC unroll 3
+    for (int kw = 0; kw < KW; ++kw) {
+      V::T x[G];
+#pragma GCC unroll 8
+      for (int i = 0; i < G; ++i) x[i] = rows_x<K>(src + i * cplane + kw, ip, v, v * Wq);
+      w8_table_x<G>(x, T + (v * KW + kw) * kW8Tab<G>);
+    }
+  }
+}
+
+template <int G, int NB, int KH, int KW>
+KDBNN_W8_INL void rows_block(const int16_t* T, int64_t nu, const uint8_t* ir, int64_t co_pad, int16_t* a16p,
+                             int32_t* a32p, bool load16, int out, bool add32, const W8Epi* epi, int64_t c0) {
+  constexpr int R = kW8Band, NV = R + KH - 1;
+  constexpr int64_t kTab = kW8Tab<G>;
+  V::T a[NB][R];
+#pragma GCC unroll 32
+  for (int c = 0; c < NB; ++c)
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) a[c][r] = load16 ? V::load(a16p + (c * R + r) * kW8Px) : V::zero();
+  lut_lookups<NB, R, KH * KW, kTab, NV * KW * kTab, KW * kTab>(a, T, nu, ir, co_pad);
+  w8_finish<NB, R>(a, a16p, a32p, out, add32, epi, c0);
+}
+
+template <int G, int KH, int KW>
+KDBNN_W8_FN void rows_tile(const W8Args& A, const int8_t* xq, const W8RowsInPlan& ip, const W8OutPlan* op,
+                           int32_t* work, int64_t co_b, int64_t co_e) {
+  constexpr int R = kW8Band, NB = V::kNBRows;
+  constexpr int64_t kUnit = (R + KH - 1) * KW * kW8Tab<G>;  // int16 per pass unit
+  const int64_t U = A.ngrp, pg = A.pg, co_pad = A.co_pad, win = A.win;
+  const int64_t n_pass = (U + pg - 1) / pg;
+  int16_t* tab = reinterpret_cast<int16_t*>(work);
+  int16_t* a16 = tab + pg * kUnit;
+  int32_t* a32 = reinterpret_cast<int32_t*>(a16 + co_pad * R * kW8Px);
+  const W8Epi epi{&A, op};
+  for (int64_t p = 0; p < n_pass; ++p) {
+    const int64_t u0 = p * pg, nu = std::min(pg, U - u0);
+    for (int64_t i = 0; i < nu; ++i) {
+      const int8_t* src = xq + G * (u0 + i) * A.cplane;
+      if (ip.kind == 0) rows_build<G, KH, KW, 0>(src, A.cplane, A.Wq, ip, tab + i * kUnit);
+      else if (ip.kind == 1) rows_build<G, KH, KW, 1>(src, A.cplane, A.Wq, ip, tab + i * kUnit);
+      else rows_build<G, KH, KW, 2>(src, A.cplane, A.Wq, ip, tab + i * kUnit);
+    }
+    const bool last = p == n_pass - 1, load16 = p % win != 0, add32 = p >= win;
+    const int out = last ? 3 : p % win == win - 1 ? (add32 ? 2 : 1) : 0;
+    const uint8_t* ir = A.idx + u0 * KH * KW * co_pad;
+    for (int64_t cb = co_b; cb < co_e; cb += NB)
+      rows_block<G, NB, KH, KW>(tab, nu, ir + cb, co_pad, a16 + cb * R * kW8Px, a32 + cb * R * kW8Px, load16, out,
+                                add32, last ? &epi : nullptr, cb);
+  }
+}
+
+// The input runs and the kW8Band output plans of the tile at position d0 of image n's (band, ow)
+// domain.
+inline void rows_plan(const W8Args& A, int64_t n, int64_t d0, W8RowsInPlan& ip, W8OutPlan* op) {
+  const int64_t obase = n * A.c_out * A.OH * A.OW, dtot = (A.OH + kW8Band - 1) / kW8Band * A.OW;
+  int64_t band[kW8Px + 1];
+  ip.nr = 0;
+  for (int r = 0; r < kW8Band; ++r) op[r].nr = 0;
+  int64_t b = d0 / A.OW, ow = d0 % A.OW;
+  for (int l = 0; l < kW8Px && d0 + l < dtot; ++l, ow = ow + 1 == A.OW ? (++b, 0) : ow + 1) {
+    if (l == 0 || ow == 0) {  // a new run
+      const int i = ip.nr++;
+      band[i] = b, ip.off[i] = kW8Band * b * A.Wq + ow - l;
+      for (int v = 0; v < kW8RowsNV; ++v) ip.bits[v][i] = 0;
+      for (int r = 0; r < kW8Band; ++r) {
+        if (kW8Band * b + r >= A.OH) continue;
+        W8OutPlan& o = op[r];
+        o.base[o.nr] = obase + (kW8Band * b + r) * A.OW + ow - l, o.bits[o.nr] = 0, ++o.nr;
+      }
+    }
+    for (int v = 0; v < kW8RowsNV; ++v)
+      if (kW8Band * b + v < A.Hq) ip.bits[v][ip.nr - 1] |= 1u << l;
+    for (int r = 0; r < kW8Band; ++r)
+      if (kW8Band * b + r < A.OH) op[r].bits[op[r].nr - 1] |= 1u << l;
+  }
+  for (int r = 0; r < kW8Band; ++r) op[r].full = op[r].nr == 1 && op[r].bits[0] == 0xFFFFFFFFu;
+  bool all = ip.nr == 1;
+  for (int v = 0; v < kW8Band + A.KH - 1; ++v) all = all && ip.bits[v][0] == 0xFFFFFFFFu;
+  ip.kind = all ? 0 : ip.nr <= 2 ? 1 : 2;
+  if (ip.nr == 1)  // kind 1 reads a second, empty run
+    for (int v = 0; v < kW8RowsNV; ++v) ip.bits[v][1] = 0, ip.off[1] = ip.off[0];
+}
+
+KDBNN_W8_FN void rows_range(const W8Args& A, int64_t tb, int64_t te, int32_t* work) {
+  const int64_t per_img = w8_rows_tiles_per_image(A);
+  W8RowsInPlan ip;
+  W8OutPlan op[kW8Band];
+  LutItems items(A.co_pad, A.co_chunk);
+  for (int64_t t = tb; t < te; ++t) {
+    int64_t tile, co_b, co_e;
+    const bool replan = items.at(t, tile, co_b, co_e);
+    const int64_t n = tile / per_img, d0 = tile % per_img * kW8Px;
+    if (replan) rows_plan(A, n, d0, ip, op);
+    const int8_t* xq = A.X + n * A.img;
+    if (A.g == 5) rows_tile<5, 3, 3>(A, xq, ip, op, work, co_b, co_e);
+    else rows_tile<4, 3, 3>(A, xq, ip, op, work, co_b, co_e);
+  }
+}
 #endif  // KDBNN_W8_R4
 
 KDBNN_W8_FN void w8_range(const W8Args& A, int64_t tb, int64_t te, int32_t* work) {
 #ifdef KDBNN_W8_R4
   if (A.r4) return r4_range(A, tb, te, work);
+  if (A.rows) return rows_range(A, tb, te, work);
 #endif
   w8_range1(A, tb, te, work);
 }
@@ -386,7 +533,9 @@ KDBNN_W8_FN void w8_prep_idx(const uint64_t* wp, const W8Args& A, int64_t nw, in
         const int64_t bit = j * g, k = bit >> 5;
         const int sh = (int)(bit & 31);
         const uint32_t* next = (sh > 32 - g && k + 1 < nk) ? w32 + (k + 1) * CH : nullptr;
-        const int64_t row = A.r4 ? ((kk / A.KW) * ngrp + j) * A.KW + kk % A.KW : kk * ngrp + j;
+        const int64_t row = A.r4     ? ((kk / A.KW) * ngrp + j) * A.KW + kk % A.KW
+                            : A.rows ? j * KK + kk
+                                     : kk * ngrp + j;
         V::prep(w32 + k * CH, next, sh, (int)g, idx + row * co_pad + o0, (int)nc);
       }
     }
