@@ -509,11 +509,16 @@ def test_multithreaded_results_equal_single_thread():
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_bwn_channel_chunks_for_few_tiles_equal_single_thread(isa):
-    """With fewer than 4 tiles per thread the lookup-table kernels split the output channels into
-    chunks (tables rebuilt per chunk); every output must equal the 1-thread result bit for bit."""
+    """With few tiles per thread the lookup-table kernels may split the output channels into
+    chunks (tables rebuilt per chunk; lut_chunks decides: 3 tiles on 3 threads stay whole, 1 or 2
+    tiles are chunked); every output must equal the 1-thread result bit for bit."""
     _isa_or_skip(isa)
     old = torch.get_num_threads()
-    cases = [(1, 40, 100, 6, 6, 3, 1, 1, "leaky", True), (1, 30, 300, 4, 5, 1, 1, 0, "none", True)]
+    cases = [
+        (1, 40, 100, 6, 6, 3, 1, 1, "leaky", True),
+        (1, 40, 100, 4, 4, 3, 1, 1, "relu", True),
+        (1, 30, 300, 4, 5, 1, 1, 0, "none", True),
+    ]
     try:
         for shape in cases:
             x, w, alpha, bias, s, p, act = _bwn_case(shape)

@@ -239,7 +239,7 @@ at::Tensor bwn_conv(at::Tensor x, at::Tensor wpacked, at::Tensor alpha, c10::opt
     // work items: tiles or (tile, output-channel chunk) pairs (lut_split.h)
     const int64_t n_tiles = lut_tiles(A);
     lut_parallel_items<float>(
-        n_tiles, A.co_pad, A.co_chunk, [&] { return lut_work_floats(A); },
+        n_tiles, A.co_pad, int64_t(1) << A.g, A.co_chunk, [&] { return lut_work_floats(A); },
         [&](int64_t b, int64_t e, float* work) { lut->range(A, b, e, work); });
     return out;
   }

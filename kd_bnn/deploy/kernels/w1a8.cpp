@@ -332,7 +332,7 @@ at::Tensor w1a8_conv(at::Tensor xq, at::Tensor wpacked, at::Tensor scale, c10::o
   const int64_t n_tiles =
       N * (A.r4 ? w8_r4_tiles_per_image(A) : A.rows ? w8_rows_tiles_per_image(A) : w8_tiles_per_image(A));
   lut_parallel_items<int32_t>(
-      n_tiles, A.co_pad, A.co_chunk, [&] { return w8_work_ints(A); },
+      n_tiles, A.co_pad, int64_t(1) << A.g, A.co_chunk, [&] { return w8_work_ints(A); },
       [&](int64_t b, int64_t e, int32_t* work) { k->range(A, b, e, work); });
   return out;
 }
