@@ -54,7 +54,8 @@
 //   cost:  (Zen 5, 1 thread, measured by disabling parts) the lookups run at ~1.6 per cycle
 //          (r = 1), close to the 1.7 of a microbenchmark, and take ~65% of a call; the table builds
 //          ~27% at every benchmark shape (128->128 @40: 0.22 of 0.77 ms, of which 0.09 ms loading
-//          the inputs and the rest the 2^g stores, ~1 per cycle); prep, plans and epilogue the
+//          the inputs and the rest the 2^g stores: 64-byte stores stream at ~0.65 per cycle on this
+//          Zen 5, 42 B/cycle against ~90 B/cycle of lookup loads); prep, plans and epilogue the
 //          rest. The r4 kernel halves the builds but its lookups ran at ~1.35/cycle at 128 channels
 //          (0.91 vs 0.77 ms), so the plans take it only for rows >= 48 wide and <= 128 output
 //          channels. The rows kernel (R = 2) cuts the builds to 2/3 (128@40: 0.15 vs 0.23 ms with
