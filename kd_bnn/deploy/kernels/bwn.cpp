@@ -236,11 +236,19 @@ at::Tensor bwn_conv(at::Tensor x, at::Tensor wpacked, at::Tensor alpha, c10::opt
       A.idx = idx.get();
     }
     A.alpha = a.data_ptr<float>(), A.bias = bi.data(), A.act = act, A.O = out.data_ptr<float>();
-    // work items: tiles or (tile, output-channel chunk) pairs (lut_split.h)
+    // work items: tiles or (tile, output-channel chunk) pairs (lut_split.h), or for a layer of few
+    // tiles (tile, input part) pairs whose sums combine adds (lut_kparts)
     const int64_t n_tiles = lut_tiles(A);
+    A.kparts = lut_kparts(A, n_tiles);
+    at::Tensor part;
+    if (A.kparts > 1) {
+      part = at::empty({n_tiles * A.kparts * A.co_pad * 16}, at::kFloat);
+      A.part = part.data_ptr<float>();
+    }
     lut_parallel_items<float>(
-        n_tiles, A.co_pad, int64_t(1) << A.g, A.co_chunk, [&] { return lut_work_floats(A); },
-        [&](int64_t b, int64_t e, float* work) { lut->range(A, b, e, work); });
+        n_tiles * A.kparts, A.co_pad, int64_t(1) << A.g, A.co_chunk, [&] { return lut_work_floats(A); },
+        [&](int64_t b, int64_t e, float* work) { lut->range(A, b, e, work); }, A.kparts == 1);
+    if (A.kparts > 1) at::parallel_for(0, n_tiles, 1, [&](int64_t b, int64_t e) { lut->combine(A, b, e); });
     return out;
   }
 

@@ -119,7 +119,7 @@ struct V {
 
 }  // namespace
 
-const BwnLutKernel kBwnLutAvx512 = {lut_range, lut_prep_idx, lut_plan};
+const BwnLutKernel kBwnLutAvx512 = {lut_range, lut_prep_idx, lut_plan, lut_combine};
 
 }  // namespace kdbnn
 

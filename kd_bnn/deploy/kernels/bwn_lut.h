@@ -181,6 +181,17 @@ KDBNN_LUT_INL void lut_build_group(const LutArgs& A, const LutTapPlan* tp, int64
   lut_build_at<G>(A.X + c0 * HW, HW, (int)std::min<int64_t>(G, A.C - c0), tp[kk], T);
 }
 
+// alpha * acc + bias and the activation of output channel o, stored at the tile's output runs.
+KDBNN_LUT_INL void lut_out(const LutArgs& A, const LutOutPlan& op, int64_t o, V::T acc) {
+  const V::T y = V::epi(acc, A.alpha[o], A.bias[o], A.act);
+  float* dst = A.O + o * (A.OH * A.OW);
+  if (op.full) {
+    V::storeu(dst + op.base[0], y);
+  } else {
+    for (int r = 0; r < op.nr; ++r) V::store_mask(dst + op.base[r], op.m[r], y);
+  }
+}
+
 // ---------------------------------------------------------------- lookups
 // One register block of NB output channels over ng tables of a pass: acc (+)= T_j[s], then either
 // back to the accumulator buffer or, in the last pass, alpha * acc + bias, activation, output.
@@ -253,44 +264,36 @@ KDBNN_LUT_INL void lut_block(const float* T, int64_t ng, const typename LutIdxT<
     for (int c = 0; c < NB; ++c) V::store(accp + c * kLutPx, a[c]);
     return;
   }
-  const LutArgs& A = *epi->A;
-  const LutOutPlan& op = *epi->op;
-  const int64_t plane = A.OH * A.OW;
 #pragma GCC unroll 32
   for (int c = 0; c < NB; ++c) {
-    const int64_t o = c0 + c;
-    if (o >= A.c_out) break;
-    const VT y = V::epi(a[c], A.alpha[o], A.bias[o], A.act);
-    float* dst = A.O + o * plane;
-    if (op.full) {
-      V::storeu(dst + op.base[0], y);
-    } else {
-      for (int r = 0; r < op.nr; ++r) V::store_mask(dst + op.base[r], op.m[r], y);
-    }
+    if (c0 + c >= epi->A->c_out) break;
+    lut_out(*epi->A, *epi->op, c0 + c, a[c]);
   }
 }
 
 // ---------------------------------------------------------------- one tile
-// All passes of one tile: build pass 0, then per pass the channel blocks, each followed by a share
-// of the next pass's builds (double-buffered tables).
+// The passes of one tile for channels [co_b, co_e): per pass its tables, then the channel blocks.
+// part == nullptr: all passes, the last applies the epilogue; else (input split) the share kp of
+// A.kparts of the passes, its sums left in part (co_pad vectors).
 template <int G>
 KDBNN_LUT_FN void lut_tile(const LutArgs& A, const LutTapPlan* tp, const LutOutPlan& op, float* work, int64_t co_b,
-                           int64_t co_e) {
+                           int64_t co_e, int64_t kp = 0, float* part = nullptr) {
   constexpr int64_t kTab = (int64_t(1) << G) * kLutPx;  // floats per table
   constexpr int NB = V::kNB, S = V::kStep;
   using I = typename LutIdxT<G>::type;
   const int64_t U = A.KH * A.KW * A.ngrp, pg = A.pg, co_pad = A.co_pad;
   const int64_t n_pass = (U + pg - 1) / pg;
+  const int64_t p0 = part ? n_pass * kp / A.kparts : 0, p1 = part ? n_pass * (kp + 1) / A.kparts : n_pass;
   float* tab = work;
-  float* acc = work + pg * kTab + kLutSkew;
+  float* acc = part ? part : work + pg * kTab + kLutSkew;
   const I* idx = static_cast<const I*>(A.idx);
   const int64_t nb_end = co_b + (co_e - co_b) / NB * NB;
   const LutEpi epi{&A, &op};
-  for (int64_t p = 0; p < n_pass; ++p) {
+  for (int64_t p = p0; p < p1; ++p) {
     const int64_t u0 = p * pg, ng = std::min(pg, U - u0);
     for (int64_t i = 0; i < ng; ++i) lut_build_group<G>(A, tp, u0 + i, tab + i * kTab);
-    const bool first = p == 0;
-    const LutEpi* e = p == n_pass - 1 ? &epi : nullptr;
+    const bool first = p == p0;
+    const LutEpi* e = !part && p == n_pass - 1 ? &epi : nullptr;
     const I* ir = idx + u0 * co_pad;
     int64_t cb = co_b;
     for (; cb < nb_end; cb += NB) lut_block<G, NB>(tab, ng, ir + cb, co_pad, acc + cb * kLutPx, first, e, cb);
@@ -418,6 +421,20 @@ KDBNN_LUT_FN void lut_plan_tile(const LutArgs& A, int64_t q0, int np, LutTapPlan
 KDBNN_LUT_FN void lut_range1(const LutArgs& A, int64_t tb, int64_t te, float* work) {
   std::vector<LutTapPlan> tp(A.KH * A.KW);
   LutOutPlan op;
+  if (A.kparts > 1) {  // items (tile t / kparts, part t % kparts), all channels
+    int64_t planned = -1;
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t tile = t / A.kparts, kp = t % A.kparts, q0 = tile * kLutPx;
+      if (tile != planned) lut_plan_tile(A, q0, (int)std::min<int64_t>(kLutPx, A.total - q0), tp.data(), op), planned = tile;
+      float* part = A.part + t * A.co_pad * kLutPx;
+      switch (A.g) {
+        case 4: lut_tile<4>(A, tp.data(), op, work, 0, A.co_pad, kp, part); break;
+        case 5: lut_tile<5>(A, tp.data(), op, work, 0, A.co_pad, kp, part); break;
+        default: lut_tile<6>(A, tp.data(), op, work, 0, A.co_pad, kp, part); break;
+      }
+    }
+    return;
+  }
   LutItems items(A.co_pad, A.co_chunk);
   for (int64_t t = tb; t < te; ++t) {
     int64_t tile, co_b, co_e;
@@ -854,6 +871,24 @@ KDBNN_LUT_FN void rows_range(const LutArgs& A, int64_t tb, int64_t te, float* wo
       case 525: rows_tile<5, 2, 5>(A, tp.data(), op, work, co_b, co_e); break;
       case 535: rows_tile<5, 3, 5>(A, tp.data(), op, work, co_b, co_e); break;
       default: break;  // lut_rows_ok() admits only the cases above
+    }
+  }
+}
+
+// Tiles [tb, te) of an input-split call: per output channel the sum of the tile's kparts part
+// sums (in part order, so any thread count gives the same value), then lut_out.
+KDBNN_LUT_FN void lut_combine(const LutArgs& A, int64_t tb, int64_t te) {
+  LutOutPlan op;
+  for (int64_t tile = tb; tile < te; ++tile) {
+    const int64_t q0 = tile * kLutPx;
+    LutSeg seg[kLutPx];
+    const int ns = lut_segs(A, q0, (int)std::min<int64_t>(kLutPx, A.total - q0), 1, seg);
+    lut_plan_out(A, seg, ns, 0, op);
+    const float* P = A.part + tile * A.kparts * A.co_pad * kLutPx;
+    for (int64_t o = 0; o < A.c_out; ++o) {
+      V::T s = V::load(P + o * kLutPx);
+      for (int64_t k = 1; k < A.kparts; ++k) s = V::add(s, V::load(P + (k * A.co_pad + o) * kLutPx));
+      lut_out(A, op, o, s);
     }
   }
 }

@@ -162,7 +162,7 @@ struct V {
 
 }  // namespace
 
-const BwnLutKernel kBwnLutAvx2 = {lut_range, lut_prep_idx, lut_plan};
+const BwnLutKernel kBwnLutAvx2 = {lut_range, lut_prep_idx, lut_plan, lut_combine};
 
 }  // namespace kdbnn
 

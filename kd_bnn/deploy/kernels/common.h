@@ -135,6 +135,11 @@ struct LutArgs {
   int64_t co_pad;       // c_out rounded up to 8: the length of an index row
   int64_t co_chunk;     // output channels per work item (a multiple of 8; co_pad unless there are
                         // too few tiles for the threads: then items are (tile, channel chunk))
+  // input split (r = 1 kernel, few tiles; lut_kparts): kparts > 1 splits each tile's passes into
+  // kparts work items whose sums go to part [tile][kpart][co_pad][16] and are added, epilogue
+  // and store, by the kernel's combine; 1 = off
+  int64_t kparts;
+  float* part;
   const void* idx;      // [kk * ngrp + j][co_pad] table offsets s * 8, uint8 (g <= 5) / uint16 (g = 6);
                         // r4: rows ordered [kh][j][kw]
   // kw-sharing variant (r4 = 1; stride 1, KW <= 5, see bwn_lut.h): tiles of 64 positions of the
@@ -198,7 +203,27 @@ struct BwnLutKernel {
   // Table size g, tables (r4, rows: units) per pass pg and the kernel (r4, rows) for the layer
   // whose geometry (C .. total) A holds.
   void (*plan)(LutArgs& A);
+  // Tiles [tb, te) of an input-split call (A.kparts > 1): the sum of their parts, alpha, bias,
+  // activation, output.
+  void (*combine)(const LutArgs& A, int64_t tb, int64_t te);
 };
+
+// Input parts per tile of the r = 1 kernel (the work split when a layer has few tiles: each part
+// runs a share of the passes for all output channels into its own sums, which are then added, so
+// the tables are built once, where output-channel chunks rebuild them per chunk). A function of
+// the layer alone, not of the thread count, so every thread count gives the same sums bit for bit:
+// at least 8 work items where the passes allow, an even number of parts (items split evenly over 2
+// threads) and at most 4, at least one pass per part. Layers of fewer than 256 tables per tile (1x1
+// convs) keep whole tiles: their part sums cost more than their table builds (1 thread, Zen 5, 1x1
+// 512->1024 @10x10: 0.164-0.169 ms split vs 0.151-0.154; their channel chunks rebuild little).
+// Measured at 2 threads (Zen 5, shared machine, best of interleaved runs): 3x3 512->512 @10x10
+// 0.373 vs 0.422 ms (2 channel chunks), 1024->1024 @6x6 0.633 vs 0.685; 1 thread within noise.
+inline int64_t lut_kparts(const LutArgs& A, int64_t n_tiles) {
+  if (A.r4 || A.rows || n_tiles <= 0 || n_tiles >= 8 || A.KH * A.KW * A.ngrp < 256) return 1;
+  const int64_t n_pass = (A.KH * A.KW * A.ngrp + A.pg - 1) / A.pg;
+  const int64_t k = (8 + n_tiles - 1) / n_tiles;
+  return std::max<int64_t>(1, std::min<int64_t>({k + (k & 1), int64_t(4), n_pass}));
+}
 
 // ---------------------------------------------------------------- packed padding helpers
 inline uint64_t last_word_mask(int64_t channels) {

@@ -36,13 +36,13 @@ inline int64_t lut_chunks(int64_t n_tiles, int64_t co_pad, int64_t entries, int6
 }
 
 // Sets co_chunk (the caller's args, read by range), then runs range(b, e, work) over the work
-// items of n_tiles tiles, co_pad output channels and tables of `entries` entries, work =
-// work_elems() elements of type E per thread (written before read; the count includes 64 bytes of
-// alignment slack).
+// items of n_tiles tiles, co_pad output channels and tables of `entries` entries (chunks: whether
+// items may be channel chunks), work = work_elems() elements of type E per thread (written before
+// read; the count includes 64 bytes of alignment slack).
 template <class E, class WorkElems, class Range>
 void lut_parallel_items(int64_t n_tiles, int64_t co_pad, int64_t entries, int64_t& co_chunk,
-                        const WorkElems& work_elems, const Range& range) {
-  int64_t n_chunks = lut_chunks(n_tiles, co_pad, entries, at::get_num_threads());
+                        const WorkElems& work_elems, const Range& range, bool chunks = true) {
+  int64_t n_chunks = chunks ? lut_chunks(n_tiles, co_pad, entries, at::get_num_threads()) : 1;
   co_chunk = (co_pad / n_chunks + 7) / 8 * 8;
   n_chunks = (co_pad + co_chunk - 1) / co_chunk;
   at::parallel_for(0, n_tiles * n_chunks, 1, [&](int64_t b, int64_t e) {
