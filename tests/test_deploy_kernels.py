@@ -509,15 +509,20 @@ def test_multithreaded_results_equal_single_thread():
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_bwn_channel_chunks_for_few_tiles_equal_single_thread(isa):
-    """With few tiles per thread the lookup-table kernels may split the output channels into
-    chunks (tables rebuilt per chunk; lut_chunks decides: 3 tiles on 3 threads stay whole, 1 or 2
-    tiles are chunked); every output must equal the 1-thread result bit for bit."""
+    """With few tiles per thread the lookup-table kernels split the work below tiles: output-
+    channel chunks (tables rebuilt per chunk; lut_chunks decides: 3 tiles on 3 threads stay whole,
+    1 or 2 tiles are chunked) or, for layers of >= 256 tables per tile, input parts whose sums a
+    combine step adds (lut_kparts: 3 tiles -> 4 parts, 1 tile -> 4, 7 tiles -> 2, set by the
+    layer alone). Every output must equal the 1-thread result bit for bit and stay in the bound."""
     _isa_or_skip(isa)
     old = torch.get_num_threads()
     cases = [
         (1, 40, 100, 6, 6, 3, 1, 1, "leaky", True),
         (1, 40, 100, 4, 4, 3, 1, 1, "relu", True),
         (1, 30, 300, 4, 5, 1, 1, 0, "none", True),
+        (1, 130, 72, 6, 6, 3, 1, 1, "leaky", True),
+        (1, 128, 40, 3, 5, 3, 1, 1, "none", False),
+        (2, 128, 24, 7, 8, 3, 1, 1, "relu", True),
     ]
     try:
         for shape in cases:
