@@ -3,8 +3,9 @@
 // Work items are tiles, or (tile, output-channel chunk) pairs where that gives the threads less
 // work each (lut_chunks; the tables are then built once per chunk; chunks keep >= 32 channels and
 // are a multiple of 8); item t is tile t / n_chunks for channels [c * co_chunk, (c + 1) *
-// co_chunk), c = t % n_chunks (LutItems in lut_common.h walks them). Each thread gets its own
-// scratch buffer, 64-byte aligned.
+// co_chunk), c = t % n_chunks (LutItems in lut_common.h walks them). (BWN layers of few tiles
+// split each tile's passes into input parts instead: lut_kparts in common.h.) Each thread gets its
+// own scratch buffer, 64-byte aligned.
 #pragma once
 
 #include <ATen/Parallel.h>
