@@ -800,22 +800,11 @@ KDBNN_LUT_INL void rows_block(const float* T, int64_t nu, const uint8_t* ir, int
       for (int r = 0; r < R; ++r) V::store(accp + (c * R + r) * kLutPx, a[c][r]);
     return;
   }
-  const LutArgs& A = *epi;
-  const int64_t plane = A.OH * A.OW;
 #pragma GCC unroll 8
   for (int c = 0; c < NB; ++c) {
-    const int64_t o = c0 + c;
-    if (o >= A.c_out) break;
-    float* dst = A.O + o * plane;
+    if (c0 + c >= epi->c_out) break;
 #pragma GCC unroll 5
-    for (int r = 0; r < R; ++r) {
-      const VT y = V::epi(a[c][r], A.alpha[o], A.bias[o], A.act);
-      if (op[r].full) {
-        V::storeu(dst + op[r].base[0], y);
-      } else {
-        for (int i = 0; i < op[r].nr; ++i) V::store_mask(dst + op[r].base[i], op[r].m[i], y);
-      }
-    }
+    for (int r = 0; r < R; ++r) lut_out(*epi, op[r], c0 + c, a[c][r]);
   }
 }
 
